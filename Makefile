@@ -1,0 +1,46 @@
+# Everyday loops. `make demo` and `make test` are the README's two set-up commands.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXT := python/cppo_native/_native.abi3.so
+
+.PHONY: venv demo test test-python test-rust build-inplace bench wheel clean
+
+# A virtual environment with the test/bench dependencies and cppo-native installed
+# (editable: maturin builds the Rust extension in release mode).
+$(VENV)/.deps: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Rebuild the extension after Rust changes (editable installs do not rebuild on import).
+build-dev: venv
+	$(PY) -m pip install -q --no-deps -e .
+
+# Build the extension into the source tree (for worktrees that share one venv:
+# run with PYTHONPATH=python).
+build-inplace:
+	cargo build --release --features python
+	cp target/release/libcppo_native.so $(EXT)
+
+demo: build-dev
+	$(PY) -m cppo_native.demo
+
+test-rust:
+	cargo test --release
+
+test-python: build-dev
+	$(PY) -m pytest -q
+
+test: test-rust test-python
+
+bench: build-dev
+	$(PY) bench/cpu.py
+
+wheel:
+	maturin build --release
+
+clean:
+	rm -rf target dist $(EXT)

@@ -1,0 +1,255 @@
+"""Device dispatch: the one place that knows about frameworks and devices.
+
+Inputs arrive as NumPy arrays, torch tensors, CuPy arrays or any DLPack producer.
+``prepare`` checks shapes, dtypes and devices once, converts every input to the
+backend's array type without copying where the layout allows (NumPy on CPU, CuPy on
+CUDA), and ``wrap`` hands results back in the caller's framework on the same device.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+# DLPack device types (dlpack.h).
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
+
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+MASK_DTYPES = ("bool", "uint8", "int8", "int32", "int64", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the caller's arrays live: their framework and device."""
+
+    framework: str  # "numpy" | "torch" | "cupy" | "dlpack"
+    device: str  # "cpu" | "cuda"
+    index: int  # CUDA device ordinal (0 on CPU)
+
+    def describe(self) -> str:
+        return "cpu" if self.device == "cpu" else f"cuda:{self.index}"
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def _is_torch(x: Any) -> bool:
+    t = _torch()
+    return t is not None and isinstance(x, t.Tensor)
+
+
+def _is_cupy(x: Any) -> bool:
+    cp = sys.modules.get("cupy")
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def source_of(x: Any, name: str) -> Source:
+    if isinstance(x, np.ndarray):
+        return Source("numpy", "cpu", 0)
+    if _is_torch(x):
+        if x.device.type == "cpu":
+            return Source("torch", "cpu", 0)
+        if x.device.type == "cuda":
+            return Source("torch", "cuda", x.device.index or 0)
+        raise ValueError(f"{name}: torch device {x.device} is not supported (cpu or cuda only)")
+    if _is_cupy(x):
+        return Source("cupy", "cuda", x.device.id)
+    if hasattr(x, "__dlpack_device__"):
+        dev_type, dev_id = x.__dlpack_device__()
+        if dev_type in (_DL_CPU, _DL_CUDA_HOST):
+            return Source("dlpack", "cpu", 0)
+        if dev_type in (_DL_CUDA, _DL_CUDA_MANAGED):
+            return Source("dlpack", "cuda", int(dev_id))
+        raise ValueError(f"{name}: DLPack device type {dev_type} is not supported (CPU or CUDA only)")
+    if isinstance(x, (list, tuple)) or np.isscalar(x):
+        return Source("numpy", "cpu", 0)
+    raise TypeError(
+        f"{name}: expected a numpy array, torch tensor, CuPy array or DLPack producer, got {type(x).__name__}"
+    )
+
+
+def dtype_name(x: Any) -> str:
+    """'float32', 'bfloat16', 'int64', ... for any supported array type."""
+    if _is_torch(x):
+        return str(x.dtype).replace("torch.", "")
+    return str(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# CPU: everything becomes a NumPy array (a view where possible).
+
+
+def to_numpy(x: Any, name: str) -> np.ndarray:
+    """A NumPy view of a CPU input; bfloat16 comes back as its int16 bit patterns."""
+    if isinstance(x, np.ndarray):
+        arr = x
+    elif _is_torch(x):
+        t = x.detach()
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        if t.dtype == _torch().bfloat16:
+            return t.view(_torch().int16).numpy()
+        arr = t.numpy()
+    elif hasattr(x, "__dlpack__"):
+        try:
+            arr = np.from_dlpack(x)
+        except Exception as exc:  # e.g. bfloat16, which NumPy cannot hold
+            t = _torch()
+            if t is None:
+                raise TypeError(f"{name}: cannot read this DLPack array on CPU ({exc}); install torch for bfloat16") from exc
+            return to_numpy(t.from_dlpack(x), name)
+    else:
+        arr = np.asarray(x)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+def from_numpy(arr: np.ndarray, source: Source) -> Any:
+    """Result array in the caller's framework (zero-copy)."""
+    if source.framework == "torch":
+        return _torch().from_numpy(arr)
+    return arr
+
+
+# ---------------------------------------------------------------------------------------
+# Shape and dtype rules, shared by every backend.
+
+
+@dataclass
+class Prepared:
+    """Inputs normalised for a backend (NumPy or CuPy arrays)."""
+
+    log_probs: Any
+    old_log_probs: Any
+    advantages: Any
+    advantage_per_row: bool
+    valid: Optional[Any]
+    divergence: Optional[Any]
+    cu_seqlens: Optional[Any]  # int64 [B + 1] or None
+    shape: tuple  # shape of the outputs (the caller's log-probs shape)
+    num_rows: int
+    source: Source
+    bf16: dict  # input name -> True where the array holds bfloat16 bits
+
+
+def _check_float(x: Any, name: str) -> None:
+    dt = dtype_name(x)
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {dt} is not supported; use one of {', '.join(FLOAT_DTYPES)}")
+
+
+def prepare(
+    log_probs: Any,
+    old_log_probs: Any,
+    advantages: Any,
+    response_mask: Any,
+    divergence: Any,
+    cu_seqlens: Any,
+    convert: Optional[Callable[[Any, str], Any]] = None,
+) -> Prepared:
+    """Validate shapes/dtypes/devices of the caller's arrays and convert them."""
+    named = [("log_probs", log_probs), ("old_log_probs", old_log_probs), ("advantages", advantages)]
+    if response_mask is not None:
+        named.append(("response_mask", response_mask))
+    if divergence is not None:
+        named.append(("divergence", divergence))
+    sources = {name: source_of(x, name) for name, x in named}
+    src = sources["log_probs"]
+    for name, s in sources.items():
+        if (s.device, s.index) != (src.device, src.index):
+            raise ValueError(
+                f"all arrays must be on one device: log_probs is on {src.describe()}, {name} is on {s.describe()}"
+            )
+
+    if convert is None:
+        if src.device == "cpu":
+            convert = to_numpy
+        else:
+            from . import _cuda
+
+            convert = _cuda.to_cupy
+
+    for name, x in named:
+        if name in ("log_probs", "old_log_probs", "divergence"):
+            _check_float(x, name)
+    adv_dt = dtype_name(advantages)
+    if adv_dt not in FLOAT_DTYPES and not adv_dt.startswith(("int", "uint")):
+        raise TypeError(f"advantages: dtype {adv_dt} is not supported; use a float dtype")
+    if response_mask is not None:
+        mdt = dtype_name(response_mask)
+        if not (mdt == "bool" or mdt.startswith(("int", "uint", "float", "bfloat"))):
+            raise TypeError(f"response_mask: dtype {mdt} is not supported; use bool, int or float")
+
+    bf16 = {name: dtype_name(x) == "bfloat16" for name, x in named}
+    arrays = {name: convert(x, name) for name, x in named}
+    lp = arrays["log_probs"]
+    shape = tuple(lp.shape)
+
+    cu = None
+    if cu_seqlens is None:
+        if lp.ndim != 2:
+            raise ValueError(
+                f"log_probs must be 2-D [batch, length] (or 1-D with cu_seqlens for the packed layout), got shape {shape}"
+            )
+        num_rows, token_shape = shape[0], shape
+    else:
+        cu_src = source_of(cu_seqlens, "cu_seqlens")
+        if (cu_src.device, cu_src.index) != (src.device, src.index):
+            raise ValueError(
+                f"all arrays must be on one device: log_probs is on {src.describe()}, cu_seqlens is on {cu_src.describe()}"
+            )
+        cu_dt = dtype_name(cu_seqlens)
+        if not cu_dt.startswith(("int", "uint")):
+            raise TypeError(f"cu_seqlens: dtype {cu_dt} is not supported; use an integer dtype")
+        cu = convert(cu_seqlens, "cu_seqlens")
+        if lp.ndim == 2 and shape[0] == 1:
+            token_shape = (shape[1],)  # verl's remove-padding path keeps a leading 1
+        elif lp.ndim == 1:
+            token_shape = shape
+        else:
+            raise ValueError(f"with cu_seqlens, log_probs must be 1-D [total] (or [1, total]), got shape {shape}")
+        if cu.ndim != 1 or cu.shape[0] < 1:
+            raise ValueError(f"cu_seqlens must be 1-D with at least one entry, got shape {tuple(cu.shape)}")
+        num_rows = cu.shape[0] - 1
+        for name in list(arrays):
+            if arrays[name].ndim == 2 and arrays[name].shape[0] == 1 and tuple(arrays[name].shape) == shape:
+                arrays[name] = arrays[name].reshape(token_shape)
+        lp = arrays["log_probs"]
+
+    for name in ("old_log_probs", "response_mask", "divergence"):
+        if name in arrays and tuple(arrays[name].shape) != token_shape:
+            raise ValueError(
+                f"{name} must have the shape of log_probs {token_shape}, got {tuple(arrays[name].shape)}"
+            )
+    adv = arrays["advantages"]
+    adv_shape = tuple(adv.shape)
+    if adv_shape == token_shape:
+        per_row = False
+    elif adv_shape == (num_rows,):
+        per_row = True
+    elif cu is None and adv_shape == (num_rows, 1):
+        per_row, adv = True, adv.reshape(num_rows)
+    else:
+        want = f"{token_shape} (per token) or ({num_rows},) (per row)"
+        raise ValueError(f"advantages must have shape {want}, got {adv_shape}")
+    if not dtype_name(adv).startswith(("float", "bfloat")) and not (bf16["advantages"]):
+        adv = adv.astype("float64")
+    arrays["advantages"] = adv
+    return Prepared(
+        log_probs=arrays["log_probs"],
+        old_log_probs=arrays["old_log_probs"],
+        advantages=adv,
+        advantage_per_row=per_row,
+        valid=arrays.get("response_mask"),
+        divergence=arrays.get("divergence"),
+        cu_seqlens=cu,
+        shape=shape,
+        num_rows=num_rows,
+        source=src,
+        bf16=bf16,
+    )

@@ -1,0 +1,43 @@
+"""The Rust extension (private). Called only by ``cppo_native._cpu``.
+
+Inputs are NumPy arrays of native byte order: float64/float32/float16, or int16 holding
+bfloat16 bit patterns, for the float inputs; bool/uint8/int8/int32/int64/float32/float64
+for ``valid``. Outputs are fresh C-contiguous arrays that the call fills. Parameters are
+validated by ``cppo_native._params``. The GIL is released while computing.
+"""
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+__version__: str
+
+def cppo_mask_into(
+    log_probs: np.ndarray,
+    old_log_probs: np.ndarray,
+    advantages: np.ndarray,
+    advantage_per_row: bool,
+    valid: Optional[np.ndarray],
+    divergence: Optional[np.ndarray],
+    cu_seqlens: Optional[np.ndarray],
+    mask_out: np.ndarray,
+    reason_out: Optional[np.ndarray],
+    threshold_out: Optional[np.ndarray],
+    gate_out: Optional[np.ndarray],
+    row_budget_out: Optional[np.ndarray],
+    *,
+    delta: float,
+    delta_b: float,
+    w_min: float,
+    horizon: int,
+    adaptive_budget: bool,
+    budget_quantile: float,
+    budget_scale: float,
+    position_weight: int,
+    shuffle_seed: int,
+    prefix_budget: bool,
+    divergence_mode: int,
+    num_threads: int,
+) -> Tuple[Tuple[int, int, int, int, int], Optional[Tuple[int, int, int, float]]]:
+    """Fills the outputs; returns (positions per reason code, None or the first bad
+    value as (field, row, column, value))."""

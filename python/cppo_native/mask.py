@@ -1,0 +1,160 @@
+"""The public CPPO mask (spec: ``shared/spec/CPPO.md``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from . import _dispatch
+from ._params import make_params
+
+REASON_NAMES = (
+    "invalid",
+    "kept_toward_mu",
+    "kept_within_threshold",
+    "masked_token_threshold",
+    "masked_prefix_budget",
+)
+
+
+@dataclass(frozen=True)
+class MaskInfo:
+    """Everything the mask pass computes besides the mask, in the caller's framework.
+
+    - ``reason``: int8 per position: 0 invalid, 1 kept (toward mu), 2 kept (within
+      threshold), 3 masked by the token threshold, 4 masked by the prefix budget.
+    - ``threshold``: float64 per position, the effective threshold c_t (defined at every
+      position, padding included, from the running sums S_{t-1} and W_{t-1}).
+    - ``gate``: float64 per position, the soft-gate value (0 at invalid positions).
+    - ``row_budget``: float64 ``[B]``, delta_b_row used by each row.
+    - ``reason_counts``: int64 ``[5]``, positions per reason code.
+    """
+
+    reason: Any
+    threshold: Any
+    gate: Any
+    row_budget: Any
+    reason_counts: Any
+
+    @property
+    def fractions(self) -> dict:
+        """Share of valid tokens per outcome (reads ``reason_counts`` on the host)."""
+        counts = np.asarray(_host(self.reason_counts), dtype=np.float64)
+        valid = counts[1:].sum()
+        out = {name: (float(counts[code] / valid) if valid else 0.0) for code, name in enumerate(REASON_NAMES) if code}
+        out["kept"] = out["kept_toward_mu"] + out["kept_within_threshold"]
+        out["masked"] = out["masked_token_threshold"] + out["masked_prefix_budget"]
+        out["num_valid"] = int(valid)
+        return out
+
+
+def _host(x: Any) -> Any:
+    if hasattr(x, "get") and not isinstance(x, np.ndarray):  # CuPy
+        return x.get()
+    if hasattr(x, "cpu"):  # torch
+        return x.cpu().numpy()
+    return x
+
+
+def cppo_mask(
+    log_probs: Any,
+    old_log_probs: Any,
+    advantages: Any,
+    response_mask: Any = None,
+    *,
+    delta: float,
+    delta_b: float,
+    w_min: float = 0.8,
+    horizon: Union[str, int] = "sequence",
+    adaptive_budget: bool = False,
+    budget_quantile: float = 0.9,
+    budget_scale: float = 1.0,
+    position_weight: Union[bool, str] = True,
+    shuffle_seed: int = 0,
+    prefix_budget: bool = True,
+    divergence: Any = None,
+    cu_seqlens: Any = None,
+    return_info: bool = False,
+    validate: bool = True,
+    num_threads: Optional[int] = None,
+):
+    """CPPO token mask (paper Eq. 10): which token terms the policy loss keeps.
+
+    Args:
+        log_probs: log pi(y_t|s_t) of the policy being optimised, ``[B, L]`` padded or
+            ``[N]`` packed (with ``cu_seqlens``); float16/bfloat16/float32/float64.
+        old_log_probs: log mu(y_t|s_t) of the rollout policy, same shape.
+        advantages: per token (the log-probs' shape) or per row ``[B]``.
+        response_mask: valid flags (nonzero = a generated token); ``None`` = all valid.
+        delta: token threshold scale (> 0). delta_b: prefix-average budget (>= 0).
+        w_min: position-weight floor in (0, 1].
+        horizon: ``"sequence"`` (T = 1 + last valid index of the row) or a fixed int T.
+        adaptive_budget: per-row budget clamp(budget_scale * Q_q(D), delta_b, 2 delta_b)
+            with q = ``budget_quantile``.
+        position_weight: ``True`` (Eq. 9), ``False`` (w = 1) or ``"shuffled"`` (weights
+            permuted among a row's valid positions, seeded by ``shuffle_seed`` and the row).
+        prefix_budget: ``False`` gives c_t = delta (position weight only).
+        divergence: ``None``/``"binary_tv"``, ``"binary_kl"``, or an array D (any
+            estimator) of the log-probs' shape.
+        cu_seqlens: packed layout offsets ``[B + 1]`` (flash-attention style).
+        return_info: also return a :class:`MaskInfo` from the same pass.
+        validate: on CUDA, check values at valid positions (one host read of an error
+            flag). The CPU backend always validates (it costs nothing measurable).
+        num_threads: CPU threads (default: all cores).
+
+    Returns:
+        ``mask`` (bool, the log-probs' shape, same framework and device as the input),
+        or ``(mask, info)`` with ``return_info=True``.
+
+    Raises:
+        ValueError/TypeError naming the offending (row, column) and value, or the
+        shapes/dtypes/devices/parameters received. Inputs are never written.
+    """
+    if divergence is None or isinstance(divergence, str):
+        mode, div_array = divergence or "binary_tv", None
+    else:
+        mode, div_array = "given", divergence
+    params = make_params(
+        delta=delta,
+        delta_b=delta_b,
+        w_min=w_min,
+        horizon=horizon,
+        adaptive_budget=adaptive_budget,
+        budget_quantile=budget_quantile,
+        budget_scale=budget_scale,
+        position_weight=position_weight,
+        shuffle_seed=shuffle_seed,
+        prefix_budget=prefix_budget,
+        divergence=mode,
+    )
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
+        raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
+    prep = _dispatch.prepare(log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens)
+
+    if prep.source.device == "cpu":
+        from . import _cpu
+
+        mask, reason, threshold, gate, row_budget, counts = _cpu.compute(
+            prep, params, return_info, num_threads or 0
+        )
+        wrap = _dispatch.from_numpy
+    else:
+        from . import _cuda
+
+        mask, reason, threshold, gate, row_budget, counts = _cuda.compute(prep, params, return_info, validate)
+        wrap = _cuda.from_cupy
+
+    src = prep.source
+    mask = wrap(mask.reshape(prep.shape), src)
+    if not return_info:
+        return mask
+    info = MaskInfo(
+        reason=wrap(reason.reshape(prep.shape), src),
+        threshold=wrap(threshold.reshape(prep.shape), src),
+        gate=wrap(gate.reshape(prep.shape), src),
+        row_budget=wrap(row_budget, src),
+        reason_counts=wrap(counts, src),
+    )
+    return mask, info

@@ -1,0 +1,266 @@
+"""Plain NumPy/Python reference of the CPPO mask: the oracle for every backend.
+
+It mirrors ``shared/spec/CPPO.md`` line by line with readable loops, scalar float64
+arithmetic and the C library's ``exp``/``log`` (through :mod:`math`), so that the Rust
+backend, which calls the same C functions in the same order, matches it bit for bit.
+It is slow (a Python loop per token) and meant for tests and small inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._errors import LOG_PROB_TOLERANCE, bad_value_error
+from ._params import BINARY_KL_EPS, MaskParams, make_params
+
+_U64 = (1 << 64) - 1
+
+# Reason codes (spec, "The mask").
+INVALID, KEPT_TOWARD_MU, KEPT_WITHIN, MASKED_TOKEN, MASKED_PREFIX = 0, 1, 2, 3, 4
+
+
+@dataclass
+class ReferenceResult:
+    mask: np.ndarray  # bool, input shape
+    reason: np.ndarray  # int8, input shape
+    threshold: np.ndarray  # float64, c_t
+    gate: np.ndarray  # float64, soft-gate value
+    row_budget: np.ndarray  # float64 [B], delta_b_row
+
+
+def position_weight(column: int, horizon: int, w_min: float) -> float:
+    """Paper Eq. 9 with t - 1 = column (0-based) and T = horizon."""
+    if horizon <= 1:
+        return 1.0
+    return 1.0 - (1.0 - w_min) * min(1.0, column / (horizon - 1))
+
+
+class SplitMix64:
+    """The shuffled ablation's generator (same constants in Rust and CUDA)."""
+
+    def __init__(self, seed: int, row: int):
+        self.state = (seed ^ (((row + 1) * 0xD1B54A32D192ED03) & _U64)) & _U64
+
+    def next(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _U64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+        return z ^ (z >> 31)
+
+
+def shuffle_permutation(n: int, seed: int, row: int) -> list[int]:
+    """Fisher-Yates permutation of range(n) driven by SplitMix64(seed, row)."""
+    perm = list(range(n))
+    rng = SplitMix64(seed, row)
+    for i in range(n - 1, 0, -1):
+        j = rng.next() % (i + 1)
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def binary_tv(lp: float, lq: float) -> float:
+    """|pi(y) - mu(y)| over {sampled token, rest}."""
+    return abs(math.exp(lp) - math.exp(lq))
+
+
+def _log1m_exp(x: float) -> float:
+    """log(1 - exp(x)) for x <= 0, accurate on both sides of -ln 2."""
+    if x > -0.6931471805599453:
+        return math.log(-math.expm1(x)) if x < 0 else -math.inf
+    return math.log1p(-math.exp(x))
+
+
+def binary_kl(lp: float, lq: float) -> float:
+    """KL(mu || pi) over {sampled token, rest}, with p = mu(y), r = pi(y).
+
+    Log-probs are clamped to <= 0 (the validator tolerates +1e-6) and the rest-masses
+    1 - p and 1 - r are floored at ``BINARY_KL_EPS`` so that a log-prob that rounds to
+    0.0 gives a finite divergence.
+    """
+    a = min(lq, 0.0)
+    b = min(lp, 0.0)
+    p = math.exp(a)
+    p_rest = max(-math.expm1(a), BINARY_KL_EPS)
+    r_rest = max(-math.expm1(b), BINARY_KL_EPS)
+    d = p * (a - b) + p_rest * math.log(p_rest / r_rest)
+    return d if d > 0.0 else 0.0
+
+
+def quantile_linear(sorted_values: list[float], q: float) -> float:
+    """Spec's quantile: h = q (n-1), Q = x[floor h] + (h - floor h)(x[ceil h] - x[floor h])."""
+    n = len(sorted_values)
+    h = q * (n - 1)
+    lo = math.floor(h)
+    hi = math.ceil(h)
+    return sorted_values[lo] + (h - lo) * (sorted_values[hi] - sorted_values[lo])
+
+
+def _rows(shape: tuple[int, ...], cu_seqlens: np.ndarray | None) -> list[tuple[int, int]]:
+    """(start, length) of each row in the flattened arrays."""
+    if cu_seqlens is None:
+        b, l = shape
+        return [(r * l, l) for r in range(b)]
+    return [(int(cu_seqlens[r]), int(cu_seqlens[r + 1] - cu_seqlens[r])) for r in range(len(cu_seqlens) - 1)]
+
+
+def cppo_mask_reference(
+    log_probs: Any,
+    old_log_probs: Any,
+    advantages: Any,
+    response_mask: Any = None,
+    *,
+    delta: float,
+    delta_b: float,
+    w_min: float = 0.8,
+    horizon: int | str = "sequence",
+    adaptive_budget: bool = False,
+    budget_quantile: float = 0.9,
+    budget_scale: float = 1.0,
+    position_weight: bool | str = True,
+    shuffle_seed: int = 0,
+    prefix_budget: bool = True,
+    divergence: Any = None,
+    cu_seqlens: Any = None,
+) -> ReferenceResult:
+    """Reference CPPO mask over NumPy inputs; same arguments as :func:`cppo_native.cppo_mask`."""
+    div_array = None
+    if divergence is None or isinstance(divergence, str):
+        mode = divergence or "binary_tv"
+    else:
+        mode = "given"
+        div_array = np.asarray(divergence)
+    params = make_params(
+        delta=delta,
+        delta_b=delta_b,
+        w_min=w_min,
+        horizon=horizon,
+        adaptive_budget=adaptive_budget,
+        budget_quantile=budget_quantile,
+        budget_scale=budget_scale,
+        position_weight=position_weight,
+        shuffle_seed=shuffle_seed,
+        prefix_budget=prefix_budget,
+        divergence=mode,
+    )
+    lp = np.asarray(log_probs)
+    shape = lp.shape
+    lq = np.asarray(old_log_probs)
+    valid = np.ones(shape, dtype=bool) if response_mask is None else np.asarray(response_mask) != 0
+    cu = None if cu_seqlens is None else np.asarray(cu_seqlens, dtype=np.int64)
+    rows = _rows(shape, cu)
+    adv = np.asarray(advantages)
+    # Same rule as the public API: the log-probs' shape means per token, else [B] (or
+    # [B, 1] when padded) means one advantage per row.
+    per_row_adv = adv.shape != shape
+    if per_row_adv and adv.ndim == 2:
+        adv = adv[:, 0]
+
+    flat = lambda a: np.ascontiguousarray(a).reshape(-1)  # noqa: E731
+    lp_f, lq_f, v_f = flat(lp), flat(lq), flat(valid)
+    adv_f = flat(adv)
+    d_f = None if div_array is None else flat(div_array)
+    out_mask = np.zeros(lp_f.shape, dtype=bool)
+    out_reason = np.zeros(lp_f.shape, dtype=np.int8)
+    out_threshold = np.zeros(lp_f.shape, dtype=np.float64)
+    out_gate = np.zeros(lp_f.shape, dtype=np.float64)
+    row_budget = np.zeros(len(rows), dtype=np.float64)
+
+    for r, (start, length) in enumerate(rows):
+        _reference_row(
+            params, r, start, length, lp_f, lq_f, adv_f, per_row_adv, v_f, d_f,
+            out_mask, out_reason, out_threshold, out_gate, row_budget, packed=cu is not None,
+        )
+    return ReferenceResult(
+        out_mask.reshape(shape),
+        out_reason.reshape(shape),
+        out_threshold.reshape(shape),
+        out_gate.reshape(shape),
+        row_budget,
+    )
+
+
+def _reference_row(p: MaskParams, r, start, length, lp_f, lq_f, adv_f, per_row_adv, v_f, d_f,
+                   out_mask, out_reason, out_threshold, out_gate, row_budget, packed) -> None:
+    valid = [bool(v_f[start + c]) for c in range(length)]
+    valid_cols = [c for c in range(length) if valid[c]]
+
+    # Bad input: the first offending valid position, fields in spec order.
+    def adv_at(c: int) -> float:
+        return float(adv_f[r] if per_row_adv else adv_f[start + c])
+
+    for c in valid_cols:
+        i = start + c
+        where = dict(row=r, column=c, flat=i if packed else None)
+        for field, value in ((0, float(lp_f[i])), (1, float(lq_f[i]))):
+            if not (math.isfinite(value) and value <= LOG_PROB_TOLERANCE):
+                raise bad_value_error(field, value=value, **where)
+        if not math.isfinite(adv_at(c)):
+            raise bad_value_error(2, value=adv_at(c), **where)
+        if d_f is not None:
+            value = float(d_f[i])
+            if not (math.isfinite(value) and value >= 0.0):
+                raise bad_value_error(3, value=value, **where)
+
+    # Horizon T and position weights w_t (Eq. 9), optionally shuffled among valid positions.
+    horizon = p.horizon if p.horizon > 0 else (valid_cols[-1] + 1 if valid_cols else 0)
+    if p.position_weight == "none":
+        weight = [1.0] * length
+    else:
+        weight = [position_weight(c, horizon, p.w_min) for c in range(length)]
+        if p.position_weight == "shuffled":
+            perm = shuffle_permutation(len(valid_cols), p.shuffle_seed, r)
+            base = [weight[c] for c in valid_cols]
+            for k, c in enumerate(valid_cols):
+                weight[c] = base[perm[k]]
+
+    # Token divergence D_t.
+    div = [0.0] * length
+    for c in valid_cols:
+        i = start + c
+        if p.divergence == "binary_tv":
+            div[c] = binary_tv(float(lp_f[i]), float(lq_f[i]))
+        elif p.divergence == "binary_kl":
+            div[c] = binary_kl(float(lp_f[i]), float(lq_f[i]))
+        else:
+            div[c] = float(d_f[i])
+
+    # Per-row budget (Eq. 22).
+    budget = p.delta_b
+    if p.adaptive_budget and valid_cols:
+        q = quantile_linear(sorted(div[c] for c in valid_cols), p.budget_quantile)
+        budget = min(max(p.budget_scale * q, p.delta_b), 2.0 * p.delta_b)
+    row_budget[r] = budget
+
+    # Prefix scan (Eq. 8) and the mask (Eq. 10); S and W run over every valid token.
+    s_sum = 0.0  # S_{t-1}
+    w_sum = 0.0  # W_{t-1}
+    for c in range(length):
+        i = start + c
+        if p.prefix_budget:
+            threshold = min(p.delta, p.delta + budget * w_sum - s_sum)
+        else:
+            threshold = p.delta
+        out_threshold[i] = threshold
+        if not valid[c]:
+            continue  # reason 0, mask False, gate 0 (already zero)
+        z = weight[c] * div[c]
+        toward_mu = adv_at(c) * (float(lp_f[i]) - float(lq_f[i])) <= 0.0
+        s_next = s_sum + z
+        if toward_mu:
+            reason, gate = KEPT_TOWARD_MU, 1.0
+        else:
+            reason = KEPT_WITHIN if z <= threshold else (MASKED_TOKEN if z > p.delta else MASKED_PREFIX)
+            x = z / p.delta
+            if p.prefix_budget:
+                x = max(x, s_next / (p.delta + budget * w_sum))
+            gate = 1.0 if x <= 1.0 else 1.0 / x
+        out_reason[i] = reason
+        out_mask[i] = reason in (KEPT_TOWARD_MU, KEPT_WITHIN)
+        out_gate[i] = gate
+        s_sum = s_next
+        w_sum = w_sum + weight[c]

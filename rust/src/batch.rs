@@ -1,0 +1,297 @@
+//! A whole batch: typed, strided input views, padded or packed rows, rayon over rows.
+//!
+//! Each row is widened into per-thread float64 buffers (row-sized, reused across rows
+//! and calls) and handed to `core::compute_row`; outputs are written in place into
+//! caller-provided contiguous buffers, so a call allocates nothing of batch size.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use half::{bf16, f16};
+use ndarray::{ArrayView1, ArrayViewD, Axis, Ix1, Slice};
+use rayon::prelude::*;
+
+use crate::core::{compute_row, Advantage, BadValue, Params, RowInput, RowOutput, RowSummary, Scratch};
+
+/// A floating-point input of any supported dtype. `Bf16` holds bfloat16 bit patterns.
+pub enum FloatView<'a> {
+    F64(ArrayViewD<'a, f64>),
+    F32(ArrayViewD<'a, f32>),
+    F16(ArrayViewD<'a, f16>),
+    Bf16(ArrayViewD<'a, i16>),
+}
+
+/// The valid-token mask in any supported dtype (nonzero = valid).
+pub enum MaskView<'a> {
+    Bool(ArrayViewD<'a, bool>),
+    U8(ArrayViewD<'a, u8>),
+    I8(ArrayViewD<'a, i8>),
+    I32(ArrayViewD<'a, i32>),
+    I64(ArrayViewD<'a, i64>),
+    F32(ArrayViewD<'a, f32>),
+    F64(ArrayViewD<'a, f64>),
+}
+
+/// Row structure: `[rows, cols]` padded, or 1-D packed with `offsets` (cu_seqlens,
+/// `offsets[0] == 0`, non-decreasing, last == total length; checked in Python).
+#[derive(Clone, Copy)]
+pub enum Layout<'a> {
+    Padded { rows: usize, cols: usize },
+    Packed { offsets: &'a [i64] },
+}
+
+impl Layout<'_> {
+    pub fn num_rows(&self) -> usize {
+        match self {
+            Layout::Padded { rows, .. } => *rows,
+            Layout::Packed { offsets } => offsets.len().saturating_sub(1),
+        }
+    }
+    fn bounds(&self, r: usize) -> (usize, usize) {
+        match self {
+            Layout::Padded { cols, .. } => (r * cols, (r + 1) * cols),
+            Layout::Packed { offsets } => (offsets[r] as usize, offsets[r + 1] as usize),
+        }
+    }
+}
+
+/// One row of a (padded 2-D or packed 1-D) view as a 1-D view.
+fn row_of<'v, T>(view: &'v ArrayViewD<'_, T>, layout: &Layout, r: usize) -> ArrayView1<'v, T> {
+    match layout {
+        Layout::Padded { .. } => view.index_axis(Axis(0), r).into_dimensionality::<Ix1>().expect("2-D input"),
+        Layout::Packed { offsets } => view
+            .slice_axis(Axis(0), Slice::from(offsets[r] as usize..offsets[r + 1] as usize))
+            .into_dimensionality::<Ix1>()
+            .expect("1-D input"),
+    }
+}
+
+fn widen_into<T: Copy>(row: ArrayView1<T>, out: &mut Vec<f64>, f: impl Fn(T) -> f64) {
+    out.clear();
+    match row.as_slice() {
+        Some(s) => out.extend(s.iter().map(|&x| f(x))),
+        None => out.extend(row.iter().map(|&x| f(x))),
+    }
+}
+
+impl FloatView<'_> {
+    fn row_into(&self, layout: &Layout, r: usize, out: &mut Vec<f64>) {
+        match self {
+            FloatView::F64(v) => widen_into(row_of(v, layout, r), out, |x| x),
+            FloatView::F32(v) => widen_into(row_of(v, layout, r), out, |x| x as f64),
+            FloatView::F16(v) => widen_into(row_of(v, layout, r), out, |x| x.to_f64()),
+            FloatView::Bf16(v) => widen_into(row_of(v, layout, r), out, |x| bf16::from_bits(x as u16).to_f64()),
+        }
+    }
+    /// Element `i` of a 1-D view (per-row advantages).
+    fn scalar(&self, i: usize) -> f64 {
+        match self {
+            FloatView::F64(v) => v[[i]],
+            FloatView::F32(v) => v[[i]] as f64,
+            FloatView::F16(v) => v[[i]].to_f64(),
+            FloatView::Bf16(v) => bf16::from_bits(v[[i]] as u16).to_f64(),
+        }
+    }
+}
+
+fn flags_into<T: Copy>(row: ArrayView1<T>, out: &mut Vec<u8>, f: impl Fn(T) -> bool) {
+    out.clear();
+    match row.as_slice() {
+        Some(s) => out.extend(s.iter().map(|&x| f(x) as u8)),
+        None => out.extend(row.iter().map(|&x| f(x) as u8)),
+    }
+}
+
+impl MaskView<'_> {
+    fn row_into(&self, layout: &Layout, r: usize, out: &mut Vec<u8>) {
+        match self {
+            MaskView::Bool(v) => flags_into(row_of(v, layout, r), out, |x| x),
+            MaskView::U8(v) => flags_into(row_of(v, layout, r), out, |x| x != 0),
+            MaskView::I8(v) => flags_into(row_of(v, layout, r), out, |x| x != 0),
+            MaskView::I32(v) => flags_into(row_of(v, layout, r), out, |x| x != 0),
+            MaskView::I64(v) => flags_into(row_of(v, layout, r), out, |x| x != 0),
+            MaskView::F32(v) => flags_into(row_of(v, layout, r), out, |x| x != 0.0),
+            MaskView::F64(v) => flags_into(row_of(v, layout, r), out, |x| x != 0.0),
+        }
+    }
+}
+
+pub struct BatchInput<'a> {
+    pub layout: Layout<'a>,
+    pub log_probs: FloatView<'a>,
+    pub old_log_probs: FloatView<'a>,
+    pub advantages: FloatView<'a>,
+    /// Advantages are `[B]` (one per row) rather than token-shaped.
+    pub advantage_per_row: bool,
+    /// `None`: every position is valid.
+    pub valid: Option<MaskView<'a>>,
+    pub divergence: Option<FloatView<'a>>,
+}
+
+/// Contiguous output buffers, in the input's (flattened) shape; `row_budget` has one
+/// entry per row.
+pub struct BatchOutput<'a> {
+    pub mask: &'a mut [bool],
+    pub reason: Option<&'a mut [i8]>,
+    pub threshold: Option<&'a mut [f64]>,
+    pub gate: Option<&'a mut [f64]>,
+    pub row_budget: Option<&'a mut [f64]>,
+}
+
+#[derive(Default)]
+struct RowBuffers {
+    log_probs: Vec<f64>,
+    old_log_probs: Vec<f64>,
+    advantages: Vec<f64>,
+    divergence: Vec<f64>,
+    valid: Vec<u8>,
+    scratch: Scratch,
+}
+
+thread_local! {
+    static BUFFERS: RefCell<RowBuffers> = RefCell::new(RowBuffers::default());
+}
+
+struct RowJob<'a> {
+    row: usize,
+    out: RowOutput<'a>,
+    budget: Option<&'a mut f64>,
+}
+
+/// Splits `buf` into consecutive row slices.
+fn split_rows<'a, T>(mut buf: &'a mut [T], layout: &Layout) -> Vec<&'a mut [T]> {
+    let n = layout.num_rows();
+    let mut rows = Vec::with_capacity(n);
+    let mut at = 0;
+    for r in 0..n {
+        let (start, end) = layout.bounds(r);
+        let (_, rest) = std::mem::take(&mut buf).split_at_mut(start - at);
+        let (row, rest) = rest.split_at_mut(end - start);
+        rows.push(row);
+        buf = rest;
+        at = end;
+    }
+    rows
+}
+
+fn split_optional<'a, T>(buf: Option<&'a mut [T]>, layout: &Layout) -> Vec<Option<&'a mut [T]>> {
+    match buf {
+        Some(b) => split_rows(b, layout).into_iter().map(Some).collect(),
+        None => (0..layout.num_rows()).map(|_| None).collect(),
+    }
+}
+
+fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummary, BadValue> {
+    BUFFERS.with(|cell| {
+        let mut b = cell.borrow_mut();
+        let b = &mut *b;
+        let layout = &input.layout;
+        let r = job.row;
+        input.log_probs.row_into(layout, r, &mut b.log_probs);
+        input.old_log_probs.row_into(layout, r, &mut b.old_log_probs);
+        let len = b.log_probs.len();
+        match &input.valid {
+            Some(v) => v.row_into(layout, r, &mut b.valid),
+            None => {
+                b.valid.clear();
+                b.valid.resize(len, 1);
+            }
+        }
+        let advantage = if input.advantage_per_row {
+            Advantage::Row(input.advantages.scalar(r))
+        } else {
+            input.advantages.row_into(layout, r, &mut b.advantages);
+            Advantage::Token(&b.advantages)
+        };
+        let divergence = match &input.divergence {
+            Some(d) => {
+                d.row_into(layout, r, &mut b.divergence);
+                Some(&b.divergence[..])
+            }
+            None => None,
+        };
+        let row_input = RowInput {
+            log_probs: &b.log_probs,
+            old_log_probs: &b.old_log_probs,
+            advantage,
+            valid: &b.valid,
+            divergence,
+        };
+        let summary = compute_row(params, r, &row_input, &mut b.scratch, job.out)?;
+        if let Some(slot) = job.budget {
+            *slot = summary.budget;
+        }
+        Ok(summary)
+    })
+}
+
+/// Computes the mask for every row (in parallel on the current rayon pool). Returns the
+/// number of positions with each reason code, or the bad value with the smallest row.
+pub fn compute_batch(params: &Params, input: &BatchInput, output: BatchOutput) -> Result<[u64; 5], BadValue> {
+    let layout = input.layout;
+    let masks = split_rows(output.mask, &layout);
+    let reasons = split_optional(output.reason, &layout);
+    let thresholds = split_optional(output.threshold, &layout);
+    let gates = split_optional(output.gate, &layout);
+    let budgets: Vec<Option<&mut f64>> = match output.row_budget {
+        Some(b) => b.iter_mut().map(Some).collect(),
+        None => (0..layout.num_rows()).map(|_| None).collect(),
+    };
+    let jobs: Vec<RowJob> = masks
+        .into_iter()
+        .zip(reasons)
+        .zip(thresholds)
+        .zip(gates)
+        .zip(budgets)
+        .enumerate()
+        .map(|(row, ((((mask, reason), threshold), gate), budget))| RowJob {
+            row,
+            out: RowOutput { mask, reason, threshold, gate },
+            budget,
+        })
+        .collect();
+
+    type Acc = (Option<BadValue>, [u64; 5]);
+    let merge = |a: Acc, b: Acc| -> Acc {
+        let err = match (a.0, b.0) {
+            (Some(x), Some(y)) => Some(if x.row <= y.row { x } else { y }),
+            (x, y) => x.or(y),
+        };
+        let mut counts = a.1;
+        for (c, d) in counts.iter_mut().zip(b.1) {
+            *c += d;
+        }
+        (err, counts)
+    };
+    let (err, counts) = jobs
+        .into_par_iter()
+        .with_max_len(1)
+        .map(|job| match run_row(params, input, job) {
+            Ok(s) => (None, s.counts),
+            Err(e) => (Some(e), [0; 5]),
+        })
+        .reduce(|| (None, [0; 5]), merge);
+    match err {
+        Some(e) => Err(e),
+        None => Ok(counts),
+    }
+}
+
+/// A rayon pool with exactly `threads` workers (cached), or the global pool for 0.
+pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    if threads == 0 {
+        return f();
+    }
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let pool = {
+        let mut pools = POOLS.get_or_init(Default::default).lock().unwrap();
+        pools
+            .entry(threads)
+            .or_insert_with(|| {
+                Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("rayon pool"))
+            })
+            .clone()
+    };
+    pool.install(f)
+}

@@ -1,0 +1,11 @@
+//! cppo-native: the CPPO trust-region mask (`shared/spec/CPPO.md`).
+//!
+//! `core` computes one row; `batch` runs typed, strided batches over rayon. Both are
+//! pure Rust. The Python binding (`python`, feature "python") only converts types,
+//! releases the GIL and maps errors.
+
+pub mod batch;
+pub mod core;
+
+#[cfg(feature = "python")]
+mod python;
