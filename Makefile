@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXT := python/cppo_native/_native.abi3.so
 
-.PHONY: venv demo test test-python test-rust build-inplace bench wheel clean
+.PHONY: build-dev venv demo test test-python test-rust build-inplace bench wheel clean
 
 # A virtual environment with the test/bench dependencies and cppo-native installed
 # (editable: maturin builds the Rust extension in release mode).
