@@ -65,8 +65,6 @@ def source_of(x: Any, name: str) -> Source:
         if dev_type in (_DL_CUDA, _DL_CUDA_MANAGED):
             return Source("dlpack", "cuda", int(dev_id))
         raise ValueError(f"{name}: DLPack device type {dev_type} is not supported (CPU or CUDA only)")
-    if isinstance(x, (list, tuple)) or np.isscalar(x):
-        return Source("numpy", "cpu", 0)
     raise TypeError(
         f"{name}: expected a numpy array, torch tensor, CuPy array or DLPack producer, got {type(x).__name__}"
     )
@@ -153,6 +151,9 @@ def prepare(
     convert: Optional[Callable[[Any, str], Any]] = None,
 ) -> Prepared:
     """Validate shapes/dtypes/devices of the caller's arrays and convert them."""
+    as_array = lambda x: np.asarray(x) if isinstance(x, (list, tuple)) else x  # noqa: E731
+    log_probs, old_log_probs, advantages = as_array(log_probs), as_array(old_log_probs), as_array(advantages)
+    response_mask, divergence, cu_seqlens = as_array(response_mask), as_array(divergence), as_array(cu_seqlens)
     named = [("log_probs", log_probs), ("old_log_probs", old_log_probs), ("advantages", advantages)]
     if response_mask is not None:
         named.append(("response_mask", response_mask))

@@ -9,10 +9,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use half::{bf16, f16};
-use ndarray::{ArrayView1, ArrayViewD, Axis, Ix1, Slice};
+use std::ops::Range;
+
+use ndarray::{s, ArrayView1, ArrayViewD, Axis, Ix1, Slice};
 use rayon::prelude::*;
 
-use crate::core::{compute_row, Advantage, BadValue, Params, RowInput, RowOutput, RowSummary, Scratch};
+use crate::core::{compute_row, valid_window, BadValue, Params, RowInput, RowOutput, RowSummary, Scratch};
 
 /// A floating-point input of any supported dtype. `Bf16` holds bfloat16 bit patterns.
 pub enum FloatView<'a> {
@@ -76,12 +78,18 @@ fn widen_into<T: Copy>(row: ArrayView1<T>, out: &mut Vec<f64>, f: impl Fn(T) -> 
 }
 
 impl FloatView<'_> {
-    fn row_into(&self, layout: &Layout, r: usize, out: &mut Vec<f64>) {
+    /// Columns `cols` of row `r`, widened to float64.
+    fn row_into(&self, layout: &Layout, r: usize, cols: Range<usize>, out: &mut Vec<f64>) {
+        macro_rules! part {
+            ($v:expr) => {
+                row_of($v, layout, r).slice_move(s![cols.clone()])
+            };
+        }
         match self {
-            FloatView::F64(v) => widen_into(row_of(v, layout, r), out, |x| x),
-            FloatView::F32(v) => widen_into(row_of(v, layout, r), out, |x| x as f64),
-            FloatView::F16(v) => widen_into(row_of(v, layout, r), out, |x| x.to_f64()),
-            FloatView::Bf16(v) => widen_into(row_of(v, layout, r), out, |x| bf16::from_bits(x as u16).to_f64()),
+            FloatView::F64(v) => widen_into(part!(v), out, |x| x),
+            FloatView::F32(v) => widen_into(part!(v), out, |x| x as f64),
+            FloatView::F16(v) => widen_into(part!(v), out, |x| x.to_f64()),
+            FloatView::Bf16(v) => widen_into(part!(v), out, |x| bf16::from_bits(x as u16).to_f64()),
         }
     }
     /// Element `i` of a 1-D view (per-row advantages).
@@ -188,9 +196,7 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
         let b = &mut *b;
         let layout = &input.layout;
         let r = job.row;
-        input.log_probs.row_into(layout, r, &mut b.log_probs);
-        input.old_log_probs.row_into(layout, r, &mut b.old_log_probs);
-        let len = b.log_probs.len();
+        let len = job.out.mask.len();
         match &input.valid {
             Some(v) => v.row_into(layout, r, &mut b.valid),
             None => {
@@ -198,24 +204,29 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
                 b.valid.resize(len, 1);
             }
         }
-        let advantage = if input.advantage_per_row {
-            Advantage::Row(input.advantages.scalar(r))
+        // Only the span between the first and last valid position needs the floats.
+        let window = valid_window(&b.valid);
+        input.log_probs.row_into(layout, r, window.clone(), &mut b.log_probs);
+        input.old_log_probs.row_into(layout, r, window.clone(), &mut b.old_log_probs);
+        if input.advantage_per_row {
+            b.advantages.clear();
+            b.advantages.resize(window.len(), input.advantages.scalar(r));
         } else {
-            input.advantages.row_into(layout, r, &mut b.advantages);
-            Advantage::Token(&b.advantages)
-        };
+            input.advantages.row_into(layout, r, window.clone(), &mut b.advantages);
+        }
         let divergence = match &input.divergence {
             Some(d) => {
-                d.row_into(layout, r, &mut b.divergence);
+                d.row_into(layout, r, window.clone(), &mut b.divergence);
                 Some(&b.divergence[..])
             }
             None => None,
         };
         let row_input = RowInput {
+            valid: &b.valid,
+            window,
             log_probs: &b.log_probs,
             old_log_probs: &b.old_log_probs,
-            advantage,
-            valid: &b.valid,
+            advantages: &b.advantages,
             divergence,
         };
         let summary = compute_row(params, r, &row_input, &mut b.scratch, job.out)?;

@@ -67,34 +67,31 @@ pub struct BadValue {
     pub value: f64,
 }
 
-/// Advantage of a row: one value broadcast, or one per token.
-#[derive(Clone, Copy)]
-pub enum Advantage<'a> {
-    Row(f64),
-    Token(&'a [f64]),
-}
-
-impl Advantage<'_> {
-    #[inline(always)]
-    fn at(&self, column: usize) -> f64 {
-        match self {
-            Advantage::Row(a) => *a,
-            Advantage::Token(a) => a[column],
-        }
-    }
-}
-
-/// One row's inputs, widened to float64 (`valid` is 0/1).
+/// One row's inputs, widened to float64.
+///
+/// `valid` covers the whole row; the float inputs cover only `window`, the span from
+/// the first to the last valid position (positions outside it are padding: they are
+/// never kept and leave S and W unchanged, so they need no arithmetic).
 pub struct RowInput<'a> {
+    pub valid: &'a [u8],
+    pub window: std::ops::Range<usize>,
     pub log_probs: &'a [f64],
     pub old_log_probs: &'a [f64],
-    pub advantage: Advantage<'a>,
-    pub valid: &'a [u8],
+    /// A_t per position (a per-row advantage is broadcast by the caller).
+    pub advantages: &'a [f64],
     /// Caller-supplied divergence (`Divergence::Given` only).
     pub divergence: Option<&'a [f64]>,
 }
 
-/// One row's outputs; the optional ones are written only when present.
+/// The span from the first to the last valid position (empty if none is valid).
+pub fn valid_window(valid: &[u8]) -> std::ops::Range<usize> {
+    match valid.iter().position(|&v| v != 0) {
+        Some(first) => first..valid.iter().rposition(|&v| v != 0).map_or(first, |l| l + 1),
+        None => 0..0,
+    }
+}
+
+/// One row's outputs; reason, threshold and gate are all present or all absent.
 pub struct RowOutput<'a> {
     pub mask: &'a mut [bool],
     pub reason: Option<&'a mut [i8]>,
@@ -107,7 +104,8 @@ pub struct RowOutput<'a> {
 pub struct RowSummary {
     /// delta_b_row, the prefix budget this row used.
     pub budget: f64,
-    /// Number of positions with each reason code (index = code).
+    /// Number of positions with each reason code (index = code); only counted when
+    /// the reason output is requested.
     pub counts: [u64; 5],
 }
 
@@ -116,7 +114,7 @@ pub struct RowSummary {
 pub struct Scratch {
     divergence: Vec<f64>,
     weight: Vec<f64>,
-    selection: Vec<f64>,
+    selection: Vec<u64>,
     valid_columns: Vec<usize>,
     permutation: Vec<usize>,
 }
@@ -180,53 +178,71 @@ pub fn shuffle_permutation(n: usize, seed: u64, row: usize, perm: &mut Vec<usize
     }
 }
 
-/// Spec quantile (linear interpolation) of `values`, which it reorders. `values` is
-/// non-empty and holds no NaN.
-pub fn quantile_linear(values: &mut [f64], q: f64) -> f64 {
-    let n = values.len();
+/// Spec quantile (linear interpolation): h = q (n - 1),
+/// Q = x[floor h] + (h - floor h) (x[ceil h] - x[floor h]) over the sorted values.
+///
+/// `bits` holds the values' IEEE-754 bit patterns; the values are finite and >= +0.0,
+/// so integer order is numeric order (integer selection is much faster than a float
+/// comparator). `bits` is non-empty; it is reordered.
+pub fn quantile_linear(bits: &mut [u64], q: f64) -> f64 {
+    let n = bits.len();
     let h = q * (n - 1) as f64;
     let lo = h.floor() as usize;
     let hi = h.ceil() as usize;
-    let (_, &mut x_lo, right) = values.select_nth_unstable_by(lo, f64::total_cmp);
-    let x_hi = if hi == lo {
-        x_lo
-    } else {
-        right.iter().copied().fold(f64::INFINITY, f64::min)
-    };
+    let (_, &mut lo_bits, right) = bits.select_nth_unstable(lo);
+    let x_lo = f64::from_bits(lo_bits);
+    let x_hi = if hi == lo { x_lo } else { f64::from_bits(*right.iter().min().expect("hi < n")) };
     x_lo + (h - lo as f64) * (x_hi - x_lo)
 }
 
 #[inline(always)]
-fn bad(column: usize, field: Field, value: f64) -> BadValue {
-    BadValue { row: 0, column, field, value }
+fn bad_log_prob(x: f64) -> bool {
+    !(x.is_finite() && x <= LOG_PROB_TOLERANCE)
 }
 
-/// Checks the spec's rules at every valid position; returns the first violation.
-fn check_row(params: &Params, input: &RowInput) -> Result<(), BadValue> {
-    for column in 0..input.valid.len() {
-        if input.valid[column] == 0 {
-            continue;
+#[inline(always)]
+fn bad_divergence(x: f64) -> bool {
+    !(x.is_finite() && x >= 0.0)
+}
+
+/// Checks the spec's rules at every valid position of the window; returns the first
+/// violation (columns are window-relative). A branch-free sweep first (it vectorises);
+/// the search runs only on failure.
+fn check_window(valid: &[u8], lp: &[f64], lq: &[f64], adv: &[f64], given: Option<&[f64]>) -> Result<(), BadValue> {
+    let n = valid.len();
+    let (lp, lq, adv) = (&lp[..n], &lq[..n], &adv[..n]);
+    let mut any_bad = false;
+    for c in 0..n {
+        let b = bad_log_prob(lp[c]) | bad_log_prob(lq[c]) | !adv[c].is_finite();
+        any_bad |= b & (valid[c] != 0);
+    }
+    if let Some(d) = given {
+        let d = &d[..n];
+        for c in 0..n {
+            any_bad |= bad_divergence(d[c]) & (valid[c] != 0);
         }
-        let lp = input.log_probs[column];
-        if !(lp.is_finite() && lp <= LOG_PROB_TOLERANCE) {
-            return Err(bad(column, Field::LogProbs, lp));
+    }
+    if !any_bad {
+        return Ok(());
+    }
+    let bad = |column, field, value| Err(BadValue { row: 0, column, field, value });
+    for c in (0..n).filter(|&c| valid[c] != 0) {
+        if bad_log_prob(lp[c]) {
+            return bad(c, Field::LogProbs, lp[c]);
         }
-        let lq = input.old_log_probs[column];
-        if !(lq.is_finite() && lq <= LOG_PROB_TOLERANCE) {
-            return Err(bad(column, Field::OldLogProbs, lq));
+        if bad_log_prob(lq[c]) {
+            return bad(c, Field::OldLogProbs, lq[c]);
         }
-        let a = input.advantage.at(column);
-        if !a.is_finite() {
-            return Err(bad(column, Field::Advantages, a));
+        if !adv[c].is_finite() {
+            return bad(c, Field::Advantages, adv[c]);
         }
-        if params.divergence == Divergence::Given {
-            let d = input.divergence.expect("Given divergence needs an array")[column];
-            if !(d.is_finite() && d >= 0.0) {
-                return Err(bad(column, Field::Divergence, d));
+        if let Some(d) = given {
+            if bad_divergence(d[c]) {
+                return bad(c, Field::Divergence, d[c]);
             }
         }
     }
-    Ok(())
+    unreachable!("check_window: a bad value was flagged but not found")
 }
 
 /// Computes one row of the mask (and the optional outputs). `row` seeds the shuffled
@@ -239,140 +255,238 @@ pub fn compute_row(
     out: RowOutput,
 ) -> Result<RowSummary, BadValue> {
     let len = input.valid.len();
-    check_row(params, input).map_err(|e| BadValue { row, ..e })?;
+    let window = input.window.clone();
+    let (first, n) = (window.start, window.len());
+    let valid = &input.valid[window.clone()];
+    let (lp, lq, adv) = (&input.log_probs[..n], &input.old_log_probs[..n], &input.advantages[..n]);
+    let given = match params.divergence {
+        Divergence::Given => Some(&input.divergence.expect("Given divergence needs an array")[..n]),
+        _ => None,
+    };
+    check_window(valid, lp, lq, adv, given)
+        .map_err(|e| BadValue { row, column: e.column + first, ..e })?;
 
     // Horizon T: fixed, or 1 + the last valid index.
-    let horizon = if params.horizon > 0 {
-        params.horizon
-    } else {
-        input.valid.iter().rposition(|&v| v != 0).map_or(0, |c| c as i64 + 1)
-    };
+    let horizon = if params.horizon > 0 { params.horizon } else { window.end as i64 };
 
-    // Token divergence D_t at valid positions (Binary TV/KL or given).
+    // Token divergence D_t at valid positions (0 at holes, so they add nothing to S),
+    // collecting the bit patterns for the adaptive budget's quantile on the way.
     let div = &mut scratch.divergence;
     div.clear();
-    div.resize(len, 0.0);
-    match params.divergence {
-        Divergence::BinaryTv => {
-            for c in 0..len {
-                if input.valid[c] != 0 {
-                    div[c] = binary_tv(input.log_probs[c], input.old_log_probs[c]);
+    div.resize(n, 0.0);
+    let sel = &mut scratch.selection;
+    sel.clear();
+    macro_rules! fill_divergence {
+        ($d:expr) => {
+            for c in 0..n {
+                if valid[c] != 0 {
+                    let d = $d(c);
+                    div[c] = d;
+                    if params.adaptive_budget {
+                        sel.push((d + 0.0).to_bits()); // + 0.0: a given -0.0 becomes +0.0
+                    }
                 }
             }
-        }
-        Divergence::BinaryKl => {
-            for c in 0..len {
-                if input.valid[c] != 0 {
-                    div[c] = binary_kl(input.log_probs[c], input.old_log_probs[c]);
-                }
-            }
-        }
-        Divergence::Given => {
-            let given = input.divergence.expect("Given divergence needs an array");
-            for c in 0..len {
-                if input.valid[c] != 0 {
-                    div[c] = given[c];
-                }
-            }
-        }
+        };
     }
-
-    // Position weights; the shuffled ablation permutes them among valid positions.
-    let shuffled = params.position_weight == PositionWeight::Shuffled;
-    if shuffled {
-        let weight = &mut scratch.weight;
-        weight.clear();
-        weight.resize(len, 1.0);
-        let cols = &mut scratch.valid_columns;
-        cols.clear();
-        cols.extend((0..len).filter(|&c| input.valid[c] != 0));
-        shuffle_permutation(cols.len(), params.shuffle_seed, row, &mut scratch.permutation);
-        for (k, &c) in cols.iter().enumerate() {
-            weight[c] = position_weight(cols[scratch.permutation[k]], horizon, params.w_min);
+    match params.divergence {
+        Divergence::BinaryTv => fill_divergence!(|c: usize| binary_tv(lp[c], lq[c])),
+        Divergence::BinaryKl => fill_divergence!(|c: usize| binary_kl(lp[c], lq[c])),
+        Divergence::Given => {
+            let given = given.unwrap();
+            fill_divergence!(|c: usize| given[c])
         }
     }
 
     // Per-row budget (Eq. 22).
     let mut budget = params.delta_b;
-    if params.adaptive_budget {
-        let sel = &mut scratch.selection;
-        sel.clear();
-        sel.extend((0..len).filter(|&c| input.valid[c] != 0).map(|c| div[c]));
-        if !sel.is_empty() {
-            let q = quantile_linear(sel, params.budget_quantile);
-            budget = (params.budget_scale * q).max(params.delta_b).min(2.0 * params.delta_b);
+    if params.adaptive_budget && !sel.is_empty() {
+        let q = quantile_linear(sel, params.budget_quantile);
+        budget = (params.budget_scale * q).max(params.delta_b).min(2.0 * params.delta_b);
+    }
+
+    // The shuffled ablation permutes the weights among the row's valid positions.
+    let shuffled = params.position_weight == PositionWeight::Shuffled;
+    if shuffled {
+        let weight = &mut scratch.weight;
+        weight.clear();
+        weight.resize(n, 0.0);
+        let cols = &mut scratch.valid_columns;
+        cols.clear();
+        cols.extend((0..n).filter(|&c| valid[c] != 0));
+        shuffle_permutation(cols.len(), params.shuffle_seed, row, &mut scratch.permutation);
+        for (k, &c) in cols.iter().enumerate() {
+            weight[c] = position_weight(first + cols[scratch.permutation[k]], horizon, params.w_min);
         }
     }
 
-    // Prefix scan (Eq. 8) and the mask (Eq. 10). S and W include every valid token.
-    let RowOutput { mask, mut reason, mut threshold, mut gate } = out;
+    let scan = Scan {
+        delta: params.delta,
+        budget,
+        prefix_budget: params.prefix_budget,
+        position_weight: params.position_weight,
+        horizon,
+        w_min: params.w_min,
+        first,
+        valid,
+        log_probs: lp,
+        old_log_probs: lq,
+        advantages: adv,
+        divergence: &scratch.divergence[..n],
+        weight: if shuffled { &scratch.weight[..n] } else { &[] },
+    };
+    let RowOutput { mask, reason, threshold, gate } = out;
+    let mask = &mut mask[..len];
+    mask[..first].fill(false);
+    mask[window.end..].fill(false);
     let mut counts = [0u64; 5];
-    let mut s_sum = 0.0f64; // S_{t-1}
-    let mut w_sum = 0.0f64; // W_{t-1}
-    let delta = params.delta;
-    for c in 0..len {
-        let c_t = if params.prefix_budget {
-            delta.min(delta + budget * w_sum - s_sum)
-        } else {
-            delta
-        };
-        if let Some(t) = threshold.as_deref_mut() {
-            t[c] = c_t;
-        }
-        if input.valid[c] == 0 {
-            mask[c] = false;
-            if let Some(r) = reason.as_deref_mut() {
-                r[c] = INVALID;
+    match (reason, threshold, gate) {
+        (Some(reason), Some(threshold), Some(gate)) => {
+            let (reason, threshold, gate) = (&mut reason[..len], &mut threshold[..len], &mut gate[..len]);
+            let (s_end, w_end) = scan.full(
+                &mut mask[window.clone()],
+                &mut reason[window.clone()],
+                &mut threshold[window.clone()],
+                &mut gate[window.clone()],
+                &mut counts,
+            );
+            // Padding outside the window: never kept; c_t stays at its value before the
+            // window (S = W = 0) or after it (the final sums).
+            for (range, c_t) in [(0..first, scan.threshold(0.0, 0.0)), (window.end..len, scan.threshold(s_end, w_end))] {
+                counts[INVALID as usize] += range.len() as u64;
+                reason[range.clone()].fill(INVALID);
+                gate[range.clone()].fill(0.0);
+                threshold[range].fill(c_t);
             }
-            if let Some(g) = gate.as_deref_mut() {
-                g[c] = 0.0;
-            }
-            counts[0] += 1;
-            continue;
         }
-        let w = match params.position_weight {
-            PositionWeight::Linear => position_weight(c, horizon, params.w_min),
-            PositionWeight::None => 1.0,
-            PositionWeight::Shuffled => scratch.weight[c],
-        };
-        let z = w * div[c];
-        let lp = input.log_probs[c];
-        let lq = input.old_log_probs[c];
-        let toward_mu = input.advantage.at(c) * (lp - lq) <= 0.0;
-        let s_next = s_sum + z;
-        let code = if toward_mu {
-            KEPT_TOWARD_MU
-        } else if z <= c_t {
-            KEPT_WITHIN
-        } else if z > delta {
-            MASKED_TOKEN
-        } else {
-            MASKED_PREFIX
-        };
-        mask[c] = code == KEPT_TOWARD_MU || code == KEPT_WITHIN;
-        if let Some(r) = reason.as_deref_mut() {
-            r[c] = code;
-        }
-        if let Some(g) = gate.as_deref_mut() {
-            g[c] = if toward_mu {
-                1.0
-            } else {
-                let mut x = z / delta;
-                if params.prefix_budget {
-                    x = x.max(s_next / (delta + budget * w_sum));
-                }
-                if x <= 1.0 {
-                    1.0
-                } else {
-                    1.0 / x
-                }
-            };
-        }
-        counts[code as usize] += 1;
-        s_sum = s_next;
-        w_sum += w;
+        (None, None, None) => scan.mask_only(&mut mask[window]),
+        _ => panic!("compute_row: reason, threshold and gate are all present or all absent"),
     }
     Ok(RowSummary { budget, counts })
+}
+
+/// The prefix scan (Eq. 8) and the mask (Eq. 10) over a row's window. Weights and
+/// divergences are 0 at holes, so adding them leaves S and W exactly unchanged (both
+/// sums are >= +0.0) and the loops need no data-dependent branches.
+struct Scan<'a> {
+    delta: f64,
+    budget: f64,
+    prefix_budget: bool,
+    position_weight: PositionWeight,
+    horizon: i64,
+    w_min: f64,
+    /// Column of the window's first position.
+    first: usize,
+    valid: &'a [u8],
+    log_probs: &'a [f64],
+    old_log_probs: &'a [f64],
+    advantages: &'a [f64],
+    divergence: &'a [f64],
+    /// Shuffled weights (empty unless position_weight is Shuffled).
+    weight: &'a [f64],
+}
+
+impl Scan<'_> {
+    /// c_t = min(delta, delta + delta_b_row * W_{t-1} - S_{t-1}).
+    #[inline(always)]
+    fn threshold(&self, s_sum: f64, w_sum: f64) -> f64 {
+        if self.prefix_budget {
+            self.delta.min(self.delta + self.budget * w_sum - s_sum)
+        } else {
+            self.delta
+        }
+    }
+
+    /// v_t * w_t for window position `c`.
+    #[inline(always)]
+    fn weight(&self, c: usize) -> f64 {
+        let w = match self.position_weight {
+            PositionWeight::Linear => position_weight(self.first + c, self.horizon, self.w_min),
+            PositionWeight::None => 1.0,
+            PositionWeight::Shuffled => return self.weight[c],
+        };
+        if self.valid[c] != 0 {
+            w
+        } else {
+            0.0
+        }
+    }
+
+    /// A_t (lp_t - lq_t) <= 0: the update moves pi back toward mu.
+    #[inline(always)]
+    fn toward_mu(&self, c: usize) -> bool {
+        self.advantages[c] * (self.log_probs[c] - self.old_log_probs[c]) <= 0.0
+    }
+
+    fn mask_only(&self, mask: &mut [bool]) {
+        let n = mask.len();
+        let (valid, div) = (&self.valid[..n], &self.divergence[..n]);
+        let mut s_sum = 0.0f64; // S_{t-1}
+        let mut w_sum = 0.0f64; // W_{t-1}
+        for c in 0..n {
+            let w = self.weight(c);
+            let z = w * div[c];
+            let c_t = self.threshold(s_sum, w_sum);
+            mask[c] = (valid[c] != 0) & (self.toward_mu(c) | (z <= c_t));
+            s_sum += z;
+            w_sum += w;
+        }
+    }
+
+    /// All outputs; returns the final (S, W).
+    fn full(
+        &self,
+        mask: &mut [bool],
+        reason: &mut [i8],
+        threshold: &mut [f64],
+        gate: &mut [f64],
+        counts: &mut [u64; 5],
+    ) -> (f64, f64) {
+        let n = mask.len();
+        let (valid, div) = (&self.valid[..n], &self.divergence[..n]);
+        let (reason, threshold, gate) = (&mut reason[..n], &mut threshold[..n], &mut gate[..n]);
+        let mut s_sum = 0.0f64;
+        let mut w_sum = 0.0f64;
+        for c in 0..n {
+            let w = self.weight(c);
+            let z = w * div[c];
+            let c_t = self.threshold(s_sum, w_sum);
+            threshold[c] = c_t;
+            let is_valid = valid[c] != 0;
+            let toward = self.toward_mu(c);
+            let within = z <= c_t;
+            let over_token = z > self.delta;
+            // within implies !over_token (c_t <= delta), so this is 2, 3 or 4.
+            let away_code = 4 - over_token as i8 - 2 * within as i8;
+            let code = if !is_valid {
+                INVALID
+            } else if toward {
+                KEPT_TOWARD_MU
+            } else {
+                away_code
+            };
+            reason[c] = code;
+            mask[c] = code == KEPT_TOWARD_MU || code == KEPT_WITHIN;
+            let s_next = s_sum + z;
+            // Soft gate: x = max(Z/delta, S_t / (delta + delta_b_row W_{t-1})), g = min(1, 1/x).
+            let mut x = z / self.delta;
+            if self.prefix_budget {
+                x = x.max(s_next / (self.delta + self.budget * w_sum));
+            }
+            let g = if x <= 1.0 { 1.0 } else { 1.0 / x };
+            gate[c] = if !is_valid {
+                0.0
+            } else if toward {
+                1.0
+            } else {
+                g
+            };
+            counts[code as usize] += 1;
+            s_sum = s_next;
+            w_sum += w;
+        }
+        (s_sum, w_sum)
+    }
 }
 
 #[cfg(test)]
@@ -397,14 +511,17 @@ mod tests {
 
     fn run(p: &Params, adv: f64, d: &[f64], valid: &[u8]) -> (Vec<bool>, Vec<i8>, Vec<f64>, RowSummary) {
         let n = d.len();
-        let lp = vec![-1.0; n];
-        let lq = vec![-1.1; n];
+        let window = valid_window(valid);
+        let lp = vec![-1.0; window.len()];
+        let lq = vec![-1.1; window.len()];
+        let advantages = vec![adv; window.len()];
         let input = RowInput {
+            valid,
+            window: window.clone(),
             log_probs: &lp,
             old_log_probs: &lq,
-            advantage: Advantage::Row(adv),
-            valid,
-            divergence: Some(d),
+            advantages: &advantages,
+            divergence: Some(&d[window]),
         };
         let (mut m, mut r, mut t, mut g) = (vec![false; n], vec![0i8; n], vec![0.0; n], vec![0.0; n]);
         let out = RowOutput { mask: &mut m, reason: Some(&mut r), threshold: Some(&mut t), gate: Some(&mut g) };
@@ -440,10 +557,13 @@ mod tests {
 
     #[test]
     fn quantile_matches_spec_formula() {
-        let mut v = vec![5.0, 1.0, 3.0, 2.0, 4.0];
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut v = bits(&[5.0, 1.0, 3.0, 2.0, 4.0]);
         assert_eq!(quantile_linear(&mut v, 0.9), 4.0 + (0.9 * 4.0 - 3.0) * 1.0);
-        let mut one = vec![7.0];
+        let mut one = bits(&[7.0]);
         assert_eq!(quantile_linear(&mut one, 0.9), 7.0);
+        let mut tiny = bits(&[0.0, 1e-300, 2.0]);
+        assert_eq!(quantile_linear(&mut tiny, 0.5), 1e-300);
     }
 
     #[test]

@@ -1,0 +1,140 @@
+"""Shared hypothesis strategies and comparison helpers for the mask tests.
+
+Hypothesis draws the structure (shapes, layout, holes, knobs) and a seed; the array
+contents come from a seeded NumPy generator, which keeps examples fast while still
+shrinking to small shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+from hypothesis import strategies as st
+
+import cppo_native
+from cppo_native.reference import cppo_mask_reference
+
+
+@dataclass
+class Case:
+    log_probs: np.ndarray  # float64, padded [B, L] or packed [N]
+    old_log_probs: np.ndarray
+    advantages: np.ndarray  # per token or per row
+    response_mask: Optional[np.ndarray]
+    divergence: Any  # None, "binary_tv", "binary_kl" or an array
+    cu_seqlens: Optional[np.ndarray]
+    knobs: dict = field(default_factory=dict)
+
+    def args(self):
+        return (self.log_probs, self.old_log_probs, self.advantages, self.response_mask)
+
+    def kwargs(self):
+        return dict(self.knobs, divergence=self.divergence, cu_seqlens=self.cu_seqlens)
+
+
+def _log_probs(rng: np.random.Generator, shape) -> np.ndarray:
+    """Log-probs with the awkward values real batches have: exact 0, ties, tiny gaps."""
+    x = -rng.exponential(rng.choice([0.05, 0.5, 2.0]), size=shape)
+    kind = rng.random(shape)
+    x = np.where(kind < 0.05, 0.0, x)
+    x = np.where((kind >= 0.05) & (kind < 0.08), -rng.integers(0, 4, size=shape) * 0.25, x)
+    return x
+
+
+def _garbage(rng, shape):
+    return rng.choice([np.nan, np.inf, -np.inf, 3.0, -1e300, 0.0], size=shape)
+
+
+@st.composite
+def cases(draw, max_rows: int = 4, max_len: int = 24, packed: Optional[bool] = None) -> Case:
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    is_packed = draw(st.booleans()) if packed is None else packed
+    rows = draw(st.integers(0, max_rows))
+    if is_packed:
+        lengths = [draw(st.integers(0, max_len)) for _ in range(rows)]
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        shape = (int(cu[-1]),)
+    else:
+        length = draw(st.integers(0, max_len))
+        cu, shape = None, (rows, length)
+
+    hole_style = draw(st.sampled_from(["none", "right_pad", "holes", "sparse", "all_pad"]))
+    if hole_style == "none":
+        valid = np.ones(shape, dtype=bool)
+    elif hole_style == "all_pad":
+        valid = np.zeros(shape, dtype=bool)
+    elif hole_style == "right_pad" and not is_packed:
+        lens = rng.integers(0, shape[1] + 1, size=shape[0])
+        valid = np.arange(shape[1])[None, :] < lens[:, None]
+    else:
+        p = 0.3 if hole_style == "sparse" else 0.8
+        valid = rng.random(shape) < p
+
+    lp = _log_probs(rng, shape)
+    # The current policy is near the rollout policy, sometimes equal.
+    lq = np.where(rng.random(shape) < 0.1, lp, np.minimum(lp + rng.normal(0, rng.choice([0.01, 0.2, 1.0]), shape), 0.0))
+    if draw(st.booleans()):
+        lp = np.where(valid, lp, _garbage(rng, shape))
+        lq = np.where(valid, lq, _garbage(rng, shape))
+
+    per_row = draw(st.booleans())
+    if per_row:
+        adv = rng.normal(size=rows)
+        adv[rng.random(rows) < 0.2] = 0.0
+    else:
+        adv = rng.normal(size=shape)
+        adv[rng.random(shape) < 0.1] = 0.0
+        adv = np.where(valid, adv, _garbage(rng, shape))
+
+    div_mode = draw(st.sampled_from([None, "binary_tv", "binary_kl", "given"]))
+    divergence: Any = div_mode
+    if div_mode == "given":
+        d = rng.exponential(rng.choice([0.01, 0.1, 0.5]), size=shape)
+        d[rng.random(shape) < 0.05] = 0.0
+        divergence = np.where(valid, d, _garbage(rng, shape))
+
+    knobs = dict(
+        delta=draw(st.sampled_from([0.15, 0.2, 0.05, 0.5, 1e-3])),
+        delta_b=draw(st.sampled_from([0.02, 0.015, 0.0, 0.1])),
+        w_min=draw(st.sampled_from([0.8, 1.0, 0.5, 0.01])),
+        horizon=draw(st.one_of(st.just("sequence"), st.integers(1, max_len + 3))),
+        adaptive_budget=draw(st.booleans()),
+        budget_quantile=draw(st.sampled_from([0.9, 0.0, 1.0, 0.5, 0.37])),
+        budget_scale=draw(st.sampled_from([1.0, 0.0, 2.5])),
+        position_weight=draw(st.sampled_from([True, False, "shuffled"])),
+        shuffle_seed=draw(st.integers(0, 2**64 - 1)),
+        prefix_budget=draw(st.booleans()),
+    )
+    mask_arg = valid if (hole_style != "none" or draw(st.booleans())) else None
+    return Case(lp, lq, adv, mask_arg, divergence, cu, knobs)
+
+
+def assert_same_as_reference(result, ref, *, exact: bool = True, info=None, tol: float = 1e-9, case=None) -> None:
+    """Compare a backend's (mask, info) with the reference result.
+
+    exact=True: every output bit-identical (the CPU backend's contract, since it widens
+    to float64 exactly like the reference). exact=False: the spec's cross-backend rule:
+    masks and reasons may differ only where |Z_t - c_t| <= tol.
+    """
+    mask = np.asarray(result)
+    assert mask.dtype == np.bool_
+    assert mask.shape == ref.mask.shape
+    if exact:
+        np.testing.assert_array_equal(mask, ref.mask)
+        if info is not None:
+            np.testing.assert_array_equal(np.asarray(info.reason), ref.reason)
+            np.testing.assert_array_equal(np.asarray(info.threshold), ref.threshold)
+            np.testing.assert_array_equal(np.asarray(info.gate), ref.gate)
+            np.testing.assert_array_equal(np.asarray(info.row_budget), ref.row_budget)
+        return
+    raise NotImplementedError("tolerance comparison lives in the GPU tests")
+
+
+def run_both(case: Case, **extra):
+    """(mask, info) from cppo_native and the reference result for a case."""
+    mask, info = cppo_native.cppo_mask(*case.args(), **case.kwargs(), return_info=True, **extra)
+    ref = cppo_mask_reference(*case.args(), **case.kwargs())
+    return mask, info, ref

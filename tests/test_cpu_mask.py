@@ -1,0 +1,315 @@
+"""The Rust CPU backend against the NumPy reference (shared/spec/CPPO.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cppo_native
+from cppo_native import cppo_mask, cppo_mask_reference
+from strategies import Case, assert_same_as_reference, cases, run_both
+
+# Garbage at invalid positions (1e300) overflows when cast to float16/32: intended.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+KNOBS = dict(delta=0.15, delta_b=0.02, w_min=0.8)
+
+
+# ---------------------------------------------------------------------------------------
+# Random batches: every knob, both layouts, exact equality with the float64 reference.
+
+
+@SETTINGS
+@given(cases())
+def test_matches_reference_float64(case: Case):
+    mask, info, ref = run_both(case)
+    assert_same_as_reference(mask, ref, info=info)
+    counts = np.bincount(np.asarray(info.reason).reshape(-1), minlength=5)
+    np.testing.assert_array_equal(np.asarray(info.reason_counts), counts)
+
+
+@SETTINGS
+@given(cases(), st.sampled_from([np.float32, np.float16]))
+def test_matches_reference_low_precision_numpy(case: Case, dtype):
+    # The backend widens each element exactly, so the reference on the widened values
+    # is the oracle and equality stays exact.
+    lp = case.log_probs.astype(dtype)
+    lq = case.old_log_probs.astype(dtype)
+    adv = case.advantages.astype(np.float32)
+    div = case.divergence
+    if isinstance(div, np.ndarray):
+        div = div.astype(dtype)
+    low = Case(lp, lq, adv, case.response_mask, div, case.cu_seqlens, case.knobs)
+    mask, info = cppo_mask(*low.args(), **low.kwargs(), return_info=True)
+    wide = Case(
+        lp.astype(np.float64), lq.astype(np.float64), adv.astype(np.float64), case.response_mask,
+        div.astype(np.float64) if isinstance(div, np.ndarray) else div, case.cu_seqlens, case.knobs,
+    )
+    assert_same_as_reference(mask, cppo_mask_reference(*wide.args(), **wide.kwargs()), info=info)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases(), st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+def test_torch_cpu_tensors(case: Case, dtype):
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)  # noqa: E731
+    lp, lq = t(case.log_probs), t(case.old_log_probs)
+    adv = torch.from_numpy(case.advantages).to(torch.float32)
+    valid = None if case.response_mask is None else torch.from_numpy(case.response_mask).to(torch.int64)
+    div = case.divergence
+    if isinstance(div, np.ndarray):
+        div = t(div)
+    cu = None if case.cu_seqlens is None else torch.from_numpy(case.cu_seqlens).to(torch.int32)
+    mask, info = cppo_mask(lp, lq, adv, valid, **dict(case.knobs, divergence=div, cu_seqlens=cu), return_info=True)
+    assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.device.type == "cpu"
+    assert isinstance(info.reason, torch.Tensor) and info.reason.dtype == torch.int8
+    wide = lambda x: x.to(torch.float64).numpy()  # noqa: E731
+    ref = cppo_mask_reference(
+        wide(lp), wide(lq), wide(adv), case.response_mask,
+        **dict(case.knobs, divergence=wide(div) if isinstance(div, torch.Tensor) else div, cu_seqlens=case.cu_seqlens),
+    )
+    assert_same_as_reference(mask.numpy(), ref, info=type(info)(*(x.numpy() for x in (info.reason, info.threshold, info.gate, info.row_budget, info.reason_counts))))
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases(packed=False))
+def test_padded_and_packed_agree(case: Case):
+    """The same rows give the same answer in both layouts."""
+    b, l = case.log_probs.shape
+    valid = np.ones((b, l), bool) if case.response_mask is None else case.response_mask
+    # Pack the whole padded row (padding included: it is just invalid positions).
+    cu = np.arange(b + 1, dtype=np.int64) * l
+    flat = lambda a: None if a is None or isinstance(a, str) else a.reshape(-1)  # noqa: E731
+    adv = case.advantages if case.advantages.shape == (b,) else case.advantages.reshape(-1)
+    div = case.divergence if not isinstance(case.divergence, np.ndarray) else flat(case.divergence)
+    padded, pinfo = cppo_mask(*case.args(), **case.kwargs(), return_info=True)
+    packed, kinfo = cppo_mask(flat(case.log_probs), flat(case.old_log_probs), adv, flat(valid),
+                              **dict(case.knobs, divergence=div, cu_seqlens=cu), return_info=True)
+    np.testing.assert_array_equal(packed.reshape(b, l), padded)
+    for name in ("reason", "threshold", "gate"):
+        np.testing.assert_array_equal(getattr(kinfo, name).reshape(b, l), getattr(pinfo, name))
+    np.testing.assert_array_equal(kinfo.row_budget, pinfo.row_budget)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cases(packed=False, max_rows=3, max_len=12))
+def test_packed_segments_are_independent_rows(case: Case):
+    """Packing only the valid spans (as verl's remove-padding does) keeps each row's
+    answer when horizon is fixed (with horizon="sequence", T is the same too, since a
+    row's last valid index is unchanged by dropping trailing padding)."""
+    b, l = case.log_probs.shape
+    valid = np.ones((b, l), bool) if case.response_mask is None else case.response_mask
+    ends = np.array([(np.flatnonzero(valid[r]).max() + 1) if valid[r].any() else 0 for r in range(b)], dtype=np.int64)
+    cu = np.concatenate([[0], np.cumsum(ends)]).astype(np.int64)
+    cat = lambda a: np.concatenate([a[r, : ends[r]] for r in range(b)]) if b else a.reshape(-1)[:0]  # noqa: E731
+    adv = case.advantages if case.advantages.shape == (b,) else cat(case.advantages)
+    div = case.divergence if not isinstance(case.divergence, np.ndarray) else cat(case.divergence)
+    padded = cppo_mask(*case.args(), **case.kwargs())
+    packed = cppo_mask(cat(case.log_probs), cat(case.old_log_probs), adv, cat(valid),
+                       **dict(case.knobs, divergence=div, cu_seqlens=cu))
+    np.testing.assert_array_equal(packed, cat(padded))
+
+
+# ---------------------------------------------------------------------------------------
+# The spec's worked example, literally.
+
+WORKED_D = np.array([[0.10, 0.12, 0.30, 0.05, 0.14]])
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_worked_example(layout):
+    lp = np.full((1, 5), -1.0)
+    lq = np.full((1, 5), -1.2)  # lp > lq: with A > 0 every token moves away from mu
+    kw = dict(delta=0.15, delta_b=0.02, w_min=0.8, horizon="sequence", divergence=WORKED_D, return_info=True)
+    args = (lp, lq, np.ones(1), np.ones((1, 5), bool))
+    if layout == "packed":
+        args = (lp[0], lq[0], np.ones(1), np.ones(5, bool))
+        kw.update(divergence=WORKED_D[0], cu_seqlens=np.array([0, 5]))
+    mask, info = cppo_mask(*args, **kw)
+    assert mask.reshape(-1).tolist() == [True, False, False, False, False]
+    assert info.reason.reshape(-1).tolist() == [2, 4, 3, 4, 4]
+    np.testing.assert_allclose(info.threshold.reshape(-1), [0.15, 0.070, -0.025, -0.277, -0.3025], rtol=0, atol=1e-12)
+    # Z = w * D with w = [1, .95, .9, .85, .8]
+    z = np.array([1.0, 0.95, 0.90, 0.85, 0.80]) * WORKED_D[0]
+    np.testing.assert_allclose(z, [0.100, 0.114, 0.270, 0.0425, 0.112], atol=1e-15)
+    assert info.row_budget.tolist() == [0.02]
+    assert info.fractions["kept_within_threshold"] == pytest.approx(0.2)
+    assert info.fractions["masked_prefix_budget"] == pytest.approx(0.6)
+    assert info.fractions["masked_token_threshold"] == pytest.approx(0.2)
+
+    flipped = (args[0], args[1], -args[2], args[3])
+    mask, info = cppo_mask(*flipped, **kw)
+    assert mask.reshape(-1).tolist() == [True] * 5
+    assert info.reason.reshape(-1).tolist() == [1] * 5
+
+
+def test_worked_example_reference():
+    ref = cppo_mask_reference(np.full((1, 5), -1.0), np.full((1, 5), -1.2), np.ones(1), None,
+                              delta=0.15, delta_b=0.02, w_min=0.8, divergence=WORKED_D)
+    assert ref.mask.tolist() == [[True, False, False, False, False]]
+    assert ref.reason.tolist() == [[2, 4, 3, 4, 4]]
+
+
+# ---------------------------------------------------------------------------------------
+# Edge cases.
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 7), (3, 0), (1, 1), (4, 1)])
+def test_degenerate_shapes(shape):
+    rng = np.random.default_rng(0)
+    lp = -rng.random(shape)
+    lq = -rng.random(shape)
+    mask, info = cppo_mask(lp, lq, np.ones(shape[0]), None, **KNOBS, return_info=True)
+    ref = cppo_mask_reference(lp, lq, np.ones(shape[0]), None, **KNOBS)
+    assert mask.shape == shape and info.row_budget.shape == (shape[0],)
+    assert_same_as_reference(mask, ref, info=info)
+
+
+def test_empty_packed_batch_and_empty_segments():
+    cu = np.array([0, 0, 3, 3, 5])
+    rng = np.random.default_rng(1)
+    lp, lq = -rng.random(5), -rng.random(5)
+    mask, info = cppo_mask(lp, lq, np.array([1.0, -1.0, 1.0, 2.0]), None, **KNOBS, cu_seqlens=cu, return_info=True)
+    ref = cppo_mask_reference(lp, lq, np.array([1.0, -1.0, 1.0, 2.0]), None, **KNOBS, cu_seqlens=cu)
+    assert_same_as_reference(mask, ref, info=info)
+    empty = cppo_mask(np.zeros(0), np.zeros(0), np.zeros(0), None, **KNOBS, cu_seqlens=np.array([0]))
+    assert empty.shape == (0,)
+
+
+def test_all_padding_rows():
+    lp = np.full((3, 6), np.nan)  # garbage everywhere, but nothing is valid
+    mask, info = cppo_mask(lp, lp, np.full(3, np.nan), np.zeros((3, 6)), **KNOBS, adaptive_budget=True, return_info=True)
+    assert not mask.any()
+    assert (info.reason == 0).all() and (info.gate == 0).all()
+    assert (info.threshold == 0.15).all()
+    assert info.row_budget.tolist() == [0.02] * 3  # no valid token: delta_b
+    assert info.fractions["num_valid"] == 0
+
+
+def test_verl_packed_shape_with_leading_one():
+    rng = np.random.default_rng(2)
+    lp, lq = -rng.random((1, 10)), -rng.random((1, 10))
+    cu = np.array([0, 4, 10])
+    mask = cppo_mask(lp, lq, np.array([1.0, -1.0]), None, **KNOBS, cu_seqlens=cu)
+    assert mask.shape == (1, 10)
+    np.testing.assert_array_equal(mask[0], cppo_mask(lp[0], lq[0], np.array([1.0, -1.0]), None, **KNOBS, cu_seqlens=cu))
+
+
+def test_huge_row():
+    """One row of 200k tokens: identical to the reference (float64 sums over a long
+    prefix, where delta_b * W - S is a difference of two large numbers)."""
+    rng = np.random.default_rng(3)
+    n = 200_000
+    lq = -rng.exponential(0.3, size=(1, n))
+    lp = np.minimum(lq + rng.normal(0, 0.02, size=(1, n)), 0.0)
+    valid = rng.random((1, n)) < 0.97
+    adv = np.array([1.0])
+    kw = dict(delta=0.15, delta_b=0.02, adaptive_budget=True)
+    mask, info = cppo_mask(lp, lq, adv, valid, **kw, return_info=True)
+    ref = cppo_mask_reference(lp, lq, adv, valid, **kw)
+    assert_same_as_reference(mask, ref, info=info)
+    packed = cppo_mask(lp[0], lq[0], adv, valid[0], **kw, cu_seqlens=np.array([0, n]))
+    np.testing.assert_array_equal(packed, mask[0])
+
+
+def test_float32_accumulation_would_be_wrong():
+    """Guard for the numerics rule: on a long row a float32 prefix sum flips masks that
+    the float64 scan gets right (so the float64 equality above is a real check)."""
+    n = 100_000
+    d = np.full((1, n), 0.0201)
+    kw = dict(delta=0.15, delta_b=0.02, position_weight=False, divergence=d)
+    lp, lq = np.full((1, n), -1.0), np.full((1, n), -1.1)
+    mask, info = cppo_mask(lp, lq, np.ones(1), None, **kw, return_info=True)
+    ref = cppo_mask_reference(lp, lq, np.ones(1), None, **kw)
+    np.testing.assert_array_equal(mask, ref.mask)
+    s32 = np.cumsum(d[0].astype(np.float32), dtype=np.float32)
+    w32 = np.arange(1, n + 1, dtype=np.float32)
+    c32 = np.minimum(np.float32(0.15), np.float32(0.15) + np.float32(0.02) * np.concatenate([[0], w32[:-1]]) - np.concatenate([[0], s32[:-1]]))
+    assert (((d[0] <= c32)) != ref.mask[0]).any()
+
+
+# ---------------------------------------------------------------------------------------
+# Non-contiguous inputs and untouched inputs.
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases(packed=False))
+def test_non_contiguous_inputs(case: Case):
+    b, l = case.log_probs.shape
+
+    def spread(a):
+        if a is None or isinstance(a, str):
+            return a
+        big = np.zeros((a.shape[0] * 2,) + a.shape[1:] if a.ndim == 1 else (a.shape[0], a.shape[1] * 3), dtype=a.dtype)
+        if a.ndim == 1:
+            big[::2] = a
+            return big[::2]
+        big[:, ::3] = a
+        return big[:, ::3]
+
+    fortran = lambda a: a if a is None or isinstance(a, str) else np.asfortranarray(a)  # noqa: E731
+    for transform in (spread, fortran):
+        nc = Case(*(transform(x) for x in (case.log_probs, case.old_log_probs, case.advantages, case.response_mask, case.divergence)), None, case.knobs)
+        mask, info, ref = run_both(nc)
+        assert_same_as_reference(mask, ref, info=info)
+
+
+def test_torch_non_contiguous_and_grad():
+    rng = np.random.default_rng(5)
+    base = torch.from_numpy(-rng.exponential(0.3, size=(6, 40))).float().requires_grad_(True)
+    lp = base.t()  # [40, 6], non-contiguous, requires grad
+    lq = (base.detach() * 1.01).t()
+    adv = torch.randn(40, generator=torch.Generator().manual_seed(0))
+    mask, info = cppo_mask(lp, lq, adv, None, **KNOBS, return_info=True)
+    ref = cppo_mask_reference(lp.detach().double().numpy(), lq.double().numpy(), adv.double().numpy(), None, **KNOBS)
+    np.testing.assert_array_equal(mask.numpy(), ref.mask)
+    assert not mask.requires_grad
+
+
+@settings(max_examples=50, deadline=None)
+@given(cases())
+def test_inputs_untouched(case: Case):
+    before = [None if x is None or isinstance(x, str) else x.copy() for x in (*case.args(), case.divergence, case.cu_seqlens)]
+    run_both(case)
+    after = [case.log_probs, case.old_log_probs, case.advantages, case.response_mask, case.divergence, case.cu_seqlens]
+    for b, a in zip(before, after):
+        if b is not None:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_mask_dtypes_accepted():
+    rng = np.random.default_rng(6)
+    lp, lq = -rng.random((3, 9)), -rng.random((3, 9))
+    valid = rng.random((3, 9)) < 0.7
+    want = cppo_mask(lp, lq, np.ones(3), valid, **KNOBS)
+    for dt in (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float16, np.float32, np.float64, np.uint32):
+        np.testing.assert_array_equal(cppo_mask(lp, lq, np.ones(3), valid.astype(dt), **KNOBS), want)
+    for tdt in (torch.bool, torch.int64, torch.float32, torch.bfloat16, torch.uint8):
+        got = cppo_mask(torch.from_numpy(lp), torch.from_numpy(lq), torch.ones(3), torch.from_numpy(valid).to(tdt), **KNOBS)
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_lists_and_per_row_column_advantages():
+    lp = [[-0.1, -0.2], [-0.3, -0.4]]
+    lq = [[-0.2, -0.1], [-0.3, -0.5]]
+    a = cppo_mask(lp, lq, [1.0, -1.0], None, **KNOBS)
+    b = cppo_mask(np.array(lp), np.array(lq), np.array([[1.0], [-1.0]]), None, **KNOBS)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_num_threads_do_not_change_results():
+    rng = np.random.default_rng(7)
+    lp, lq = -rng.exponential(0.3, (64, 300)), -rng.exponential(0.3, (64, 300))
+    adv = rng.normal(size=64)
+    ref = cppo_mask(lp, lq, adv, None, **KNOBS, adaptive_budget=True, num_threads=1)
+    for n in (2, 3, 8):
+        np.testing.assert_array_equal(cppo_mask(lp, lq, adv, None, **KNOBS, adaptive_budget=True, num_threads=n), ref)
+
+
+def test_version_and_public_api():
+    assert cppo_native.__version__
+    assert callable(cppo_native.cppo_mask)
+    assert cppo_native.REASON_NAMES[4] == "masked_prefix_budget"
