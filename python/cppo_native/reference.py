@@ -30,6 +30,7 @@ class ReferenceResult:
     threshold: np.ndarray  # float64, c_t
     gate: np.ndarray  # float64, soft-gate value
     row_budget: np.ndarray  # float64 [B], delta_b_row
+    weighted_divergence: np.ndarray  # float64, Z_t = v_t w_t D_t (for tolerance checks)
 
 
 def position_weight(column: int, horizon: int, w_min: float) -> float:
@@ -169,11 +170,12 @@ def cppo_mask_reference(
     out_threshold = np.zeros(lp_f.shape, dtype=np.float64)
     out_gate = np.zeros(lp_f.shape, dtype=np.float64)
     row_budget = np.zeros(len(rows), dtype=np.float64)
+    out_z = np.zeros(lp_f.shape, dtype=np.float64)
 
     for r, (start, length) in enumerate(rows):
         _reference_row(
             params, r, start, length, lp_f, lq_f, adv_f, per_row_adv, v_f, d_f,
-            out_mask, out_reason, out_threshold, out_gate, row_budget, packed=cu is not None,
+            out_mask, out_reason, out_threshold, out_gate, row_budget, out_z, packed=cu is not None,
         )
     return ReferenceResult(
         out_mask.reshape(shape),
@@ -181,11 +183,12 @@ def cppo_mask_reference(
         out_threshold.reshape(shape),
         out_gate.reshape(shape),
         row_budget,
+        out_z.reshape(shape),
     )
 
 
 def _reference_row(p: MaskParams, r, start, length, lp_f, lq_f, adv_f, per_row_adv, v_f, d_f,
-                   out_mask, out_reason, out_threshold, out_gate, row_budget, packed) -> None:
+                   out_mask, out_reason, out_threshold, out_gate, row_budget, out_z, packed) -> None:
     valid = [bool(v_f[start + c]) for c in range(length)]
     valid_cols = [c for c in range(length) if valid[c]]
 
@@ -249,6 +252,7 @@ def _reference_row(p: MaskParams, r, start, length, lp_f, lq_f, adv_f, per_row_a
         if not valid[c]:
             continue  # reason 0, mask False, gate 0 (already zero)
         z = weight[c] * div[c]
+        out_z[i] = z
         toward_mu = adv_at(c) * (float(lp_f[i]) - float(lq_f[i])) <= 0.0
         s_next = s_sum + z
         if toward_mu:

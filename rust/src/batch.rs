@@ -14,7 +14,7 @@ use std::ops::Range;
 use ndarray::{s, ArrayView1, ArrayViewD, Axis, Ix1, Slice};
 use rayon::prelude::*;
 
-use crate::core::{compute_row, valid_window, BadValue, Params, RowInput, RowOutput, RowSummary, Scratch};
+use crate::core::{compute_row, sized, valid_window, BadValue, Params, RowInput, RowOutput, RowSummary, Scratch};
 
 /// A floating-point input of any supported dtype. `Bf16` holds bfloat16 bit patterns.
 pub enum FloatView<'a> {
@@ -70,10 +70,10 @@ fn row_of<'v, T>(view: &'v ArrayViewD<'_, T>, layout: &Layout, r: usize) -> Arra
 }
 
 fn widen_into<T: Copy>(row: ArrayView1<T>, out: &mut Vec<f64>, f: impl Fn(T) -> f64) {
-    out.clear();
+    let out = sized(out, row.len());
     match row.as_slice() {
-        Some(s) => out.extend(s.iter().map(|&x| f(x))),
-        None => out.extend(row.iter().map(|&x| f(x))),
+        Some(s) => out.iter_mut().zip(s).for_each(|(o, &x)| *o = f(x)),
+        None => out.iter_mut().zip(row.iter()).for_each(|(o, &x)| *o = f(x)),
     }
 }
 
@@ -104,10 +104,10 @@ impl FloatView<'_> {
 }
 
 fn flags_into<T: Copy>(row: ArrayView1<T>, out: &mut Vec<u8>, f: impl Fn(T) -> bool) {
-    out.clear();
+    let out = sized(out, row.len());
     match row.as_slice() {
-        Some(s) => out.extend(s.iter().map(|&x| f(x) as u8)),
-        None => out.extend(row.iter().map(|&x| f(x) as u8)),
+        Some(s) => out.iter_mut().zip(s).for_each(|(o, &x)| *o = f(x) as u8),
+        None => out.iter_mut().zip(row.iter()).for_each(|(o, &x)| *o = f(x) as u8),
     }
 }
 
@@ -190,51 +190,97 @@ fn split_optional<'a, T>(buf: Option<&'a mut [T]>, layout: &Layout) -> Vec<Optio
     }
 }
 
+/// The window of row `r` of two same-typed views as contiguous slices, when both are.
+fn contiguous_pair<'v, T>(
+    a: &'v ArrayViewD<'_, T>,
+    b: &'v ArrayViewD<'_, T>,
+    layout: &Layout,
+    r: usize,
+    cols: Range<usize>,
+) -> Option<(&'v [T], &'v [T])> {
+    let a = row_of(a, layout, r).slice_move(s![cols.clone()]).to_slice()?;
+    let b = row_of(b, layout, r).slice_move(s![cols]).to_slice()?;
+    Some((a, b))
+}
+
 fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummary, BadValue> {
     BUFFERS.with(|cell| {
         let mut b = cell.borrow_mut();
-        let b = &mut *b;
+        let RowBuffers { log_probs, old_log_probs, advantages, divergence, valid, scratch } = &mut *b;
         let layout = &input.layout;
         let r = job.row;
         let len = job.out.mask.len();
         match &input.valid {
-            Some(v) => v.row_into(layout, r, &mut b.valid),
-            None => {
-                b.valid.clear();
-                b.valid.resize(len, 1);
-            }
+            Some(v) => v.row_into(layout, r, valid),
+            None => sized(valid, len).fill(1),
         }
+        let valid = &valid[..len];
         // Only the span between the first and last valid position needs the floats.
-        let window = valid_window(&b.valid);
-        input.log_probs.row_into(layout, r, window.clone(), &mut b.log_probs);
-        input.old_log_probs.row_into(layout, r, window.clone(), &mut b.old_log_probs);
+        let window = valid_window(valid);
+        let n = window.len();
         if input.advantage_per_row {
-            b.advantages.clear();
-            b.advantages.resize(window.len(), input.advantages.scalar(r));
+            sized(advantages, n).fill(input.advantages.scalar(r));
         } else {
-            input.advantages.row_into(layout, r, window.clone(), &mut b.advantages);
+            input.advantages.row_into(layout, r, window.clone(), advantages);
         }
         let divergence = match &input.divergence {
             Some(d) => {
-                d.row_into(layout, r, window.clone(), &mut b.divergence);
-                Some(&b.divergence[..])
+                d.row_into(layout, r, window.clone(), divergence);
+                Some(&divergence[..n])
             }
             None => None,
         };
-        let row_input = RowInput {
-            valid: &b.valid,
-            window,
-            log_probs: &b.log_probs,
-            old_log_probs: &b.old_log_probs,
-            advantages: &b.advantages,
-            divergence,
-        };
-        let summary = compute_row(params, r, &row_input, &mut b.scratch, job.out)?;
+        let advantages = &advantages[..n];
+        let out = job.out;
+        macro_rules! run {
+            ($lp:expr, $lq:expr) => {
+                compute_row(
+                    params,
+                    r,
+                    &RowInput { valid, window: window.clone(), log_probs: $lp, old_log_probs: $lq, advantages, divergence },
+                    scratch,
+                    out,
+                )
+            };
+        }
+        // Contiguous log-probs of one dtype are read in place; others are widened into
+        // float64 row buffers first.
+        let cols = window.clone();
+        let summary = match (&input.log_probs, &input.old_log_probs) {
+            (FloatView::F64(p), FloatView::F64(q)) if contiguous_pair(p, q, layout, r, cols.clone()).is_some() => {
+                let (p, q) = contiguous_pair(p, q, layout, r, cols).unwrap();
+                run!(p, q)
+            }
+            (FloatView::F32(p), FloatView::F32(q)) if contiguous_pair(p, q, layout, r, cols.clone()).is_some() => {
+                let (p, q) = contiguous_pair(p, q, layout, r, cols).unwrap();
+                run!(p, q)
+            }
+            (FloatView::F16(p), FloatView::F16(q)) if contiguous_pair(p, q, layout, r, cols.clone()).is_some() => {
+                let (p, q) = contiguous_pair(p, q, layout, r, cols).unwrap();
+                run!(p, q)
+            }
+            (FloatView::Bf16(p), FloatView::Bf16(q)) if contiguous_pair(p, q, layout, r, cols.clone()).is_some() => {
+                let (p, q) = contiguous_pair(p, q, layout, r, cols).unwrap();
+                run!(as_bf16(p), as_bf16(q))
+            }
+            _ => {
+                input.log_probs.row_into(layout, r, window.clone(), log_probs);
+                input.old_log_probs.row_into(layout, r, window.clone(), old_log_probs);
+                run!(&log_probs[..n], &old_log_probs[..n])
+            }
+        }?;
         if let Some(slot) = job.budget {
             *slot = summary.budget;
         }
         Ok(summary)
     })
+}
+
+/// bfloat16 bit patterns (stored as int16) viewed as `half::bf16`.
+fn as_bf16(bits: &[i16]) -> &[bf16] {
+    // SAFETY: bf16 is a #[repr(transparent)] u16: same size and alignment as i16, and
+    // every bit pattern is a valid bf16.
+    unsafe { std::slice::from_raw_parts(bits.as_ptr().cast::<bf16>(), bits.len()) }
 }
 
 /// Computes the mask for every row (in parallel on the current rayon pool). Returns the

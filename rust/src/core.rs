@@ -67,16 +67,50 @@ pub struct BadValue {
     pub value: f64,
 }
 
-/// One row's inputs, widened to float64.
+/// A floating-point element that widens exactly to float64.
+pub trait Widen: Copy + Send + Sync {
+    fn widen(self) -> f64;
+}
+
+impl Widen for f64 {
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self
+    }
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Widen for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self.to_f64()
+    }
+}
+
+impl Widen for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self.to_f64()
+    }
+}
+
+/// One row's inputs. Log-probs keep their storage type `T` (read and widened once, in
+/// place); the other float inputs are float64.
 ///
 /// `valid` covers the whole row; the float inputs cover only `window`, the span from
 /// the first to the last valid position (positions outside it are padding: they are
 /// never kept and leave S and W unchanged, so they need no arithmetic).
-pub struct RowInput<'a> {
+pub struct RowInput<'a, T: Widen = f64> {
     pub valid: &'a [u8],
     pub window: std::ops::Range<usize>,
-    pub log_probs: &'a [f64],
-    pub old_log_probs: &'a [f64],
+    pub log_probs: &'a [T],
+    pub old_log_probs: &'a [T],
     /// A_t per position (a per-row advantage is broadcast by the caller).
     pub advantages: &'a [f64],
     /// Caller-supplied divergence (`Divergence::Given` only).
@@ -115,8 +149,18 @@ pub struct Scratch {
     divergence: Vec<f64>,
     weight: Vec<f64>,
     selection: Vec<u64>,
+    toward_mu: Vec<u8>,
     valid_columns: Vec<usize>,
     permutation: Vec<usize>,
+}
+
+/// Grows `buf` to at least `n` (never shrinks: rows reuse it without refilling) and
+/// returns its first `n` elements, with unspecified contents.
+pub(crate) fn sized<T: Copy + Default>(buf: &mut Vec<T>, n: usize) -> &mut [T] {
+    if buf.len() < n {
+        buf.resize(n, T::default());
+    }
+    &mut buf[..n]
 }
 
 /// Paper Eq. 9: w_t with t - 1 = `column` and T = `horizon`.
@@ -133,6 +177,12 @@ pub fn position_weight(column: usize, horizon: i64, w_min: f64) -> f64 {
 #[inline(always)]
 pub fn binary_tv(lp: f64, lq: f64) -> f64 {
     (lp.exp() - lq.exp()).abs()
+}
+
+/// `binary_tv` with a given exp function (bit-identical to `f64::exp`, see `libm_exp`).
+#[inline(always)]
+fn binary_tv_with(exp: extern "C" fn(f64) -> f64, lp: f64, lq: f64) -> f64 {
+    (exp(lp) - exp(lq)).abs()
 }
 
 /// KL(mu || pi) over {sampled token, rest}; see `reference.binary_kl`.
@@ -195,62 +245,24 @@ pub fn quantile_linear(bits: &mut [u64], q: f64) -> f64 {
     x_lo + (h - lo as f64) * (x_hi - x_lo)
 }
 
+/// Valid positions need finite log-probs <= 0 (within LOG_PROB_TOLERANCE).
 #[inline(always)]
 fn bad_log_prob(x: f64) -> bool {
-    !(x.is_finite() && x <= LOG_PROB_TOLERANCE)
+    !(x > f64::NEG_INFINITY && x <= LOG_PROB_TOLERANCE)
 }
 
+/// A given divergence must be finite and >= 0.
 #[inline(always)]
 fn bad_divergence(x: f64) -> bool {
-    !(x.is_finite() && x >= 0.0)
-}
-
-/// Checks the spec's rules at every valid position of the window; returns the first
-/// violation (columns are window-relative). A branch-free sweep first (it vectorises);
-/// the search runs only on failure.
-fn check_window(valid: &[u8], lp: &[f64], lq: &[f64], adv: &[f64], given: Option<&[f64]>) -> Result<(), BadValue> {
-    let n = valid.len();
-    let (lp, lq, adv) = (&lp[..n], &lq[..n], &adv[..n]);
-    let mut any_bad = false;
-    for c in 0..n {
-        let b = bad_log_prob(lp[c]) | bad_log_prob(lq[c]) | !adv[c].is_finite();
-        any_bad |= b & (valid[c] != 0);
-    }
-    if let Some(d) = given {
-        let d = &d[..n];
-        for c in 0..n {
-            any_bad |= bad_divergence(d[c]) & (valid[c] != 0);
-        }
-    }
-    if !any_bad {
-        return Ok(());
-    }
-    let bad = |column, field, value| Err(BadValue { row: 0, column, field, value });
-    for c in (0..n).filter(|&c| valid[c] != 0) {
-        if bad_log_prob(lp[c]) {
-            return bad(c, Field::LogProbs, lp[c]);
-        }
-        if bad_log_prob(lq[c]) {
-            return bad(c, Field::OldLogProbs, lq[c]);
-        }
-        if !adv[c].is_finite() {
-            return bad(c, Field::Advantages, adv[c]);
-        }
-        if let Some(d) = given {
-            if bad_divergence(d[c]) {
-                return bad(c, Field::Divergence, d[c]);
-            }
-        }
-    }
-    unreachable!("check_window: a bad value was flagged but not found")
+    !(x >= 0.0 && x < f64::INFINITY)
 }
 
 /// Computes one row of the mask (and the optional outputs). `row` seeds the shuffled
 /// ablation and is reported in errors.
-pub fn compute_row(
+pub fn compute_row<T: Widen>(
     params: &Params,
     row: usize,
-    input: &RowInput,
+    input: &RowInput<T>,
     scratch: &mut Scratch,
     out: RowOutput,
 ) -> Result<RowSummary, BadValue> {
@@ -263,38 +275,58 @@ pub fn compute_row(
         Divergence::Given => Some(&input.divergence.expect("Given divergence needs an array")[..n]),
         _ => None,
     };
-    check_window(valid, lp, lq, adv, given)
-        .map_err(|e| BadValue { row, column: e.column + first, ..e })?;
-
     // Horizon T: fixed, or 1 + the last valid index.
     let horizon = if params.horizon > 0 { params.horizon } else { window.end as i64 };
 
-    // Token divergence D_t at valid positions (0 at holes, so they add nothing to S),
-    // collecting the bit patterns for the adaptive budget's quantile on the way.
-    let div = &mut scratch.divergence;
-    div.clear();
-    div.resize(n, 0.0);
+    // One pass over the valid positions: check the inputs (spec, "Bad input"), compute
+    // the token divergence D_t (0 at holes, so they add nothing to S), the direction
+    // test A_t (lp_t - lq_t) <= 0, and collect the bit patterns for the adaptive
+    // budget's quantile.
+    let div = sized(&mut scratch.divergence, n);
+    let toward = sized(&mut scratch.toward_mu, n);
     let sel = &mut scratch.selection;
     sel.clear();
+    let report = |c: usize, field: Field, value: f64| BadValue { row, column: first + c, field, value };
     macro_rules! fill_divergence {
         ($d:expr) => {
             for c in 0..n {
-                if valid[c] != 0 {
-                    let d = $d(c);
-                    div[c] = d;
-                    if params.adaptive_budget {
-                        sel.push((d + 0.0).to_bits()); // + 0.0: a given -0.0 becomes +0.0
-                    }
+                if valid[c] == 0 {
+                    div[c] = 0.0;
+                    toward[c] = 0;
+                    continue;
+                }
+                let (p, q, a) = (lp[c].widen(), lq[c].widen(), adv[c]);
+                if bad_log_prob(p) {
+                    return Err(report(c, Field::LogProbs, p));
+                }
+                if bad_log_prob(q) {
+                    return Err(report(c, Field::OldLogProbs, q));
+                }
+                if !a.is_finite() {
+                    return Err(report(c, Field::Advantages, a));
+                }
+                let d: f64 = $d(c, p, q)?;
+                div[c] = d;
+                toward[c] = (a * (p - q) <= 0.0) as u8;
+                if params.adaptive_budget {
+                    sel.push((d + 0.0).to_bits()); // + 0.0: a given -0.0 becomes +0.0
                 }
             }
         };
     }
     match params.divergence {
-        Divergence::BinaryTv => fill_divergence!(|c: usize| binary_tv(lp[c], lq[c])),
-        Divergence::BinaryKl => fill_divergence!(|c: usize| binary_kl(lp[c], lq[c])),
+        Divergence::BinaryTv => {
+            let exp = crate::libm_exp::exp_fn();
+            fill_divergence!(|_, p, q| Ok(binary_tv_with(exp, p, q)))
+        }
+        Divergence::BinaryKl => fill_divergence!(|_, p, q| Ok(binary_kl(p, q))),
         Divergence::Given => {
             let given = given.unwrap();
-            fill_divergence!(|c: usize| given[c])
+            fill_divergence!(|c: usize, _, _| if bad_divergence(given[c]) {
+                Err(report(c, Field::Divergence, given[c]))
+            } else {
+                Ok(given[c])
+            })
         }
     }
 
@@ -305,18 +337,30 @@ pub fn compute_row(
         budget = (params.budget_scale * q).max(params.delta_b).min(2.0 * params.delta_b);
     }
 
-    // The shuffled ablation permutes the weights among the row's valid positions.
-    let shuffled = params.position_weight == PositionWeight::Shuffled;
-    if shuffled {
-        let weight = &mut scratch.weight;
-        weight.clear();
-        weight.resize(n, 0.0);
-        let cols = &mut scratch.valid_columns;
-        cols.clear();
-        cols.extend((0..n).filter(|&c| valid[c] != 0));
-        shuffle_permutation(cols.len(), params.shuffle_seed, row, &mut scratch.permutation);
-        for (k, &c) in cols.iter().enumerate() {
-            weight[c] = position_weight(first + cols[scratch.permutation[k]], horizon, params.w_min);
+    // v_t * w_t (Eq. 9): 0 at holes, so they add nothing to W; the shuffled ablation
+    // permutes the weights among the row's valid positions.
+    let weight = sized(&mut scratch.weight, n);
+    match params.position_weight {
+        PositionWeight::Linear => {
+            for (c, w) in weight.iter_mut().enumerate() {
+                let pw = position_weight(first + c, horizon, params.w_min);
+                *w = if valid[c] != 0 { pw } else { 0.0 };
+            }
+        }
+        PositionWeight::None => {
+            for (c, w) in weight.iter_mut().enumerate() {
+                *w = if valid[c] != 0 { 1.0 } else { 0.0 };
+            }
+        }
+        PositionWeight::Shuffled => {
+            weight.fill(0.0);
+            let cols = &mut scratch.valid_columns;
+            cols.clear();
+            cols.extend((0..n).filter(|&c| valid[c] != 0));
+            shuffle_permutation(cols.len(), params.shuffle_seed, row, &mut scratch.permutation);
+            for (k, &c) in cols.iter().enumerate() {
+                weight[c] = position_weight(first + cols[scratch.permutation[k]], horizon, params.w_min);
+            }
         }
     }
 
@@ -324,16 +368,10 @@ pub fn compute_row(
         delta: params.delta,
         budget,
         prefix_budget: params.prefix_budget,
-        position_weight: params.position_weight,
-        horizon,
-        w_min: params.w_min,
-        first,
         valid,
-        log_probs: lp,
-        old_log_probs: lq,
-        advantages: adv,
+        toward_mu: &scratch.toward_mu[..n],
         divergence: &scratch.divergence[..n],
-        weight: if shuffled { &scratch.weight[..n] } else { &[] },
+        weight: &scratch.weight[..n],
     };
     let RowOutput { mask, reason, threshold, gate } = out;
     let mask = &mut mask[..len];
@@ -372,17 +410,11 @@ struct Scan<'a> {
     delta: f64,
     budget: f64,
     prefix_budget: bool,
-    position_weight: PositionWeight,
-    horizon: i64,
-    w_min: f64,
-    /// Column of the window's first position.
-    first: usize,
     valid: &'a [u8],
-    log_probs: &'a [f64],
-    old_log_probs: &'a [f64],
-    advantages: &'a [f64],
+    /// 1 where A_t (lp_t - lq_t) <= 0 (the update moves pi back toward mu).
+    toward_mu: &'a [u8],
     divergence: &'a [f64],
-    /// Shuffled weights (empty unless position_weight is Shuffled).
+    /// v_t * w_t.
     weight: &'a [f64],
 }
 
@@ -397,37 +429,27 @@ impl Scan<'_> {
         }
     }
 
-    /// v_t * w_t for window position `c`.
-    #[inline(always)]
-    fn weight(&self, c: usize) -> f64 {
-        let w = match self.position_weight {
-            PositionWeight::Linear => position_weight(self.first + c, self.horizon, self.w_min),
-            PositionWeight::None => 1.0,
-            PositionWeight::Shuffled => return self.weight[c],
-        };
-        if self.valid[c] != 0 {
-            w
+    fn mask_only(&self, mask: &mut [bool]) {
+        if self.prefix_budget {
+            self.mask_only_with::<true>(mask)
         } else {
-            0.0
+            self.mask_only_with::<false>(mask)
         }
     }
 
-    /// A_t (lp_t - lq_t) <= 0: the update moves pi back toward mu.
     #[inline(always)]
-    fn toward_mu(&self, c: usize) -> bool {
-        self.advantages[c] * (self.log_probs[c] - self.old_log_probs[c]) <= 0.0
-    }
-
-    fn mask_only(&self, mask: &mut [bool]) {
+    fn mask_only_with<const PREFIX: bool>(&self, mask: &mut [bool]) {
         let n = mask.len();
-        let (valid, div) = (&self.valid[..n], &self.divergence[..n]);
+        let (valid, div, weight) = (&self.valid[..n], &self.divergence[..n], &self.weight[..n]);
+        let toward = &self.toward_mu[..n];
+        let (delta, budget) = (self.delta, self.budget);
         let mut s_sum = 0.0f64; // S_{t-1}
         let mut w_sum = 0.0f64; // W_{t-1}
         for c in 0..n {
-            let w = self.weight(c);
+            let w = weight[c];
             let z = w * div[c];
-            let c_t = self.threshold(s_sum, w_sum);
-            mask[c] = (valid[c] != 0) & (self.toward_mu(c) | (z <= c_t));
+            let c_t = if PREFIX { delta.min(delta + budget * w_sum - s_sum) } else { delta };
+            mask[c] = (valid[c] != 0) & ((toward[c] != 0) | (z <= c_t));
             s_sum += z;
             w_sum += w;
         }
@@ -447,13 +469,14 @@ impl Scan<'_> {
         let (reason, threshold, gate) = (&mut reason[..n], &mut threshold[..n], &mut gate[..n]);
         let mut s_sum = 0.0f64;
         let mut w_sum = 0.0f64;
+        let weight = &self.weight[..n];
         for c in 0..n {
-            let w = self.weight(c);
+            let w = weight[c];
             let z = w * div[c];
             let c_t = self.threshold(s_sum, w_sum);
             threshold[c] = c_t;
             let is_valid = valid[c] != 0;
-            let toward = self.toward_mu(c);
+            let toward = self.toward_mu[c] != 0;
             let within = z <= c_t;
             let over_token = z > self.delta;
             // within implies !over_token (c_t <= delta), so this is 2, 3 or 4.

@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod core;
+pub mod libm_exp;
 
 #[cfg(feature = "python")]
 mod python;
