@@ -22,7 +22,7 @@ class RolloutBatch:
 
 
 def make_rollout_batch(batch: int = 64, length: int = 1024, *, min_length: int | None = None,
-                       seed: int = 0, drift: float = 0.08) -> RolloutBatch:
+                       seed: int = 0, drift: float = 0.03) -> RolloutBatch:
     """A right-padded batch; lengths are uniform in [min_length, length] (default L/4)."""
     rng = np.random.default_rng(seed)
     lo = max(1, length // 4) if min_length is None else min_length

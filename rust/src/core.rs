@@ -150,6 +150,7 @@ pub struct Scratch {
     weight: Vec<f64>,
     selection: Vec<u64>,
     toward_mu: Vec<u8>,
+    prefix_weight: Vec<f64>,
     valid_columns: Vec<usize>,
     permutation: Vec<usize>,
 }
@@ -386,6 +387,7 @@ pub fn compute_row<T: Widen>(
                 &mut reason[window.clone()],
                 &mut threshold[window.clone()],
                 &mut gate[window.clone()],
+                sized(&mut scratch.prefix_weight, n),
                 &mut counts,
             );
             // Padding outside the window: never kept; c_t stays at its value before the
@@ -455,58 +457,69 @@ impl Scan<'_> {
         }
     }
 
-    /// All outputs; returns the final (S, W).
+    /// All outputs; returns the final (S, W). `w_prev` is row-sized scratch.
+    ///
+    /// The sequential scan writes the mask, reasons and thresholds and stashes S_t (in
+    /// `gate`) and W_{t-1}; the soft gate's divisions then run in a separate loop with
+    /// no loop-carried dependency (it vectorises), and the reasons are counted last.
     fn full(
         &self,
         mask: &mut [bool],
         reason: &mut [i8],
         threshold: &mut [f64],
         gate: &mut [f64],
+        w_prev: &mut [f64],
         counts: &mut [u64; 5],
     ) -> (f64, f64) {
         let n = mask.len();
-        let (valid, div) = (&self.valid[..n], &self.divergence[..n]);
-        let (reason, threshold, gate) = (&mut reason[..n], &mut threshold[..n], &mut gate[..n]);
-        let mut s_sum = 0.0f64;
-        let mut w_sum = 0.0f64;
-        let weight = &self.weight[..n];
+        let (valid, div, weight) = (&self.valid[..n], &self.divergence[..n], &self.weight[..n]);
+        let toward = &self.toward_mu[..n];
+        let (reason, threshold, gate, w_prev) = (&mut reason[..n], &mut threshold[..n], &mut gate[..n], &mut w_prev[..n]);
+        let delta = self.delta;
+        let mut s_sum = 0.0f64; // S_{t-1}
+        let mut w_sum = 0.0f64; // W_{t-1}
         for c in 0..n {
             let w = weight[c];
             let z = w * div[c];
             let c_t = self.threshold(s_sum, w_sum);
             threshold[c] = c_t;
-            let is_valid = valid[c] != 0;
-            let toward = self.toward_mu[c] != 0;
             let within = z <= c_t;
-            let over_token = z > self.delta;
+            let over_token = z > delta;
             // within implies !over_token (c_t <= delta), so this is 2, 3 or 4.
             let away_code = 4 - over_token as i8 - 2 * within as i8;
-            let code = if !is_valid {
+            let code = if valid[c] == 0 {
                 INVALID
-            } else if toward {
+            } else if toward[c] != 0 {
                 KEPT_TOWARD_MU
             } else {
                 away_code
             };
             reason[c] = code;
             mask[c] = code == KEPT_TOWARD_MU || code == KEPT_WITHIN;
-            let s_next = s_sum + z;
-            // Soft gate: x = max(Z/delta, S_t / (delta + delta_b_row W_{t-1})), g = min(1, 1/x).
-            let mut x = z / self.delta;
+            w_prev[c] = w_sum;
+            s_sum += z;
+            gate[c] = s_sum; // S_t, consumed below
+            w_sum += w;
+        }
+        // Soft gate: x = max(Z/delta, S_t / (delta + delta_b_row W_{t-1})), g = min(1, 1/x);
+        // 1 toward mu, 0 at invalid positions.
+        for c in 0..n {
+            let z = weight[c] * div[c];
+            let mut x = z / delta;
             if self.prefix_budget {
-                x = x.max(s_next / (self.delta + self.budget * w_sum));
+                x = x.max(gate[c] / (delta + self.budget * w_prev[c]));
             }
             let g = if x <= 1.0 { 1.0 } else { 1.0 / x };
-            gate[c] = if !is_valid {
+            gate[c] = if valid[c] == 0 {
                 0.0
-            } else if toward {
+            } else if toward[c] != 0 {
                 1.0
             } else {
                 g
             };
-            counts[code as usize] += 1;
-            s_sum = s_next;
-            w_sum += w;
+        }
+        for (code, count) in counts.iter_mut().enumerate() {
+            *count += reason.iter().filter(|&&r| r == code as i8).count() as u64;
         }
         (s_sum, w_sum)
     }
