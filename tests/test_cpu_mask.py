@@ -45,6 +45,7 @@ def test_matches_reference_low_precision_numpy(case: Case, dtype):
         div = div.astype(dtype)
     low = Case(lp, lq, adv, case.response_mask, div, case.cu_seqlens, case.knobs)
     mask, info = cppo_mask(*low.args(), **low.kwargs(), return_info=True)
+    np.testing.assert_array_equal(cppo_mask(*low.args(), **low.kwargs()), mask)
     wide = Case(
         lp.astype(np.float64), lq.astype(np.float64), adv.astype(np.float64), case.response_mask,
         div.astype(np.float64) if isinstance(div, np.ndarray) else div, case.cu_seqlens, case.knobs,
@@ -64,6 +65,7 @@ def test_torch_cpu_tensors(case: Case, dtype):
         div = t(div)
     cu = None if case.cu_seqlens is None else torch.from_numpy(case.cu_seqlens).to(torch.int32)
     mask, info = cppo_mask(lp, lq, adv, valid, **dict(case.knobs, divergence=div, cu_seqlens=cu), return_info=True)
+    assert torch.equal(cppo_mask(lp, lq, adv, valid, **dict(case.knobs, divergence=div, cu_seqlens=cu)), mask)
     assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.device.type == "cpu"
     assert isinstance(info.reason, torch.Tensor) and info.reason.dtype == torch.int8
     wide = lambda x: x.to(torch.float64).numpy()  # noqa: E731
@@ -211,6 +213,7 @@ def test_huge_row():
     mask, info = cppo_mask(lp, lq, adv, valid, **kw, return_info=True)
     ref = cppo_mask_reference(lp, lq, adv, valid, **kw)
     assert_same_as_reference(mask, ref, info=info)
+    np.testing.assert_array_equal(cppo_mask(lp, lq, adv, valid, **kw), ref.mask)
     packed = cppo_mask(lp[0], lq[0], adv, valid[0], **kw, cu_seqlens=np.array([0, n]))
     np.testing.assert_array_equal(packed, mask[0])
 
@@ -313,3 +316,47 @@ def test_version_and_public_api():
     assert cppo_native.__version__
     assert callable(cppo_native.cppo_mask)
     assert cppo_native.REASON_NAMES[4] == "masked_prefix_budget"
+
+
+# ---------------------------------------------------------------------------------------
+# Boundaries: the spec's comparisons are <= (kept at equality).
+
+
+def _one_row(d, adv=1.0, **kw):
+    d = np.asarray([d], dtype=np.float64)
+    lp, lq = np.full_like(d, -1.0), np.full_like(d, -1.2)
+    args = dict(delta=0.15, delta_b=0.02, position_weight=False, divergence=d, return_info=True)
+    args.update(kw)
+    mask, info = cppo_mask(lp, lq, np.array([adv]), None, **args)
+    args.pop("return_info")
+    np.testing.assert_array_equal(cppo_mask(lp, lq, np.array([adv]), None, **args), mask)  # mask-only path
+    return mask, info
+
+
+def test_token_threshold_tie_is_kept():
+    mask, info = _one_row([0.15])
+    assert info.reason.tolist() == [[2]] and info.gate.tolist() == [[1.0]]
+    mask, info = _one_row([np.nextafter(0.15, 1)])
+    assert info.reason.tolist() == [[3]] and info.gate[0, 0] < 1.0
+
+
+def test_prefix_budget_tie_is_kept():
+    c2 = 0.15 + 0.02 * 1.0 - 0.1  # c_2 exactly as the spec's arithmetic computes it
+    mask, info = _one_row([0.1, c2])
+    assert info.threshold[0, 1] == c2
+    assert info.reason.tolist() == [[2, 2]] and mask.tolist() == [[True, True]]
+    assert info.gate[0, 1] == 1.0
+    mask, info = _one_row([0.1, np.nextafter(c2, 1)])
+    assert info.reason.tolist() == [[2, 4]]
+    ref = cppo_mask_reference(np.full((1, 2), -1.0), np.full((1, 2), -1.2), np.ones(1), None, delta=0.15,
+                              delta_b=0.02, position_weight=False, divergence=np.array([[0.1, np.nextafter(c2, 1)]]))
+    assert ref.reason.tolist() == [[2, 4]]
+
+
+def test_zero_advantage_and_equal_log_probs_count_as_toward_mu():
+    mask, info = _one_row([0.9], adv=0.0)
+    assert info.reason.tolist() == [[1]]
+    lp = np.array([[-0.5, -0.5]])
+    mask, info = cppo_mask(lp, lp.copy(), np.array([3.0]), None, delta=0.15, delta_b=0.02,
+                           divergence=np.array([[0.9, 0.9]]), return_info=True)
+    assert info.reason.tolist() == [[1, 1]]
