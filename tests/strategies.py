@@ -26,12 +26,16 @@ class Case:
     divergence: Any  # None, "binary_tv", "binary_kl" or an array
     cu_seqlens: Optional[np.ndarray]
     knobs: dict = field(default_factory=dict)
+    per_row: Optional[bool] = None  # advantages are [B]; said explicitly when packed
 
     def args(self):
         return (self.log_probs, self.old_log_probs, self.advantages, self.response_mask)
 
     def kwargs(self):
-        return dict(self.knobs, divergence=self.divergence, cu_seqlens=self.cu_seqlens)
+        kw = dict(self.knobs, divergence=self.divergence, cu_seqlens=self.cu_seqlens)
+        if self.cu_seqlens is not None:
+            kw["per_row_advantages"] = self.per_row
+        return kw
 
 
 def _log_probs(rng: np.random.Generator, shape) -> np.ndarray:
@@ -112,7 +116,7 @@ def cases(draw, max_rows: int = 4, max_len: int = 24, packed: Optional[bool] = N
         divergence = np.where(valid, d, _garbage(rng, shape))
 
     mask_arg = valid if (hole_style != "none" or draw(st.booleans())) else None
-    return Case(lp, lq, adv, mask_arg, divergence, cu, knobs)
+    return Case(lp, lq, adv, mask_arg, divergence, cu, knobs, per_row)
 
 
 def assert_same_as_reference(result, ref, *, exact: bool = True, info=None, tol: float = 1e-9, case=None) -> None:

@@ -195,3 +195,16 @@ def test_unsupported_torch_device():
     t = torch.zeros((2, 3), device="meta")
     with pytest.raises(ValueError, match=r"torch device meta is not supported"):
         cppo_mask(t, t, torch.zeros(2), None, **KNOBS)
+
+
+def test_ambiguous_packed_advantages_need_a_flag():
+    lp = -np.array([0.1, 0.2, 0.3])
+    cu = np.array([0, 2, 2, 3])  # three rows, three tokens
+    adv = np.array([1.0, -1.0, 2.0])
+    with pytest.raises(ValueError, match=r"ambiguous.*pass per_row_advantages=True or False"):
+        cppo_mask(lp, lp, adv, None, **KNOBS, cu_seqlens=cu)
+    per_row = cppo_mask(lp, lp - 0.5, adv, None, **KNOBS, cu_seqlens=cu, per_row_advantages=True)
+    per_token = cppo_mask(lp, lp - 0.5, np.array([1.0, 1.0, 2.0]), None, **KNOBS, cu_seqlens=cu, per_row_advantages=False)
+    np.testing.assert_array_equal(per_row, per_token)  # row 1 is empty, row 0's tokens get +1
+    with pytest.raises(ValueError, match=r"advantages must have shape \(2,\) \(per row\), got \(3,\)"):
+        cppo_mask(lp, lp, adv, None, **KNOBS, cu_seqlens=np.array([0, 2, 3]), per_row_advantages=True)

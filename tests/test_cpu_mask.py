@@ -43,12 +43,12 @@ def test_matches_reference_low_precision_numpy(case: Case, dtype):
     div = case.divergence
     if isinstance(div, np.ndarray):
         div = div.astype(dtype)
-    low = Case(lp, lq, adv, case.response_mask, div, case.cu_seqlens, case.knobs)
+    low = Case(lp, lq, adv, case.response_mask, div, case.cu_seqlens, case.knobs, case.per_row)
     mask, info = cppo_mask(*low.args(), **low.kwargs(), return_info=True)
     np.testing.assert_array_equal(cppo_mask(*low.args(), **low.kwargs()), mask)
     wide = Case(
         lp.astype(np.float64), lq.astype(np.float64), adv.astype(np.float64), case.response_mask,
-        div.astype(np.float64) if isinstance(div, np.ndarray) else div, case.cu_seqlens, case.knobs,
+        div.astype(np.float64) if isinstance(div, np.ndarray) else div, case.cu_seqlens, case.knobs, case.per_row,
     )
     assert_same_as_reference(mask, cppo_mask_reference(*wide.args(), **wide.kwargs()), info=info)
 
@@ -64,14 +64,16 @@ def test_torch_cpu_tensors(case: Case, dtype):
     if isinstance(div, np.ndarray):
         div = t(div)
     cu = None if case.cu_seqlens is None else torch.from_numpy(case.cu_seqlens).to(torch.int32)
-    mask, info = cppo_mask(lp, lq, adv, valid, **dict(case.knobs, divergence=div, cu_seqlens=cu), return_info=True)
-    assert torch.equal(cppo_mask(lp, lq, adv, valid, **dict(case.knobs, divergence=div, cu_seqlens=cu)), mask)
+    kw = dict(case.knobs, divergence=div, cu_seqlens=cu, per_row_advantages=case.per_row)
+    mask, info = cppo_mask(lp, lq, adv, valid, **kw, return_info=True)
+    assert torch.equal(cppo_mask(lp, lq, adv, valid, **kw), mask)
     assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.device.type == "cpu"
     assert isinstance(info.reason, torch.Tensor) and info.reason.dtype == torch.int8
     wide = lambda x: x.to(torch.float64).numpy()  # noqa: E731
     ref = cppo_mask_reference(
         wide(lp), wide(lq), wide(adv), case.response_mask,
-        **dict(case.knobs, divergence=wide(div) if isinstance(div, torch.Tensor) else div, cu_seqlens=case.cu_seqlens),
+        **dict(case.knobs, divergence=wide(div) if isinstance(div, torch.Tensor) else div, cu_seqlens=case.cu_seqlens,
+               per_row_advantages=case.per_row),
     )
     assert_same_as_reference(mask.numpy(), ref, info=type(info)(*(x.numpy() for x in (info.reason, info.threshold, info.gate, info.row_budget, info.reason_counts))))
 
@@ -89,7 +91,8 @@ def test_padded_and_packed_agree(case: Case):
     div = case.divergence if not isinstance(case.divergence, np.ndarray) else flat(case.divergence)
     padded, pinfo = cppo_mask(*case.args(), **case.kwargs(), return_info=True)
     packed, kinfo = cppo_mask(flat(case.log_probs), flat(case.old_log_probs), adv, flat(valid),
-                              **dict(case.knobs, divergence=div, cu_seqlens=cu), return_info=True)
+                              **dict(case.knobs, divergence=div, cu_seqlens=cu), return_info=True,
+                              per_row_advantages=case.per_row)
     np.testing.assert_array_equal(packed.reshape(b, l), padded)
     for name in ("reason", "threshold", "gate"):
         np.testing.assert_array_equal(getattr(kinfo, name).reshape(b, l), getattr(pinfo, name))
@@ -111,7 +114,8 @@ def test_packed_segments_are_independent_rows(case: Case):
     div = case.divergence if not isinstance(case.divergence, np.ndarray) else cat(case.divergence)
     padded = cppo_mask(*case.args(), **case.kwargs())
     packed = cppo_mask(cat(case.log_probs), cat(case.old_log_probs), adv, cat(valid),
-                       **dict(case.knobs, divergence=div, cu_seqlens=cu))
+                       **dict(case.knobs, divergence=div, cu_seqlens=cu),
+                       per_row_advantages=case.advantages.shape == (b,))
     np.testing.assert_array_equal(packed, cat(padded))
 
 

@@ -148,6 +148,7 @@ def prepare(
     response_mask: Any,
     divergence: Any,
     cu_seqlens: Any,
+    per_row_advantages: Optional[bool] = None,
     convert: Optional[Callable[[Any, str], Any]] = None,
 ) -> Prepared:
     """Validate shapes/dtypes/devices of the caller's arrays and convert them."""
@@ -229,15 +230,24 @@ def prepare(
             )
     adv = arrays["advantages"]
     adv_shape = tuple(adv.shape)
-    if adv_shape == token_shape:
-        per_row = False
-    elif adv_shape == (num_rows,):
-        per_row = True
-    elif cu is None and adv_shape == (num_rows, 1):
-        per_row, adv = True, adv.reshape(num_rows)
+    token_like = adv_shape == token_shape
+    row_like = adv_shape == (num_rows,) or (cu is None and adv_shape == (num_rows, 1))
+    if per_row_advantages is None:
+        if token_like and row_like and num_rows > 0 and cu is not None:
+            raise ValueError(
+                f"advantages of shape {adv_shape} are ambiguous: in this packed batch the number of tokens "
+                f"equals the number of rows ({num_rows}); pass per_row_advantages=True or False"
+            )
+        per_row = row_like and not token_like
     else:
+        per_row = bool(per_row_advantages)
+    if (per_row and not row_like) or (not per_row and not token_like):
         want = f"{token_shape} (per token) or ({num_rows},) (per row)"
+        if per_row_advantages is not None:
+            want = f"({num_rows},) (per row)" if per_row else f"{token_shape} (per token)"
         raise ValueError(f"advantages must have shape {want}, got {adv_shape}")
+    if per_row:
+        adv = adv.reshape(num_rows)
     if not dtype_name(adv).startswith(("float", "bfloat")) and not (bf16["advantages"]):
         adv = adv.astype("float64")
     arrays["advantages"] = adv

@@ -76,6 +76,7 @@ def cppo_mask(
     prefix_budget: bool = True,
     divergence: Any = None,
     cu_seqlens: Any = None,
+    per_row_advantages: Optional[bool] = None,
     return_info: bool = False,
     validate: bool = True,
     num_threads: Optional[int] = None,
@@ -99,6 +100,9 @@ def cppo_mask(
         divergence: ``None``/``"binary_tv"``, ``"binary_kl"``, or an array D (any
             estimator) of the log-probs' shape.
         cu_seqlens: packed layout offsets ``[B + 1]`` (flash-attention style).
+        per_row_advantages: ``None`` infers from the shape (the log-probs' shape is per
+            token, ``[B]`` is per row) and raises where both fit (a packed batch with as
+            many tokens as rows); ``True``/``False`` says which.
         return_info: also return a :class:`MaskInfo` from the same pass.
         validate: on CUDA, check values at valid positions (one host read of an error
             flag). The CPU backend always validates (it costs nothing measurable).
@@ -131,7 +135,9 @@ def cppo_mask(
     )
     if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
         raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
-    prep = _dispatch.prepare(log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens)
+    prep = _dispatch.prepare(
+        log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens, per_row_advantages
+    )
 
     if prep.source.device == "cpu":
         from . import _cpu

@@ -127,6 +127,7 @@ def cppo_mask_reference(
     prefix_budget: bool = True,
     divergence: Any = None,
     cu_seqlens: Any = None,
+    per_row_advantages: bool | None = None,
 ) -> ReferenceResult:
     """Reference CPPO mask over NumPy inputs; same arguments as :func:`cppo_native.cppo_mask`."""
     div_array = None
@@ -157,7 +158,7 @@ def cppo_mask_reference(
     adv = np.asarray(advantages)
     # Same rule as the public API: the log-probs' shape means per token, else [B] (or
     # [B, 1] when padded) means one advantage per row.
-    per_row_adv = adv.shape != shape
+    per_row_adv = adv.shape != shape if per_row_advantages is None else per_row_advantages
     if per_row_adv and adv.ndim == 2:
         adv = adv[:, 0]
 
