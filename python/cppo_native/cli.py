@@ -448,7 +448,8 @@ def run(args) -> dict:
             raise CliError(f"output directory {out_dir!r} does not exist")
         if os.path.exists(args.out) and not args.force:
             raise CliError(f"output {args.out!r} exists; pass --force to replace it")
-        if args.input is not None and os.path.exists(args.input) and os.path.samefile(args.input, args.out):
+        if (args.input is not None and os.path.exists(args.input) and os.path.exists(args.out)
+                and os.path.samefile(args.input, args.out)):
             raise CliError("--out must differ from the input file")
 
     src = _open_input(args, columns)
