@@ -322,3 +322,20 @@ def test_custom_columns(tmp_path, capsys):
     want = mask_table(t, columns=Columns(log_probs="lp", old_log_probs="olp", advantages="adv", divergence="d",
                                          mask="keep"), **KNOBS)
     assert pq.read_table(out).equals(want)
+
+
+def test_copy_columns(tmp_path, capsys):
+    src = tmp_path / "in.parquet"
+    table = sample_table(50, 16)
+    pq.write_table(table, src)
+    out = tmp_path / "o.parquet"
+    code, _, err = run_cli([src, "--out", out, "-q", "--copy-columns", "uid"], capsys)
+    assert code == 0, err
+    got = pq.read_table(out)
+    assert got.schema.names == ["uid"] + ADDED
+    assert_same_added(got, mask_table(table, **KNOBS))
+    out2 = tmp_path / "o2.parquet"
+    code, _, err = run_cli([src, "--out", out2, "-q", "--copy-columns", "none"], capsys)
+    assert code == 0 and pq.read_table(out2).schema.names == ADDED
+    _expect_error([src, "--out", tmp_path / "o3.parquet", "--copy-columns", "uid,nope"], capsys,
+                  "--copy-columns: column(s) 'nope' not in the input", tmp_path / "o3.parquet")

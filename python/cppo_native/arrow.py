@@ -193,6 +193,58 @@ def _first_true(flags: np.ndarray) -> int:
     return int(np.argmax(flags))
 
 
+_NUMPY_TYPES = {
+    "halffloat": np.float16, "float": np.float32, "double": np.float64,
+    "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+    "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+}
+
+
+def _bits(buf: "pa.Buffer", offset: int, n: int) -> np.ndarray:
+    """An Arrow bitmap (LSB first) as a NumPy bool array of n flags."""
+    raw = np.frombuffer(buf, dtype=np.uint8, count=(offset + n + 7) // 8)
+    return np.unpackbits(raw, bitorder="little", count=offset + n)[offset:].view(np.bool_)
+
+
+def _from_np(values: np.ndarray, value_type: "pa.DataType", nulls: Optional[np.ndarray] = None) -> "pa.Array":
+    """A NumPy array as an Arrow array (zero-copy for numbers; bools are bit-packed),
+    without ``pa.array``'s pandas import."""
+    values = np.ascontiguousarray(values)
+    n = values.shape[0]
+    validity = None
+    if nulls is not None and nulls.any():
+        validity = pa.py_buffer(np.packbits(~nulls, bitorder="little"))
+    if pa.types.is_boolean(value_type):
+        data = pa.py_buffer(np.packbits(values.view(np.bool_), bitorder="little"))
+    else:
+        data = pa.py_buffer(values)
+    return pa.Array.from_buffers(value_type, n, [validity, data])
+
+
+def _np(arr: "pa.Array") -> np.ndarray:
+    """A primitive (numeric or bool) Arrow array as NumPy: a zero-copy view of its data
+    buffer when it has no nulls; nulls become NaN (numeric) in a copy. Reads the buffers
+    directly (``Array.to_numpy`` would import pandas, ~0.2 s, when it is installed)."""
+    t = arr.type
+    n = len(arr)
+    bufs = arr.buffers()
+    if pa.types.is_boolean(t):
+        if arr.null_count:
+            raise ValueError("null flags")  # callers check before
+        return _bits(bufs[1], arr.offset, n) if n else np.zeros(0, np.bool_)
+    dtype = _NUMPY_TYPES.get(str(t))
+    if dtype is None:
+        raise TypeError(f"unsupported Arrow type {t}")
+    if n == 0:
+        return np.zeros(0, dtype)
+    values = np.frombuffer(bufs[1], dtype=dtype, count=n, offset=arr.offset * np.dtype(dtype).itemsize)
+    if arr.null_count:
+        valid = _bits(bufs[0], arr.offset, n)
+        values = values.astype(np.float64 if dtype not in (np.float16, np.float32) else dtype, copy=True)
+        values[~valid] = np.nan
+    return values
+
+
 def _list_column(arr: "pa.Array", name: str, null_rows: str, row_offset: int, what: str) -> _ListColumn:
     """Flat child values and rebased offsets of a list column (zero-copy without nulls)."""
     t = arr.type
@@ -203,7 +255,7 @@ def _list_column(arr: "pa.Array", name: str, null_rows: str, row_offset: int, wh
         raise TypeError(f"column {name!r} must be a list<{what}> column (one list per response), got {t}")
     large = pa.types.is_large_list(t)
     if arr.null_count:
-        nulls = arr.is_null().to_numpy(zero_copy_only=False)
+        nulls = _np(arr.is_null())
         if null_rows == "error":
             r = _first_true(nulls)
             raise ValueError(
@@ -211,11 +263,11 @@ def _list_column(arr: "pa.Array", name: str, null_rows: str, row_offset: int, wh
                 "or read null lists as empty responses (null_rows='empty', CLI --null-rows empty)"
             )
         # A null list may own a non-empty child range: flatten() drops it; lengths count 0.
-        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
+        lengths = _np(pc.fill_null(pc.list_value_length(arr), 0))
         offsets = np.zeros(len(arr) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         return _ListColumn(name, arr.flatten(), offsets, nulls, large)
-    raw = arr.offsets.to_numpy(zero_copy_only=True)  # int32/int64 [rows + 1], slice-aware
+    raw = _np(arr.offsets)  # int32/int64 [rows + 1], slice-aware
     start, stop = int(raw[0]), int(raw[-1])
     offsets = raw.astype(np.int64, copy=True)
     if start:
@@ -235,9 +287,7 @@ def _float_values(col: _ListColumn) -> np.ndarray:
         raise TypeError(
             f"column {col.name!r} must hold floats (list<float> or list<double>), got list<{values.type}>"
         )
-    if values.null_count:
-        return values.to_numpy(zero_copy_only=False)  # nulls become NaN
-    return values.to_numpy(zero_copy_only=True)
+    return _np(values)  # zero-copy; nulls become NaN
 
 
 def _flag_values(col: _ListColumn, row_offset: int) -> np.ndarray:
@@ -247,16 +297,14 @@ def _flag_values(col: _ListColumn, row_offset: int) -> np.ndarray:
     if not (pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t)):
         raise TypeError(f"column {col.name!r} must hold bool, int or float flags, got list<{t}>")
     if values.null_count:
-        flat = _first_true(values.is_null().to_numpy(zero_copy_only=False))
+        flat = _first_true(_np(values.is_null()))
         row = int(np.searchsorted(col.offsets, flat, side="right")) - 1
         token = flat - int(col.offsets[row])
         raise ValueError(
             f"column {col.name!r} has a null flag at row {row_offset + row}, token {token}; "
             "fill it with 0 (not a generated token) or 1"
         )
-    if pa.types.is_boolean(t):
-        return values.to_numpy(zero_copy_only=False)
-    return values.to_numpy(zero_copy_only=True)
+    return _np(values)  # bool bitmaps are unpacked (one pass); others zero-copy
 
 
 def _check_same_rows(ref: _ListColumn, other: _ListColumn, row_offset: int) -> None:
@@ -364,7 +412,7 @@ def compute_batch(
                 f"floats (per token), got {t}"
             )
         per_row = True
-        advantages = adv_arr.to_numpy(zero_copy_only=False)  # nulls -> NaN
+        advantages = _np(adv_arr)  # nulls -> NaN
         if not pa.types.is_floating(t):
             advantages = advantages.astype(np.float64)
         num_tokens = int(lp.offsets[-1])
@@ -416,15 +464,19 @@ def compute_batch(
 
     # Output lists share the log-probs' row structure (and its nulls).
     offsets = lp.offsets
-    off_arr = pa.array(offsets if lp.large else offsets.astype(np.int32))
-    list_cls = pa.LargeListArray if lp.large else pa.ListArray
-    null_mask = None if lp.nulls is None else pa.array(lp.nulls)
+    large = lp.large
+    off_buf = pa.py_buffer(offsets if large else offsets.astype(np.int32))
+    validity = None
+    if lp.nulls is not None and lp.nulls.any():
+        validity = pa.py_buffer(np.packbits(~lp.nulls, bitorder="little"))
+    list_type = pa.large_list if large else pa.list_
+    rows = offsets.shape[0] - 1
 
     def as_list(values: np.ndarray, value_type: "pa.DataType") -> "pa.Array":
-        child = pa.array(values, type=value_type)
-        return list_cls.from_arrays(off_arr, child, mask=null_mask)
+        child = _from_np(values, value_type)
+        return pa.Array.from_buffers(list_type(value_type), rows, [validity, off_buf], children=[child])
 
-    budget = pa.array(info.row_budget, type=pa.float64(), mask=lp.nulls)
+    budget = _from_np(info.row_budget, pa.float64(), lp.nulls)
     return ArrowMaskResult(
         mask=as_list(mask, pa.bool_()),
         reason=as_list(info.reason, pa.int8()),

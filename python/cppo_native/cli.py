@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--format", choices=("auto", "parquet", "jsonl"), default="auto",
                     help="input format (default: from the file name; .jsonl/.json/.ndjson is JSON Lines)")
     io.add_argument("--force", action="store_true", help="replace --out if it exists")
+    io.add_argument("--copy-columns", default="all", metavar="{all,none,A,B,..}",
+                    help="input columns copied into --out before the CPPO columns: 'all' (default), 'none', "
+                         "or a comma-separated list such as 'uid' (a small side file keyed by uid; "
+                         "rows stay in input order)")
     io.add_argument("--batch-rows", type=_positive_int, default=2048, metavar="N",
                     help="rows per processing batch (default 2048); memory grows with it")
     io.add_argument("--compression", default="snappy",
@@ -317,15 +321,17 @@ class _Summary:
         self.rows += off.shape[0] - 1
         self.tokens += int(off[-1])
         r = res.reason_values
-        masked = np.concatenate(([0], np.cumsum(r >= 3, dtype=np.int64)))
-        valid = np.concatenate(([0], np.cumsum(r != 0, dtype=np.int64)))
-        per_row_masked = masked[off[1:]] - masked[off[:-1]]
-        per_row_valid = valid[off[1:]] - valid[off[:-1]]
-        self.rows_masked += int((per_row_masked > 0).sum())
-        has_valid = per_row_valid > 0
-        self.rows_with_valid += int(has_valid.sum())
-        self.budget_sum += float(res.row_budget_values[has_valid].sum())
-        self.budget_rows += int(has_valid.sum())
+        nonempty = off[1:] > off[:-1]
+        if not nonempty.any():
+            return
+        starts = off[:-1][nonempty]
+        # Per row: any masked token, any valid token (reduceat over non-empty rows only).
+        any_masked = np.logical_or.reduceat(r >= 3, starts)
+        any_valid = np.logical_or.reduceat(r != 0, starts)
+        self.rows_masked += int(any_masked.sum())
+        self.rows_with_valid += int(any_valid.sum())
+        self.budget_sum += float(res.row_budget_values[nonempty][any_valid].sum())
+        self.budget_rows += int(any_valid.sum())
 
     def as_dict(self, seconds: float) -> dict:
         from .mask import REASON_NAMES
@@ -458,6 +464,11 @@ def run(args) -> dict:
         out_schema = arrow.output_schema(src.schema, columns=columns, include_gate=args.gate)
     except (KeyError, ValueError) as exc:
         raise CliError(_one_line(exc.args[0] if isinstance(exc, KeyError) else exc)) from None
+    copy_idx = _copy_columns(args.copy_columns, src.schema)
+    if copy_idx is not None:
+        added = out_schema.names[len(src.schema):]
+        out_schema = pa.schema([src.schema.field(i) for i in copy_idx] + [out_schema.field(n) for n in added],
+                               metadata=src.schema.metadata)
 
     plot_stats = capture = None
     best_score = -1.0
@@ -469,11 +480,18 @@ def run(args) -> dict:
     summary = _Summary(knobs)
     tmp_path = writer = None
     t0 = time.perf_counter()
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     bar = tqdm(total=src.total_rows, unit="rows", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
                disable=(not args.progress) if args.progress is not None else None,
                delay=0.0 if args.progress else 1.0, desc="cppo-mask")
+    # Three stages overlap: the next batch is read and the previous one written (both
+    # in Arrow's C++ code, outside the GIL) while this thread computes the mask.
+    read_pool = ThreadPoolExecutor(1, thread_name_prefix="cppo-read")
+    write_pool = ThreadPoolExecutor(1, thread_name_prefix="cppo-write")
+    pending = None
     try:
         if args.out is not None:
             fd, tmp_path = tempfile.mkstemp(dir=out_dir, prefix=f".{os.path.basename(args.out)}.", suffix=".part")
@@ -481,23 +499,28 @@ def run(args) -> dict:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp's 0600 is not what a user expects
-            compression = None if args.compression == "none" else args.compression
-            writer = pq.ParquetWriter(tmp_path, out_schema, compression=compression)
+            writer = pq.ParquetWriter(tmp_path, out_schema, **_writer_options(args, out_schema, columns))
         row_offset = 0
-        for batch in src.batches:
+        for batch in _prefetch(src.batches, read_pool):
             try:
                 res = arrow.compute_batch(batch, columns=columns, null_rows=args.null_rows,
                                           include_gate=args.gate, row_offset=row_offset, **knobs)
             except (KeyError, TypeError, ValueError) as exc:
                 raise CliError(_one_line(exc.args[0] if isinstance(exc, KeyError) else exc)) from None
             if writer is not None:
-                writer.write_batch(arrow._append(batch, res, out_schema))
+                out_batch = _output_batch(batch, res, out_schema, copy_idx)
+                if pending is not None:
+                    pending.result()
+                pending = write_pool.submit(writer.write_batch, out_batch)
             summary.update(res)
             if plot_stats is not None:
                 plot_stats.update(res.offsets, res.reason_values, res.threshold_values)
                 capture, best_score = _maybe_capture(args, res, row_offset, capture, best_score)
             row_offset += batch.num_rows
             bar.update(batch.num_rows)
+        if pending is not None:
+            pending.result()
+            pending = None
         if writer is not None:
             writer.close()
             writer = None
@@ -505,10 +528,17 @@ def run(args) -> dict:
             tmp_path = None
     finally:
         bar.close()
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception:  # noqa: BLE001 - the original error matters, not this one
+                pass
+        read_pool.shutdown(wait=True, cancel_futures=True)
+        write_pool.shutdown(wait=True)
         if writer is not None:
             try:
                 writer.close()
-            except Exception:  # noqa: BLE001 - the original error matters, not this one
+            except Exception:  # noqa: BLE001
                 pass
         if tmp_path is not None and os.path.exists(tmp_path):
             os.unlink(tmp_path)
@@ -528,6 +558,61 @@ def run(args) -> dict:
             json.dump(result, fh, indent=2)
     del pa
     return result
+
+
+_END = object()
+
+
+def _copy_columns(spec: str, schema) -> Optional[list]:
+    """Indices of the input columns copied to the output (None: all)."""
+    if spec == "all":
+        return None
+    if spec == "none":
+        return []
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    missing = [n for n in names if n not in schema.names]
+    if missing:
+        have = ", ".join(repr(n) for n in schema.names)
+        raise CliError(f"--copy-columns: column(s) {', '.join(map(repr, missing))} not in the input (columns: {have})")
+    return [schema.get_field_index(n) for n in names]
+
+
+def _output_batch(batch, res, schema, copy_idx):
+    import pyarrow as pa
+
+    arrays = list(batch.columns) if copy_idx is None else [batch.column(i) for i in copy_idx]
+    arrays += [res.mask, res.reason, res.threshold, res.row_budget]
+    if res.gate is not None:
+        arrays.append(res.gate)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _prefetch(batches, pool):
+    """Yield from ``batches``, reading one batch ahead in ``pool``'s thread."""
+    it = iter(batches)
+    fut = pool.submit(next, it, _END)
+    while True:
+        batch = fut.result()
+        if batch is _END:
+            return
+        fut = pool.submit(next, it, _END)
+        yield batch
+
+
+def _writer_options(args, schema, columns) -> dict:
+    """Parquet writer settings. Per-token float lists are near-random bytes: dictionary
+    encoding them is wasted work, and min/max statistics of list columns are rarely
+    used; both stay on for everything else (and the few-valued reason/mask columns)."""
+    import pyarrow as pa
+
+    lists = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)]
+    float_lists = [f.name for f in schema if f.name in lists and pa.types.is_floating(f.type.value_type)
+                   and f.name != columns.threshold]
+    return dict(
+        compression=None if args.compression == "none" else args.compression,
+        use_dictionary=[f.name for f in schema if f.name not in float_lists],
+        write_statistics=[f.name for f in schema if f.name not in lists],
+    )
 
 
 def _maybe_capture(args, res, row_offset: int, capture, best_score: float):
