@@ -167,9 +167,25 @@ def test_plot_row_and_row_terms(tmp_path, capsys):
     code, _, err = run_cli(["--sample", 64, "--sample-length", 96, "--plot", tmp_path, "--plot-row", 5], capsys)
     assert code == 0, err
     assert png_size(tmp_path / "response.png")[0] >= 800
-    code, _, err = run_cli(["--sample", 64, "--sample-length", 96, "--plot", tmp_path / "x", "--plot-row", 64],
-                           capsys)
-    assert code == 2 and "--plot-row 64 is out of range" in err
+    out = tmp_path / "o.parquet"
+    _expect_error(["--sample", 64, "--sample-length", 96, "--plot", tmp_path / "x", "--plot-row", 64, "--out", out],
+                  capsys, "--plot-row 64 is out of range", out)
+
+
+def test_plots_of_empty_and_all_invalid_responses(tmp_path, capsys):
+    t = pa.table({
+        "log_probs": pa.array([[], [-0.1, -0.2]], pa.list_(pa.float32())),
+        "old_log_probs": pa.array([[], [-0.3, -0.1]], pa.list_(pa.float32())),
+        "advantages": pa.array([1.0, 1.0]),
+        "response_mask": pa.array([[], [False, False]]),
+    })
+    src = tmp_path / "in.parquet"
+    pq.write_table(t, src)
+    for row in ("0", "1"):
+        code, _, err = run_cli([src, "-q", "--plot", tmp_path / row, "--plot-row", row], capsys)
+        assert code == 0, err
+        assert png_size(tmp_path / row / "response.png")[0] >= 800
+        assert png_size(tmp_path / row / "positions.png")[0] >= 800
 
 
 def test_row_terms_reproduce_the_reasons():

@@ -460,6 +460,9 @@ def run(args) -> dict:
 
     src = _open_input(args, columns)
     _check_columns(src.schema, columns, args)
+    if args.plot_row is not None and args.plot is not None and src.total_rows is not None \
+            and args.plot_row >= src.total_rows:
+        raise CliError(f"--plot-row {args.plot_row} is out of range (the input has {src.total_rows} rows)")
     try:
         out_schema = arrow.output_schema(src.schema, columns=columns, include_gate=args.gate)
     except (KeyError, ValueError) as exc:

@@ -21,6 +21,7 @@ from .reference import binary_kl, position_weight, shuffle_permutation
 
 try:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 except ImportError as exc:  # pragma: no cover - exercised only without matplotlib
     raise ImportError(
         "plots need matplotlib; install it with `pip install 'cppo-native[cli]'` (or `pip install matplotlib`)"
@@ -115,8 +116,9 @@ def plot_positions(stats: PositionStats, path: str, *, title: str = "") -> None:
     m = stats.length
     fig = Figure(figsize=(11, 7.2), dpi=110, layout="constrained")
     ax1, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=[1.0, 1.1])
-    if m == 0:
-        ax1.text(0.5, 0.5, "no valid tokens", ha="center", va="center", transform=ax1.transAxes)
+    if m == 0 or not stats.valid[:m].any():
+        for ax in (ax1, ax2):
+            ax.text(0.5, 0.5, "no valid tokens", ha="center", va="center", transform=ax.transAxes)
         fig.savefig(path)
         return
     # Bin positions so that the curves stay readable for long responses.
@@ -288,7 +290,12 @@ def plot_response(cap: RowCapture, knobs: dict, path: str) -> None:
     ax.set_ylabel("weighted divergence  Z_t = w_t D_t")
     _style(ax)
     adv = cap.advantages[cap.valid]
-    adv_txt = f"A = {adv[0]:+.3g}" if adv.size and np.all(adv == adv[0]) else "per-token A"
+    if adv.size == 0:
+        adv_txt = "no advantage used"
+    elif np.all(adv == adv[0]):
+        adv_txt = f"A = {adv[0]:+.3g}"
+    else:
+        adv_txt = "per-token A"
     masked = int(counts[3] + counts[4])
     ax.set_title(
         f"Response {cap.row}: {int(cap.valid.sum())} valid tokens, {adv_txt}, "
@@ -311,7 +318,8 @@ def plot_response(cap: RowCapture, knobs: dict, path: str) -> None:
                      color=REASON_COLORS[4], alpha=0.12, linewidth=0, label="masked positions")
     ax2.set_ylabel("prefix average")
     ax2.set_xlabel("position t in the response (token)")
-    ax2.set_xlim(0.5, n + 0.5)
+    ax2.set_xlim(0.5, max(n, 1) + 0.5)
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     finite = avg[np.isfinite(avg)]
     ymax = max(float(finite.max()) if finite.size else 0.0, cap.row_budget) * 1.2
     ax2.set_ylim(0, ymax if ymax > 0 else 1.0)
@@ -328,8 +336,9 @@ def pick_score(n_reason: np.ndarray, lengths: np.ndarray, min_threshold: np.ndar
     in_view = np.clip(1.0 + 2.0 * min_threshold / delta, 0.0, 1.0)
     readable = np.clip(1.0 - np.abs(lengths - 120.0) / 400.0, 0.0, 1.0)
     n = n_reason.astype(np.float64)
-    return (3.0 * np.minimum(n[:, 4] / 8.0, 1.0) + 2.0 * np.minimum(n[:, 2] / 8.0, 1.0) + 3.0 * in_view
-            + 1.0 * has[:, 2] + readable)
+    score = (3.0 * np.minimum(n[:, 4] / 8.0, 1.0) + 2.0 * np.minimum(n[:, 2] / 8.0, 1.0) + 3.0 * in_view
+             + 1.0 * has[:, 2] + readable)
+    return np.where(lengths > 0, score, -1.0)  # an empty response is drawn only if all are
 
 
 def capture_row(
