@@ -446,6 +446,10 @@ def test_missing_column_and_output_clash_and_knobs():
         mask_table(t, columns=Columns(mask="uid"), **KNOBS)
     with pytest.raises(ValueError, match=r"delta must be > 0"):
         mask_table(t, delta=0.0, delta_b=0.02)
+    with pytest.raises(ValueError, match=r"delta must be > 0"):
+        mask_table(t.slice(0, 0), delta=0.0, delta_b=0.02)
+    with pytest.raises(ValueError, match=r"output column names must differ"):
+        mask_table(t, columns=Columns(mask="x", reason="x"), **KNOBS)
     with pytest.raises(TypeError, match=r"delta and delta_b are required"):
         mask_table(t, delta=0.1)
     with pytest.raises(TypeError, match=r"unknown CPPO option\(s\): deltab"):

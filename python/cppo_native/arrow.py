@@ -501,7 +501,10 @@ def compute_batch(
 
 def output_schema(schema: "pa.Schema", *, columns: Columns = Columns(), include_gate: bool = False) -> "pa.Schema":
     """The input schema plus the added columns (list types follow the log-probs column)."""
-    for name in columns.outputs(include_gate):
+    outputs = columns.outputs(include_gate)
+    if len(set(outputs)) != len(outputs):
+        raise ValueError(f"output column names must differ, got {outputs}")
+    for name in outputs:
         if name in schema.names:
             raise ValueError(
                 f"output column {name!r} already exists in the input; choose another output name "
@@ -593,7 +596,7 @@ def mask_table(
         )
     ]
     if not out:
-        _knobs(dict(knobs))
+        validate_knobs(**knobs)
         for name in (columns.log_probs, columns.old_log_probs, columns.advantages):
             if name not in table.schema.names:
                 have = ", ".join(repr(n) for n in table.schema.names)
