@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXT := python/cppo_native/_native.abi3.so
 
-.PHONY: build-dev venv demo test test-python test-rust build-inplace bench wheel clean
+.PHONY: build-dev venv demo test test-python test-rust build-inplace bench bench-pipeline wheel clean
 
 # A virtual environment with the test/bench dependencies and cppo-native installed
 # (editable: maturin builds the Rust extension in release mode).
@@ -38,6 +38,11 @@ test: test-rust test-python
 
 bench: build-dev
 	$(PY) bench/cpu.py
+
+# cppo-mask on a generated ~1 GB Parquet file vs pyarrow's read (SIZE_MB=200 for a quick run).
+SIZE_MB ?= 1024
+bench-pipeline: build-dev
+	$(PY) bench/pipeline.py --size-mb $(SIZE_MB)
 
 wheel:
 	maturin build --release

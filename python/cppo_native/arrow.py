@@ -1,0 +1,651 @@
+"""CPPO masks for Apache Arrow data: one response per row, per-token values in list columns.
+
+A rollout table holds one response per row; per-token columns are ``list<float>`` (or
+``large_list<float>``) and the advantage is either such a list (per token) or a plain
+numeric column (one value per row). Arrow already stores a list column packed: one flat
+child array plus ``offsets`` of length ``rows + 1``. That *is* the packed layout of
+:func:`cppo_native.cppo_mask` (``cu_seqlens``), so this module hands the child arrays to
+the Rust backend as zero-copy NumPy views and the offsets as ``cu_seqlens``: no Python
+loop over rows and no per-row copies. Outputs are new list columns sharing the input's
+row structure::
+
+    import pyarrow.parquet as pq
+    from cppo_native.arrow import mask_table
+
+    table = pq.read_table("rollouts.parquet")
+    out = mask_table(table, delta=0.15, delta_b=0.02)   # adds cppo_mask, cppo_reason, ...
+
+Column names default to verl's batch keys (``log_probs``, ``old_log_probs``,
+``advantages``, ``response_mask``); see :class:`Columns`.
+
+Decisions (where the spec is silent):
+
+- **Null lists.** ``null_rows="error"`` (default) rejects a null list in any per-token
+  column with an error naming the column and row. ``null_rows="empty"`` reads a null
+  list as an empty one (a response with no tokens); the output lists of a row whose
+  log-prob list is null are null, and so is its row budget. Either way, a row must have
+  the same number of values in every per-token column.
+- **Null values inside a list** (a null token) read as NaN: harmless at positions the
+  response mask marks invalid, and at a valid position the usual bad-value error
+  (``... got nan at row R, token C``). Null flags in the response mask are an error.
+- **Per-row advantage nulls** read as NaN too, so they are an error only for a row
+  that has a valid token.
+- ``position_weight="shuffled"`` seeds each row's permutation with its index within the
+  batch handed to the backend, so that ablation depends on the batch boundaries.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional, Union
+
+import numpy as np
+
+from ._params import make_params
+from .mask import REASON_NAMES, cppo_mask
+
+try:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+except ImportError as exc:  # pragma: no cover - exercised only without pyarrow
+    raise ImportError(
+        "cppo_native.arrow needs pyarrow; install it with `pip install 'cppo-native[arrow]'` "
+        f"(or `pip install pyarrow`): {exc}"
+    ) from exc
+
+__all__ = [
+    "AUTO",
+    "Columns",
+    "ArrowMaskResult",
+    "compute_batch",
+    "mask_record_batch",
+    "mask_table",
+    "mask_batches",
+    "output_schema",
+    "knob_names",
+    "validate_knobs",
+    "sample_batches",
+    "sample_table",
+]
+
+
+class _Auto:
+    """Marker: use the optional column under its default name if the data has it."""
+
+    def __repr__(self) -> str:
+        return "AUTO"
+
+    def __reduce__(self) -> str:
+        return "AUTO"  # unpickles as this module's singleton (Ray ships Columns to workers)
+
+
+AUTO: Any = _Auto()
+
+# Keyword arguments of cppo_mask that this module passes through unchanged.
+_KNOBS = (
+    "delta",
+    "delta_b",
+    "w_min",
+    "horizon",
+    "adaptive_budget",
+    "budget_quantile",
+    "budget_scale",
+    "position_weight",
+    "shuffle_seed",
+    "prefix_budget",
+    "divergence",
+    "num_threads",
+)
+
+
+def knob_names() -> tuple:
+    """The CPPO keyword arguments accepted by this module (those of ``cppo_mask``)."""
+    return _KNOBS
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Input and output column names.
+
+    Inputs: ``log_probs`` (current policy, list of floats), ``old_log_probs`` (rollout
+    policy, list of floats), ``advantages`` (list of floats per token, or a numeric column
+    with one value per row), ``response_mask`` (optional list of flags; nonzero = a
+    generated token; default: used when the data has a ``response_mask`` column, else
+    every token is valid; ``None``: never), ``divergence`` (optional list of floats: a
+    precomputed D_t, used as given; default ``None``: the estimator named by the
+    ``divergence`` knob).
+
+    Outputs: ``mask`` list<bool> (keep_t), ``reason`` list<int8> (0..4, see
+    :data:`cppo_native.REASON_NAMES`), ``threshold`` list<double> (c_t), ``row_budget``
+    double (delta_b_row), and ``gate`` list<double> (soft gate) when ``include_gate``.
+    """
+
+    log_probs: str = "log_probs"
+    old_log_probs: str = "old_log_probs"
+    advantages: str = "advantages"
+    response_mask: Any = AUTO
+    divergence: Optional[str] = None
+    mask: str = "cppo_mask"
+    reason: str = "cppo_reason"
+    threshold: str = "cppo_threshold"
+    row_budget: str = "cppo_row_budget"
+    gate: str = "cppo_gate"
+
+    def resolved_response_mask(self, names: Iterable[str]) -> Optional[str]:
+        if isinstance(self.response_mask, _Auto):
+            return "response_mask" if "response_mask" in set(names) else None
+        return self.response_mask
+
+    def outputs(self, include_gate: bool) -> list:
+        out = [self.mask, self.reason, self.threshold, self.row_budget]
+        return out + [self.gate] if include_gate else out
+
+
+@dataclass
+class ArrowMaskResult:
+    """The added columns for one batch, and the positions per reason code."""
+
+    mask: "pa.Array"  # list<bool>
+    reason: "pa.Array"  # list<int8>
+    threshold: "pa.Array"  # list<double>
+    row_budget: "pa.Array"  # double
+    gate: Optional["pa.Array"]  # list<double> or None
+    reason_counts: np.ndarray  # int64 [5]
+    # Flat NumPy views of the outputs and the row offsets (for summaries and plots).
+    offsets: np.ndarray  # int64 [rows + 1]
+    reason_values: np.ndarray  # int8 [tokens]
+    threshold_values: np.ndarray  # float64 [tokens]
+    row_budget_values: np.ndarray  # float64 [rows]
+    # The flat NumPy inputs handed to cppo_mask (views of the batch's buffers).
+    inputs: dict
+
+
+# ---------------------------------------------------------------------------------------
+# Reading list columns as (flat values, offsets) without copying.
+
+
+@dataclass
+class _ListColumn:
+    name: str
+    values: "pa.Array"  # the flat child values of rows [0, rows), nothing before or after
+    offsets: np.ndarray  # int64 [rows + 1], starting at 0
+    nulls: Optional[np.ndarray]  # bool [rows] where the list is null, or None
+    large: bool
+
+
+def _is_list(t: "pa.DataType") -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _column(batch: "pa.RecordBatch", name: str) -> "pa.Array":
+    idx = batch.schema.get_field_index(name)
+    if idx < 0:
+        have = ", ".join(repr(n) for n in batch.schema.names)
+        raise KeyError(f"column {name!r} not found (columns: {have})")
+    col = batch.column(idx)
+    if isinstance(col, pa.ChunkedArray):  # pragma: no cover - RecordBatch columns are Arrays
+        col = col.combine_chunks()
+    return col
+
+
+def _first_true(flags: np.ndarray) -> int:
+    return int(np.argmax(flags))
+
+
+_NUMPY_TYPES = {
+    "halffloat": np.float16, "float": np.float32, "double": np.float64,
+    "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+    "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+}
+
+
+def _bits(buf: "pa.Buffer", offset: int, n: int) -> np.ndarray:
+    """An Arrow bitmap (LSB first) as a NumPy bool array of n flags."""
+    raw = np.frombuffer(buf, dtype=np.uint8, count=(offset + n + 7) // 8)
+    return np.unpackbits(raw, bitorder="little", count=offset + n)[offset:].view(np.bool_)
+
+
+def _from_np(values: np.ndarray, value_type: "pa.DataType", nulls: Optional[np.ndarray] = None) -> "pa.Array":
+    """A NumPy array as an Arrow array (zero-copy for numbers; bools are bit-packed),
+    without ``pa.array``'s pandas import."""
+    values = np.ascontiguousarray(values)
+    n = values.shape[0]
+    validity = None
+    if nulls is not None and nulls.any():
+        validity = pa.py_buffer(np.packbits(~nulls, bitorder="little"))
+    if pa.types.is_boolean(value_type):
+        data = pa.py_buffer(np.packbits(values.view(np.bool_), bitorder="little"))
+    else:
+        data = pa.py_buffer(values)
+    return pa.Array.from_buffers(value_type, n, [validity, data])
+
+
+def _np(arr: "pa.Array") -> np.ndarray:
+    """A primitive (numeric or bool) Arrow array as NumPy: a zero-copy view of its data
+    buffer when it has no nulls; nulls become NaN (numeric) in a copy. Reads the buffers
+    directly (``Array.to_numpy`` would import pandas, ~0.2 s, when it is installed)."""
+    t = arr.type
+    n = len(arr)
+    bufs = arr.buffers()
+    if pa.types.is_boolean(t):
+        if arr.null_count:
+            raise ValueError("null flags")  # callers check before
+        return _bits(bufs[1], arr.offset, n) if n else np.zeros(0, np.bool_)
+    dtype = _NUMPY_TYPES.get(str(t))
+    if dtype is None:
+        raise TypeError(f"unsupported Arrow type {t}")
+    if n == 0:
+        return np.zeros(0, dtype)
+    values = np.frombuffer(bufs[1], dtype=dtype, count=n, offset=arr.offset * np.dtype(dtype).itemsize)
+    if arr.null_count:
+        valid = _bits(bufs[0], arr.offset, n)
+        values = values.astype(np.float64 if dtype not in (np.float16, np.float32) else dtype, copy=True)
+        values[~valid] = np.nan
+    return values
+
+
+def _list_column(arr: "pa.Array", name: str, null_rows: str, row_offset: int, what: str) -> _ListColumn:
+    """Flat child values and rebased offsets of a list column (zero-copy without nulls)."""
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        arr = arr.dictionary_decode()
+        t = arr.type
+    if not _is_list(t):
+        raise TypeError(f"column {name!r} must be a list<{what}> column (one list per response), got {t}")
+    large = pa.types.is_large_list(t)
+    if arr.null_count:
+        nulls = _np(arr.is_null())
+        if null_rows == "error":
+            r = _first_true(nulls)
+            raise ValueError(
+                f"column {name!r} is null at row {row_offset + r}; drop or fill null rows first, "
+                "or read null lists as empty responses (null_rows='empty', CLI --null-rows empty)"
+            )
+        # A null list may own a non-empty child range: flatten() drops it; lengths count 0.
+        lengths = _np(pc.fill_null(pc.list_value_length(arr), 0))
+        offsets = np.zeros(len(arr) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return _ListColumn(name, arr.flatten(), offsets, nulls, large)
+    raw = _np(arr.offsets)  # int32/int64 [rows + 1], slice-aware
+    start, stop = int(raw[0]), int(raw[-1])
+    offsets = raw.astype(np.int64, copy=True)
+    if start:
+        offsets -= start
+    return _ListColumn(name, arr.values.slice(start, stop - start), offsets, None, large)
+
+
+_FLOAT_TYPES = ("halffloat", "float", "double")
+
+
+def _float_values(col: _ListColumn) -> np.ndarray:
+    """The child values as a NumPy float array (zero-copy unless they hold nulls -> NaN)."""
+    values = col.values
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    if not pa.types.is_floating(values.type):
+        raise TypeError(
+            f"column {col.name!r} must hold floats (list<float> or list<double>), got list<{values.type}>"
+        )
+    return _np(values)  # zero-copy; nulls become NaN
+
+
+def _flag_values(col: _ListColumn, row_offset: int) -> np.ndarray:
+    """Response-mask flags as NumPy (bool bitmaps are unpacked: one pass, unavoidable)."""
+    values = col.values
+    t = values.type
+    if not (pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t)):
+        raise TypeError(f"column {col.name!r} must hold bool, int or float flags, got list<{t}>")
+    if values.null_count:
+        flat = _first_true(_np(values.is_null()))
+        row = int(np.searchsorted(col.offsets, flat, side="right")) - 1
+        token = flat - int(col.offsets[row])
+        raise ValueError(
+            f"column {col.name!r} has a null flag at row {row_offset + row}, token {token}; "
+            "fill it with 0 (not a generated token) or 1"
+        )
+    return _np(values)  # bool bitmaps are unpacked (one pass); others zero-copy
+
+
+def _check_same_rows(ref: _ListColumn, other: _ListColumn, row_offset: int) -> None:
+    if other.offsets.shape == ref.offsets.shape and np.array_equal(other.offsets, ref.offsets):
+        return
+    ref_len = np.diff(ref.offsets)
+    other_len = np.diff(other.offsets)
+    r = _first_true(ref_len != other_len)
+    raise ValueError(
+        f"column {other.name!r} has {int(other_len[r])} values at row {row_offset + r} but column "
+        f"{ref.name!r} has {int(ref_len[r])}; every per-token column needs one value per token"
+    )
+
+
+# cppo_mask's bad-value message (cppo_native._errors.bad_value_error) for packed inputs.
+_BAD_VALUE = re.compile(
+    r"^(?P<field>\w+) must be (?P<rule>.+) at valid positions; got (?P<value>.+) at "
+    r"\(row (?P<row>\d+), column (?P<col>\d+)(?:; flat index \d+)?\)$"
+)
+
+
+def _rewrite_bad_value(exc: ValueError, names: dict, row_offset: int) -> ValueError:
+    """The backend's (row, column) in a batch -> the column name, the table row and token."""
+    m = _BAD_VALUE.match(str(exc))
+    if not m:
+        return exc
+    field, value = m["field"], m["value"]
+    name = names.get(field, field)
+    hint = " (NaN or a null value in the data)" if value == "nan" else ""
+    return ValueError(
+        f"column {name!r} must be {m['rule']} at valid tokens; got {value}{hint} at row "
+        f"{row_offset + int(m['row'])}, token {m['col']}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The mask.
+
+
+def _knobs(knobs: dict) -> dict:
+    unknown = sorted(set(knobs) - set(_KNOBS))
+    if unknown:
+        raise TypeError(f"unknown CPPO option(s): {', '.join(unknown)}; expected some of {', '.join(_KNOBS)}")
+    if "delta" not in knobs or "delta_b" not in knobs:
+        raise TypeError("delta and delta_b are required (paper: delta=0.15 dense / 0.20 MoE, delta_b=0.015-0.02)")
+    div = knobs.get("divergence")
+    if div is not None and not isinstance(div, str):
+        raise TypeError(
+            "divergence must be None, 'binary_tv' or 'binary_kl' here; a precomputed divergence "
+            "is read from a column (Columns(divergence='name'))"
+        )
+    return knobs
+
+
+def validate_knobs(**knobs: Any) -> None:
+    """Check the CPPO options up front (same rules and messages as ``cppo_mask``)."""
+    knobs = dict(_knobs(knobs))
+    threads = knobs.pop("num_threads", None)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"num_threads must be None or an int >= 1, got {threads!r}")
+    make_params(**{k: v for k, v in knobs.items() if v is not None or k != "divergence"})
+
+
+def compute_batch(
+    batch: Union["pa.RecordBatch", "pa.Table"],
+    *,
+    columns: Columns = Columns(),
+    null_rows: str = "error",
+    include_gate: bool = False,
+    row_offset: int = 0,
+    **knobs: Any,
+) -> ArrowMaskResult:
+    """CPPO mask, reasons, thresholds and row budgets for one RecordBatch.
+
+    ``knobs`` are the keyword arguments of :func:`cppo_native.cppo_mask` (``delta`` and
+    ``delta_b`` required; ``divergence`` may name an estimator). ``row_offset`` is added
+    to row numbers in error messages (the batch's first row within a larger table).
+    A Table is accepted and has its chunks combined (one copy) — prefer
+    :func:`mask_table`, which works chunk by chunk.
+    """
+    knobs = _knobs(dict(knobs))
+    if null_rows not in ("error", "empty"):
+        raise ValueError(f"null_rows must be 'error' or 'empty', got {null_rows!r}")
+    if isinstance(batch, pa.Table):
+        batch = batch.combine_chunks().to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([], schema=batch.schema)
+    elif not isinstance(batch, pa.RecordBatch):
+        raise TypeError(f"expected a pyarrow RecordBatch or Table, got {type(batch).__name__}")
+
+    lp = _list_column(_column(batch, columns.log_probs), columns.log_probs, null_rows, row_offset, "float")
+    lq = _list_column(_column(batch, columns.old_log_probs), columns.old_log_probs, null_rows, row_offset, "float")
+    _check_same_rows(lp, lq, row_offset)
+    cols = {"log_probs": lp, "old_log_probs": lq}
+
+    adv_arr = _column(batch, columns.advantages)
+    if _is_list(adv_arr.type):
+        adv_col = _list_column(adv_arr, columns.advantages, null_rows, row_offset, "float")
+        _check_same_rows(lp, adv_col, row_offset)
+        advantages = _float_values(adv_col)
+        per_row = False
+    else:
+        t = adv_arr.type
+        if not (pa.types.is_floating(t) or pa.types.is_integer(t)):
+            raise TypeError(
+                f"column {columns.advantages!r} must be numeric (one advantage per row) or a list of "
+                f"floats (per token), got {t}"
+            )
+        per_row = True
+        advantages = _np(adv_arr)  # nulls -> NaN
+        if not pa.types.is_floating(t):
+            advantages = advantages.astype(np.float64)
+        num_tokens = int(lp.offsets[-1])
+        if num_tokens == len(batch) and num_tokens:
+            # cppo_mask reads an advantage array of the tokens' shape as per token; here it
+            # is per row, so broadcast it to the tokens (only when the two counts coincide).
+            advantages = np.repeat(advantages, np.diff(lp.offsets))
+            per_row = False
+
+    valid = None
+    mask_name = columns.resolved_response_mask(batch.schema.names)
+    if mask_name is not None:
+        vcol = _list_column(_column(batch, mask_name), mask_name, null_rows, row_offset, "bool")
+        _check_same_rows(lp, vcol, row_offset)
+        valid = _flag_values(vcol, row_offset)
+
+    divergence = knobs.pop("divergence", None)
+    if columns.divergence is not None:
+        if divergence is not None:
+            raise ValueError(
+                f"divergence={divergence!r} and a divergence column ({columns.divergence!r}) were both "
+                "given; use one"
+            )
+        dcol = _list_column(_column(batch, columns.divergence), columns.divergence, null_rows, row_offset, "float")
+        _check_same_rows(lp, dcol, row_offset)
+        divergence = _float_values(dcol)
+
+    names = {
+        "log_probs": columns.log_probs,
+        "old_log_probs": columns.old_log_probs,
+        "advantages": columns.advantages,
+        "divergence": columns.divergence or "divergence",
+    }
+    lp_values = _float_values(cols["log_probs"])
+    lq_values = _float_values(cols["old_log_probs"])
+    try:
+        mask, info = cppo_mask(
+            lp_values,
+            lq_values,
+            advantages,
+            valid,
+            divergence=divergence,
+            cu_seqlens=lp.offsets,
+            return_info=True,
+            **knobs,
+        )
+    except ValueError as exc:
+        raise _rewrite_bad_value(exc, names, row_offset) from None
+
+    # Output lists share the log-probs' row structure (and its nulls).
+    offsets = lp.offsets
+    large = lp.large
+    off_buf = pa.py_buffer(offsets if large else offsets.astype(np.int32))
+    validity = None
+    if lp.nulls is not None and lp.nulls.any():
+        validity = pa.py_buffer(np.packbits(~lp.nulls, bitorder="little"))
+    list_type = pa.large_list if large else pa.list_
+    rows = offsets.shape[0] - 1
+
+    def as_list(values: np.ndarray, value_type: "pa.DataType") -> "pa.Array":
+        child = _from_np(values, value_type)
+        return pa.Array.from_buffers(list_type(value_type), rows, [validity, off_buf], children=[child])
+
+    budget = _from_np(info.row_budget, pa.float64(), lp.nulls)
+    return ArrowMaskResult(
+        mask=as_list(mask, pa.bool_()),
+        reason=as_list(info.reason, pa.int8()),
+        threshold=as_list(info.threshold, pa.float64()),
+        row_budget=budget,
+        gate=as_list(info.gate, pa.float64()) if include_gate else None,
+        reason_counts=np.asarray(info.reason_counts, dtype=np.int64),
+        offsets=offsets,
+        reason_values=info.reason,
+        threshold_values=info.threshold,
+        row_budget_values=info.row_budget,
+        inputs=dict(
+            log_probs=lp_values,
+            old_log_probs=lq_values,
+            advantages=advantages,
+            advantage_per_row=per_row,
+            valid=valid,
+            divergence=None if columns.divergence is None else divergence,
+        ),
+    )
+
+
+def output_schema(schema: "pa.Schema", *, columns: Columns = Columns(), include_gate: bool = False) -> "pa.Schema":
+    """The input schema plus the added columns (list types follow the log-probs column)."""
+    outputs = columns.outputs(include_gate)
+    if len(set(outputs)) != len(outputs):
+        raise ValueError(f"output column names must differ, got {outputs}")
+    for name in outputs:
+        if name in schema.names:
+            raise ValueError(
+                f"output column {name!r} already exists in the input; choose another output name "
+                "(Columns(mask=..., reason=..., threshold=..., row_budget=...); CLI --mask-column etc.)"
+            )
+    idx = schema.get_field_index(columns.log_probs)
+    if idx < 0:
+        have = ", ".join(repr(n) for n in schema.names)
+        raise KeyError(f"column {columns.log_probs!r} not found (columns: {have})")
+    large = pa.types.is_large_list(schema.field(idx).type)
+    lst = pa.large_list if large else pa.list_
+    fields = [
+        pa.field(columns.mask, lst(pa.bool_())),
+        pa.field(columns.reason, lst(pa.int8())),
+        pa.field(columns.threshold, lst(pa.float64())),
+        pa.field(columns.row_budget, pa.float64()),
+    ]
+    if include_gate:
+        fields.append(pa.field(columns.gate, lst(pa.float64())))
+    return pa.schema(list(schema) + fields, metadata=schema.metadata)
+
+
+def _append(batch: "pa.RecordBatch", res: ArrowMaskResult, schema: "pa.Schema") -> "pa.RecordBatch":
+    arrays = list(batch.columns) + [res.mask, res.reason, res.threshold, res.row_budget]
+    if res.gate is not None:
+        arrays.append(res.gate)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def mask_record_batch(
+    batch: "pa.RecordBatch",
+    *,
+    columns: Columns = Columns(),
+    null_rows: str = "error",
+    include_gate: bool = False,
+    row_offset: int = 0,
+    **knobs: Any,
+) -> "pa.RecordBatch":
+    """The batch with the mask, reason, threshold and row-budget columns appended."""
+    schema = output_schema(batch.schema, columns=columns, include_gate=include_gate)
+    res = compute_batch(
+        batch, columns=columns, null_rows=null_rows, include_gate=include_gate, row_offset=row_offset, **knobs
+    )
+    return _append(batch, res, schema)
+
+
+def mask_batches(
+    batches: Iterable["pa.RecordBatch"],
+    *,
+    columns: Columns = Columns(),
+    null_rows: str = "error",
+    include_gate: bool = False,
+    **knobs: Any,
+) -> Iterator[tuple]:
+    """Stream: yields ``(output_batch, result)`` per input batch (row numbers in errors
+    count from the first batch)."""
+    _knobs(dict(knobs))
+    row_offset = 0
+    schema = None
+    for batch in batches:
+        if schema is None:
+            schema = output_schema(batch.schema, columns=columns, include_gate=include_gate)
+        res = compute_batch(
+            batch, columns=columns, null_rows=null_rows, include_gate=include_gate, row_offset=row_offset, **knobs
+        )
+        row_offset += batch.num_rows
+        yield _append(batch, res, schema), res
+
+
+def mask_table(
+    table: "pa.Table",
+    *,
+    columns: Columns = Columns(),
+    null_rows: str = "error",
+    include_gate: bool = False,
+    **knobs: Any,
+) -> "pa.Table":
+    """The table with the added columns, computed chunk by chunk (chunked columns are
+    walked as aligned record batches; no chunk is copied)."""
+    if isinstance(table, pa.RecordBatch):
+        return mask_record_batch(table, columns=columns, null_rows=null_rows, include_gate=include_gate, **knobs)
+    if not isinstance(table, pa.Table):
+        raise TypeError(f"expected a pyarrow Table or RecordBatch, got {type(table).__name__}")
+    schema = output_schema(table.schema, columns=columns, include_gate=include_gate)
+    out = [
+        b
+        for b, _ in mask_batches(
+            table.to_batches(), columns=columns, null_rows=null_rows, include_gate=include_gate, **knobs
+        )
+    ]
+    if not out:
+        validate_knobs(**knobs)
+        for name in (columns.log_probs, columns.old_log_probs, columns.advantages):
+            if name not in table.schema.names:
+                have = ", ".join(repr(n) for n in table.schema.names)
+                raise KeyError(f"column {name!r} not found (columns: {have})")
+        return schema.empty_table()
+    return pa.Table.from_batches(out, schema=schema)
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in sample rollouts as Arrow (deterministic; see cppo_native.sample).
+
+SAMPLE_CHUNK_ROWS = 256
+
+
+def sample_batches(rows: int, length: int = 512, *, seed: int = 0, chunk_rows: int = SAMPLE_CHUNK_ROWS,
+                   drift: float = 0.08) -> Iterator["pa.RecordBatch"]:
+    """Synthetic GRPO-like rollouts, ``chunk_rows`` per batch: ``uid`` (int64),
+    ``log_probs`` and ``old_log_probs`` (list<float>, the response tokens only) and
+    ``advantages`` (float, one per response). Chunk k is
+    ``make_rollout_batch(chunk, length, seed=(seed, k))``, so the data depend only on
+    (rows, length, seed, chunk_rows, drift)."""
+    from .sample import make_rollout_batch
+
+    if rows < 0 or length < 1 or chunk_rows < 1:
+        raise ValueError(f"sample needs rows >= 0, length >= 1, chunk_rows >= 1; got {rows}, {length}, {chunk_rows}")
+    done = 0
+    k = 0
+    while done < rows:
+        n = min(chunk_rows, rows - done)
+        b = make_rollout_batch(n, length, seed=(seed, k), drift=drift)  # type: ignore[arg-type]
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(b.lengths, out=offsets[1:])
+        off = pa.array(offsets)
+        # Right-padded rows: boolean indexing walks row-major, so this is the packed layout.
+        lp = pa.ListArray.from_arrays(off, pa.array(b.log_probs[b.response_mask]))
+        lq = pa.ListArray.from_arrays(off, pa.array(b.old_log_probs[b.response_mask]))
+        yield pa.RecordBatch.from_arrays(
+            [pa.array(np.arange(done, done + n, dtype=np.int64)), lp, lq, pa.array(b.advantages)],
+            names=["uid", "log_probs", "old_log_probs", "advantages"],
+        )
+        done += n
+        k += 1
+
+
+def sample_table(rows: int, length: int = 512, *, seed: int = 0, drift: float = 0.08) -> "pa.Table":
+    """:func:`sample_batches` as one Table."""
+    batches = list(sample_batches(rows, length, seed=seed, drift=drift))
+    if not batches:
+        schema = pa.schema([("uid", pa.int64()), ("log_probs", pa.list_(pa.float32())),
+                            ("old_log_probs", pa.list_(pa.float32())), ("advantages", pa.float32())])
+        return schema.empty_table()
+    return pa.Table.from_batches(batches)
