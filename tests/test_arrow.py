@@ -164,7 +164,7 @@ def test_arrow_equals_packed_padded_and_reference(case, chunk, slice_start):
     call = dict(knobs)
     if with_div:
         call["divergence"] = div
-    m, info = cppo_mask(lp, lq, adv, valid, cu_seqlens=cu, return_info=True, **call)
+    m, info = cppo_mask(lp, lq, adv, valid, cu_seqlens=cu, per_row_advantages=False, return_info=True, **call)
     np.testing.assert_array_equal(got_mask, m)
     np.testing.assert_array_equal(got_reason, info.reason)
     np.testing.assert_array_equal(got_thr, info.threshold)

@@ -415,12 +415,6 @@ def compute_batch(
         advantages = _np(adv_arr)  # nulls -> NaN
         if not pa.types.is_floating(t):
             advantages = advantages.astype(np.float64)
-        num_tokens = int(lp.offsets[-1])
-        if num_tokens == len(batch) and num_tokens:
-            # cppo_mask reads an advantage array of the tokens' shape as per token; here it
-            # is per row, so broadcast it to the tokens (only when the two counts coincide).
-            advantages = np.repeat(advantages, np.diff(lp.offsets))
-            per_row = False
 
     valid = None
     mask_name = columns.resolved_response_mask(batch.schema.names)
@@ -456,6 +450,7 @@ def compute_batch(
             valid,
             divergence=divergence,
             cu_seqlens=lp.offsets,
+            per_row_advantages=per_row,
             return_info=True,
             **knobs,
         )
