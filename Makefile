@@ -25,8 +25,11 @@ build-inplace:
 	cargo build --release --features python
 	cp target/release/libcppo_native.so $(EXT)
 
+# Main job: mask built-in sample rollouts with the CLI; writes Parquet, a per-reason
+# summary and PNG diagnostics under out/.
 demo: build-dev
-	$(PY) -m cppo_native.demo
+	mkdir -p out
+	$(VENV)/bin/cppo-mask --sample 2000 --out out/sample_masked.parquet --plot out/plots --force
 
 test-rust:
 	cargo test --release
