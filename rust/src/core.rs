@@ -626,4 +626,99 @@ mod tests {
         assert!(m.is_empty());
         assert_eq!(s.budget, 0.02);
     }
+
+    fn full_row(p: &Params, lp: &[f64], lq: &[f64], adv: &[f64], valid: &[u8], d: Option<&[f64]>) -> Result<(Vec<i8>, Vec<f64>, Vec<f64>, RowSummary), BadValue> {
+        let n = valid.len();
+        let window = valid_window(valid);
+        let w = window.clone();
+        let input = RowInput {
+            valid,
+            window,
+            log_probs: &lp[w.clone()],
+            old_log_probs: &lq[w.clone()],
+            advantages: &adv[w.clone()],
+            divergence: d.map(|d| &d[w.clone()]),
+        };
+        let (mut m, mut r, mut t, mut g) = (vec![false; n], vec![0i8; n], vec![0.0; n], vec![0.0; n]);
+        let out = RowOutput { mask: &mut m, reason: Some(&mut r), threshold: Some(&mut t), gate: Some(&mut g) };
+        let s = compute_row(p, 0, &input, &mut Scratch::default(), out)?;
+        Ok((r, t, g, s))
+    }
+
+    #[test]
+    fn first_bad_value_is_reported_in_field_order() {
+        let mut p = params();
+        p.divergence = Divergence::BinaryTv;
+        let lp = [-0.1, f64::NAN, -0.2, 0.5];
+        let lq = [-0.1, -0.1, f64::INFINITY, -0.1];
+        let adv = [1.0; 4];
+        let e = full_row(&p, &lp, &lq, &adv, &[1, 1, 1, 1], None).unwrap_err();
+        assert_eq!((e.column, e.field), (1, Field::LogProbs));
+        // Invalid positions may hold anything.
+        let e = full_row(&p, &lp, &lq, &adv, &[1, 0, 1, 1], None).unwrap_err();
+        assert_eq!((e.column, e.field), (2, Field::OldLogProbs));
+        let ok = full_row(&p, &lp, &lq, &adv, &[1, 0, 0, 0], None);
+        assert!(ok.is_ok());
+        let e = full_row(&p, &[-0.1, -0.1], &[-0.1, -0.1], &[1.0, f64::NAN], &[1, 1], None).unwrap_err();
+        assert_eq!((e.column, e.field), (1, Field::Advantages));
+        p.divergence = Divergence::Given;
+        let e = full_row(&p, &[-0.1; 2], &[-0.1; 2], &[1.0; 2], &[1, 1], Some(&[0.0, -1e-9])).unwrap_err();
+        assert_eq!((e.column, e.field, e.value), (1, Field::Divergence, -1e-9));
+    }
+
+    #[test]
+    fn adaptive_budget_is_clamped_quantile() {
+        let mut p = params();
+        p.adaptive_budget = true;
+        let n = 11;
+        let (lp, lq, adv) = (vec![-1.0; n], vec![-1.2; n], vec![1.0; n]);
+        // D = 0, 0.003, ..., 0.03: Q_0.9 = 0.027 -> within [0.02, 0.04].
+        let d: Vec<f64> = (0..n).map(|i| i as f64 * 0.003).collect();
+        let (_, _, _, s) = full_row(&p, &lp, &lq, &adv, &vec![1; n], Some(&d)).unwrap();
+        assert!((s.budget - 0.027).abs() < 1e-15, "{}", s.budget);
+        let small: Vec<f64> = d.iter().map(|x| x * 0.1).collect();
+        assert_eq!(full_row(&p, &lp, &lq, &adv, &vec![1; n], Some(&small)).unwrap().3.budget, 0.02);
+        let big: Vec<f64> = d.iter().map(|x| x * 10.0).collect();
+        assert_eq!(full_row(&p, &lp, &lq, &adv, &vec![1; n], Some(&big)).unwrap().3.budget, 0.04);
+    }
+
+    #[test]
+    fn fixed_horizon_and_ablation_switches() {
+        let d = [0.10, 0.12, 0.30, 0.05, 0.14];
+        let (lp, lq, adv) = ([-1.0; 5], [-1.2; 5], [1.0; 5]);
+        // No prefix budget: c_t = delta everywhere, only the token threshold masks.
+        let mut p = params();
+        p.prefix_budget = false;
+        let (r, t, _, _) = full_row(&p, &lp, &lq, &adv, &[1; 5], Some(&d)).unwrap();
+        assert_eq!(r, [2, 2, 3, 2, 2]);
+        assert!(t.iter().all(|&x| x == 0.15));
+        // A long fixed horizon keeps weights near 1: Z_2 = 0.12 * (1 - 0.2 / 99) > c_2.
+        let mut p = params();
+        p.horizon = 100;
+        let (r, _, _, _) = full_row(&p, &lp, &lq, &adv, &[1; 5], Some(&d)).unwrap();
+        assert_eq!(r[..2], [2, 4]);
+        // Shuffled weights are a permutation of the linear ones (same W at the end).
+        let mut p = params();
+        p.position_weight = PositionWeight::Shuffled;
+        p.shuffle_seed = 7;
+        let ones = [1.0; 5];
+        let (_, t_shuf, _, _) = full_row(&p, &lp, &lq, &adv, &[1; 5], Some(&ones)).unwrap();
+        let (_, t_lin, _, _) = full_row(&params(), &lp, &lq, &adv, &[1; 5], Some(&ones)).unwrap();
+        // With D = 1 everywhere, S_{t-1} = W_{t-1}, so the prefix sums' order differs but
+        // the first threshold (nothing summed yet) is the same.
+        assert_eq!(t_shuf[0], t_lin[0]);
+    }
+
+    #[test]
+    fn soft_gate_matches_spec() {
+        let d = [0.10, 0.12, 0.30];
+        let (_, _, g, _) = full_row(&params(), &[-1.0; 3], &[-1.2; 3], &[1.0; 3], &[1; 3], Some(&d)).unwrap();
+        assert_eq!(g[0], 1.0);
+        // T = 3, so w_2 = 0.9: x_2 = max(0.108 / 0.15, 0.208 / (0.15 + 0.02 * 1.0)) = 1.2235...
+        let x2 = (0.9f64 * 0.12 / 0.15).max((0.1 + 0.9 * 0.12) / (0.15 + 0.02 * 1.0));
+        assert_eq!(g[1], 1.0 / x2);
+        // Toward mu: gate 1 whatever the divergence.
+        let (_, _, g, _) = full_row(&params(), &[-1.0; 3], &[-1.2; 3], &[-1.0; 3], &[1; 3], Some(&d)).unwrap();
+        assert_eq!(g, [1.0; 3]);
+    }
 }
