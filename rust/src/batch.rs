@@ -14,7 +14,9 @@ use std::ops::Range;
 use ndarray::{s, ArrayView1, ArrayViewD, Axis, Ix1, Slice};
 use rayon::prelude::*;
 
-use crate::core::{compute_row, sized, valid_window, BadValue, Params, RowInput, RowOutput, RowSummary, Scratch};
+use crate::core::{
+    compute_row, sized, valid_window, BadValue, Params, RowInput, RowOutput, RowSummary, Scratch,
+};
 
 /// A floating-point input of any supported dtype. `Bf16` holds bfloat16 bit patterns.
 pub enum FloatView<'a> {
@@ -61,9 +63,15 @@ impl Layout<'_> {
 /// One row of a (padded 2-D or packed 1-D) view as a 1-D view.
 fn row_of<'v, T>(view: &'v ArrayViewD<'_, T>, layout: &Layout, r: usize) -> ArrayView1<'v, T> {
     match layout {
-        Layout::Padded { .. } => view.index_axis(Axis(0), r).into_dimensionality::<Ix1>().expect("2-D input"),
+        Layout::Padded { .. } => view
+            .index_axis(Axis(0), r)
+            .into_dimensionality::<Ix1>()
+            .expect("2-D input"),
         Layout::Packed { offsets } => view
-            .slice_axis(Axis(0), Slice::from(offsets[r] as usize..offsets[r + 1] as usize))
+            .slice_axis(
+                Axis(0),
+                Slice::from(offsets[r] as usize..offsets[r + 1] as usize),
+            )
             .into_dimensionality::<Ix1>()
             .expect("1-D input"),
     }
@@ -107,7 +115,10 @@ fn flags_into<T: Copy>(row: ArrayView1<T>, out: &mut Vec<u8>, f: impl Fn(T) -> b
     let out = sized(out, row.len());
     match row.as_slice() {
         Some(s) => out.iter_mut().zip(s).for_each(|(o, &x)| *o = f(x) as u8),
-        None => out.iter_mut().zip(row.iter()).for_each(|(o, &x)| *o = f(x) as u8),
+        None => out
+            .iter_mut()
+            .zip(row.iter())
+            .for_each(|(o, &x)| *o = f(x) as u8),
     }
 }
 
@@ -198,7 +209,9 @@ fn contiguous_pair<'v, T>(
     r: usize,
     cols: Range<usize>,
 ) -> Option<(&'v [T], &'v [T])> {
-    let a = row_of(a, layout, r).slice_move(s![cols.clone()]).to_slice()?;
+    let a = row_of(a, layout, r)
+        .slice_move(s![cols.clone()])
+        .to_slice()?;
     let b = row_of(b, layout, r).slice_move(s![cols]).to_slice()?;
     Some((a, b))
 }
@@ -206,7 +219,14 @@ fn contiguous_pair<'v, T>(
 fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummary, BadValue> {
     BUFFERS.with(|cell| {
         let mut b = cell.borrow_mut();
-        let RowBuffers { log_probs, old_log_probs, advantages, divergence, valid, scratch } = &mut *b;
+        let RowBuffers {
+            log_probs,
+            old_log_probs,
+            advantages,
+            divergence,
+            valid,
+            scratch,
+        } = &mut *b;
         let layout = &input.layout;
         let r = job.row;
         let len = job.out.mask.len();
@@ -221,7 +241,9 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
         if input.advantage_per_row {
             sized(advantages, n).fill(input.advantages.scalar(r));
         } else {
-            input.advantages.row_into(layout, r, window.clone(), advantages);
+            input
+                .advantages
+                .row_into(layout, r, window.clone(), advantages);
         }
         let divergence = match &input.divergence {
             Some(d) => {
@@ -237,7 +259,14 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
                 compute_row(
                     params,
                     r,
-                    &RowInput { valid, window: window.clone(), log_probs: $lp, old_log_probs: $lq, advantages, divergence },
+                    &RowInput {
+                        valid,
+                        window: window.clone(),
+                        log_probs: $lp,
+                        old_log_probs: $lq,
+                        advantages,
+                        divergence,
+                    },
                     scratch,
                     out,
                 )
@@ -247,25 +276,37 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
         // float64 row buffers first.
         let cols = window.clone();
         let summary = match (&input.log_probs, &input.old_log_probs) {
-            (FloatView::F64(p), FloatView::F64(q)) if contiguous_pair(p, q, layout, r, cols.clone()).is_some() => {
+            (FloatView::F64(p), FloatView::F64(q))
+                if contiguous_pair(p, q, layout, r, cols.clone()).is_some() =>
+            {
                 let (p, q) = contiguous_pair(p, q, layout, r, cols).unwrap();
                 run!(p, q)
             }
-            (FloatView::F32(p), FloatView::F32(q)) if contiguous_pair(p, q, layout, r, cols.clone()).is_some() => {
+            (FloatView::F32(p), FloatView::F32(q))
+                if contiguous_pair(p, q, layout, r, cols.clone()).is_some() =>
+            {
                 let (p, q) = contiguous_pair(p, q, layout, r, cols).unwrap();
                 run!(p, q)
             }
-            (FloatView::F16(p), FloatView::F16(q)) if contiguous_pair(p, q, layout, r, cols.clone()).is_some() => {
+            (FloatView::F16(p), FloatView::F16(q))
+                if contiguous_pair(p, q, layout, r, cols.clone()).is_some() =>
+            {
                 let (p, q) = contiguous_pair(p, q, layout, r, cols).unwrap();
                 run!(p, q)
             }
-            (FloatView::Bf16(p), FloatView::Bf16(q)) if contiguous_pair(p, q, layout, r, cols.clone()).is_some() => {
+            (FloatView::Bf16(p), FloatView::Bf16(q))
+                if contiguous_pair(p, q, layout, r, cols.clone()).is_some() =>
+            {
                 let (p, q) = contiguous_pair(p, q, layout, r, cols).unwrap();
                 run!(as_bf16(p), as_bf16(q))
             }
             _ => {
-                input.log_probs.row_into(layout, r, window.clone(), log_probs);
-                input.old_log_probs.row_into(layout, r, window.clone(), old_log_probs);
+                input
+                    .log_probs
+                    .row_into(layout, r, window.clone(), log_probs);
+                input
+                    .old_log_probs
+                    .row_into(layout, r, window.clone(), old_log_probs);
                 run!(&log_probs[..n], &old_log_probs[..n])
             }
         }?;
@@ -285,7 +326,11 @@ fn as_bf16(bits: &[i16]) -> &[bf16] {
 
 /// Computes the mask for every row (in parallel on the current rayon pool). Returns the
 /// number of positions with each reason code, or the bad value with the smallest row.
-pub fn compute_batch(params: &Params, input: &BatchInput, output: BatchOutput) -> Result<[u64; 5], BadValue> {
+pub fn compute_batch(
+    params: &Params,
+    input: &BatchInput,
+    output: BatchOutput,
+) -> Result<[u64; 5], BadValue> {
     let layout = input.layout;
     let masks = split_rows(output.mask, &layout);
     let reasons = split_optional(output.reason, &layout);
@@ -302,11 +347,18 @@ pub fn compute_batch(params: &Params, input: &BatchInput, output: BatchOutput) -
         .zip(gates)
         .zip(budgets)
         .enumerate()
-        .map(|(row, ((((mask, reason), threshold), gate), budget))| RowJob {
-            row,
-            out: RowOutput { mask, reason, threshold, gate },
-            budget,
-        })
+        .map(
+            |(row, ((((mask, reason), threshold), gate), budget))| RowJob {
+                row,
+                out: RowOutput {
+                    mask,
+                    reason,
+                    threshold,
+                    gate,
+                },
+                budget,
+            },
+        )
         .collect();
 
     type Acc = (Option<BadValue>, [u64; 5]);
@@ -346,7 +398,12 @@ pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R 
         pools
             .entry(threads)
             .or_insert_with(|| {
-                Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("rayon pool"))
+                Arc::new(
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .expect("rayon pool"),
+                )
             })
             .clone()
     };

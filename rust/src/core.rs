@@ -207,9 +207,13 @@ pub struct SplitMix64(u64);
 
 impl SplitMix64 {
     pub fn new(seed: u64, row: usize) -> Self {
-        SplitMix64(seed ^ (row as u64).wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03))
+        SplitMix64(
+            seed ^ (row as u64)
+                .wrapping_add(1)
+                .wrapping_mul(0xD1B5_4A32_D192_ED03),
+        )
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -224,7 +228,7 @@ pub fn shuffle_permutation(n: usize, seed: u64, row: usize, perm: &mut Vec<usize
     perm.extend(0..n);
     let mut rng = SplitMix64::new(seed, row);
     for i in (1..n).rev() {
-        let j = (rng.next() % (i as u64 + 1)) as usize;
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         perm.swap(i, j);
     }
 }
@@ -242,7 +246,11 @@ pub fn quantile_linear(bits: &mut [u64], q: f64) -> f64 {
     let hi = h.ceil() as usize;
     let (_, &mut lo_bits, right) = bits.select_nth_unstable(lo);
     let x_lo = f64::from_bits(lo_bits);
-    let x_hi = if hi == lo { x_lo } else { f64::from_bits(*right.iter().min().expect("hi < n")) };
+    let x_hi = if hi == lo {
+        x_lo
+    } else {
+        f64::from_bits(*right.iter().min().expect("hi < n"))
+    };
     x_lo + (h - lo as f64) * (x_hi - x_lo)
 }
 
@@ -255,7 +263,7 @@ fn bad_log_prob(x: f64) -> bool {
 /// A given divergence must be finite and >= 0.
 #[inline(always)]
 fn bad_divergence(x: f64) -> bool {
-    !(x >= 0.0 && x < f64::INFINITY)
+    !(0.0..f64::INFINITY).contains(&x)
 }
 
 /// Computes one row of the mask (and the optional outputs). `row` seeds the shuffled
@@ -271,13 +279,21 @@ pub fn compute_row<T: Widen>(
     let window = input.window.clone();
     let (first, n) = (window.start, window.len());
     let valid = &input.valid[window.clone()];
-    let (lp, lq, adv) = (&input.log_probs[..n], &input.old_log_probs[..n], &input.advantages[..n]);
+    let (lp, lq, adv) = (
+        &input.log_probs[..n],
+        &input.old_log_probs[..n],
+        &input.advantages[..n],
+    );
     let given = match params.divergence {
         Divergence::Given => Some(&input.divergence.expect("Given divergence needs an array")[..n]),
         _ => None,
     };
     // Horizon T: fixed, or 1 + the last valid index.
-    let horizon = if params.horizon > 0 { params.horizon } else { window.end as i64 };
+    let horizon = if params.horizon > 0 {
+        params.horizon
+    } else {
+        window.end as i64
+    };
 
     // One pass over the valid positions: check the inputs (spec, "Bad input"), compute
     // the token divergence D_t (0 at holes, so they add nothing to S), the direction
@@ -287,7 +303,12 @@ pub fn compute_row<T: Widen>(
     let toward = sized(&mut scratch.toward_mu, n);
     let sel = &mut scratch.selection;
     sel.clear();
-    let report = |c: usize, field: Field, value: f64| BadValue { row, column: first + c, field, value };
+    let report = |c: usize, field: Field, value: f64| BadValue {
+        row,
+        column: first + c,
+        field,
+        value,
+    };
     macro_rules! fill_divergence {
         ($d:expr) => {
             for c in 0..n {
@@ -335,7 +356,9 @@ pub fn compute_row<T: Widen>(
     let mut budget = params.delta_b;
     if params.adaptive_budget && !sel.is_empty() {
         let q = quantile_linear(sel, params.budget_quantile);
-        budget = (params.budget_scale * q).max(params.delta_b).min(2.0 * params.delta_b);
+        budget = (params.budget_scale * q)
+            .max(params.delta_b)
+            .min(2.0 * params.delta_b);
     }
 
     // v_t * w_t (Eq. 9): 0 at holes, so they add nothing to W; the shuffled ablation
@@ -358,9 +381,15 @@ pub fn compute_row<T: Widen>(
             let cols = &mut scratch.valid_columns;
             cols.clear();
             cols.extend((0..n).filter(|&c| valid[c] != 0));
-            shuffle_permutation(cols.len(), params.shuffle_seed, row, &mut scratch.permutation);
+            shuffle_permutation(
+                cols.len(),
+                params.shuffle_seed,
+                row,
+                &mut scratch.permutation,
+            );
             for (k, &c) in cols.iter().enumerate() {
-                weight[c] = position_weight(first + cols[scratch.permutation[k]], horizon, params.w_min);
+                weight[c] =
+                    position_weight(first + cols[scratch.permutation[k]], horizon, params.w_min);
             }
         }
     }
@@ -374,14 +403,20 @@ pub fn compute_row<T: Widen>(
         divergence: &scratch.divergence[..n],
         weight: &scratch.weight[..n],
     };
-    let RowOutput { mask, reason, threshold, gate } = out;
+    let RowOutput {
+        mask,
+        reason,
+        threshold,
+        gate,
+    } = out;
     let mask = &mut mask[..len];
     mask[..first].fill(false);
     mask[window.end..].fill(false);
     let mut counts = [0u64; 5];
     match (reason, threshold, gate) {
         (Some(reason), Some(threshold), Some(gate)) => {
-            let (reason, threshold, gate) = (&mut reason[..len], &mut threshold[..len], &mut gate[..len]);
+            let (reason, threshold, gate) =
+                (&mut reason[..len], &mut threshold[..len], &mut gate[..len]);
             let (s_end, w_end) = scan.full(
                 &mut mask[window.clone()],
                 &mut reason[window.clone()],
@@ -392,7 +427,10 @@ pub fn compute_row<T: Widen>(
             );
             // Padding outside the window: never kept; c_t stays at its value before the
             // window (S = W = 0) or after it (the final sums).
-            for (range, c_t) in [(0..first, scan.threshold(0.0, 0.0)), (window.end..len, scan.threshold(s_end, w_end))] {
+            for (range, c_t) in [
+                (0..first, scan.threshold(0.0, 0.0)),
+                (window.end..len, scan.threshold(s_end, w_end)),
+            ] {
                 counts[INVALID as usize] += range.len() as u64;
                 reason[range.clone()].fill(INVALID);
                 gate[range.clone()].fill(0.0);
@@ -450,7 +488,11 @@ impl Scan<'_> {
         for c in 0..n {
             let w = weight[c];
             let z = w * div[c];
-            let c_t = if PREFIX { delta.min(delta + budget * w_sum - s_sum) } else { delta };
+            let c_t = if PREFIX {
+                delta.min(delta + budget * w_sum - s_sum)
+            } else {
+                delta
+            };
             mask[c] = (valid[c] != 0) & ((toward[c] != 0) | (z <= c_t));
             s_sum += z;
             w_sum += w;
@@ -474,7 +516,12 @@ impl Scan<'_> {
         let n = mask.len();
         let (valid, div, weight) = (&self.valid[..n], &self.divergence[..n], &self.weight[..n]);
         let toward = &self.toward_mu[..n];
-        let (reason, threshold, gate, w_prev) = (&mut reason[..n], &mut threshold[..n], &mut gate[..n], &mut w_prev[..n]);
+        let (reason, threshold, gate, w_prev) = (
+            &mut reason[..n],
+            &mut threshold[..n],
+            &mut gate[..n],
+            &mut w_prev[..n],
+        );
         let delta = self.delta;
         let mut s_sum = 0.0f64; // S_{t-1}
         let mut w_sum = 0.0f64; // W_{t-1}
@@ -545,7 +592,12 @@ mod tests {
         }
     }
 
-    fn run(p: &Params, adv: f64, d: &[f64], valid: &[u8]) -> (Vec<bool>, Vec<i8>, Vec<f64>, RowSummary) {
+    fn run(
+        p: &Params,
+        adv: f64,
+        d: &[f64],
+        valid: &[u8],
+    ) -> (Vec<bool>, Vec<i8>, Vec<f64>, RowSummary) {
         let n = d.len();
         let window = valid_window(valid);
         let lp = vec![-1.0; window.len()];
@@ -559,8 +611,14 @@ mod tests {
             advantages: &advantages,
             divergence: Some(&d[window]),
         };
-        let (mut m, mut r, mut t, mut g) = (vec![false; n], vec![0i8; n], vec![0.0; n], vec![0.0; n]);
-        let out = RowOutput { mask: &mut m, reason: Some(&mut r), threshold: Some(&mut t), gate: Some(&mut g) };
+        let (mut m, mut r, mut t, mut g) =
+            (vec![false; n], vec![0i8; n], vec![0.0; n], vec![0.0; n]);
+        let out = RowOutput {
+            mask: &mut m,
+            reason: Some(&mut r),
+            threshold: Some(&mut t),
+            gate: Some(&mut g),
+        };
         let s = compute_row(p, 0, &input, &mut Scratch::default(), out).unwrap();
         (m, r, t, s)
     }
@@ -613,8 +671,8 @@ mod tests {
     fn splitmix_matches_python_constants() {
         // Known answers from reference.py (SplitMix64 and shuffle_permutation).
         let mut g = SplitMix64::new(0, 0);
-        assert_eq!(g.next(), 0x2d0f_28c7_e7e7_86b2);
-        assert_eq!(g.next(), 0x7585_6f74_5165_f252);
+        assert_eq!(g.next_u64(), 0x2d0f_28c7_e7e7_86b2);
+        assert_eq!(g.next_u64(), 0x7585_6f74_5165_f252);
         let mut perm = Vec::new();
         shuffle_permutation(10, 3, 2, &mut perm);
         assert_eq!(perm, [0, 7, 8, 9, 2, 3, 6, 1, 5, 4]);
@@ -627,7 +685,14 @@ mod tests {
         assert_eq!(s.budget, 0.02);
     }
 
-    fn full_row(p: &Params, lp: &[f64], lq: &[f64], adv: &[f64], valid: &[u8], d: Option<&[f64]>) -> Result<(Vec<i8>, Vec<f64>, Vec<f64>, RowSummary), BadValue> {
+    fn full_row(
+        p: &Params,
+        lp: &[f64],
+        lq: &[f64],
+        adv: &[f64],
+        valid: &[u8],
+        d: Option<&[f64]>,
+    ) -> Result<(Vec<i8>, Vec<f64>, Vec<f64>, RowSummary), BadValue> {
         let n = valid.len();
         let window = valid_window(valid);
         let w = window.clone();
@@ -639,8 +704,14 @@ mod tests {
             advantages: &adv[w.clone()],
             divergence: d.map(|d| &d[w.clone()]),
         };
-        let (mut m, mut r, mut t, mut g) = (vec![false; n], vec![0i8; n], vec![0.0; n], vec![0.0; n]);
-        let out = RowOutput { mask: &mut m, reason: Some(&mut r), threshold: Some(&mut t), gate: Some(&mut g) };
+        let (mut m, mut r, mut t, mut g) =
+            (vec![false; n], vec![0i8; n], vec![0.0; n], vec![0.0; n]);
+        let out = RowOutput {
+            mask: &mut m,
+            reason: Some(&mut r),
+            threshold: Some(&mut t),
+            gate: Some(&mut g),
+        };
         let s = compute_row(p, 0, &input, &mut Scratch::default(), out)?;
         Ok((r, t, g, s))
     }
@@ -659,10 +730,26 @@ mod tests {
         assert_eq!((e.column, e.field), (2, Field::OldLogProbs));
         let ok = full_row(&p, &lp, &lq, &adv, &[1, 0, 0, 0], None);
         assert!(ok.is_ok());
-        let e = full_row(&p, &[-0.1, -0.1], &[-0.1, -0.1], &[1.0, f64::NAN], &[1, 1], None).unwrap_err();
+        let e = full_row(
+            &p,
+            &[-0.1, -0.1],
+            &[-0.1, -0.1],
+            &[1.0, f64::NAN],
+            &[1, 1],
+            None,
+        )
+        .unwrap_err();
         assert_eq!((e.column, e.field), (1, Field::Advantages));
         p.divergence = Divergence::Given;
-        let e = full_row(&p, &[-0.1; 2], &[-0.1; 2], &[1.0; 2], &[1, 1], Some(&[0.0, -1e-9])).unwrap_err();
+        let e = full_row(
+            &p,
+            &[-0.1; 2],
+            &[-0.1; 2],
+            &[1.0; 2],
+            &[1, 1],
+            Some(&[0.0, -1e-9]),
+        )
+        .unwrap_err();
         assert_eq!((e.column, e.field, e.value), (1, Field::Divergence, -1e-9));
     }
 
@@ -677,9 +764,21 @@ mod tests {
         let (_, _, _, s) = full_row(&p, &lp, &lq, &adv, &vec![1; n], Some(&d)).unwrap();
         assert!((s.budget - 0.027).abs() < 1e-15, "{}", s.budget);
         let small: Vec<f64> = d.iter().map(|x| x * 0.1).collect();
-        assert_eq!(full_row(&p, &lp, &lq, &adv, &vec![1; n], Some(&small)).unwrap().3.budget, 0.02);
+        assert_eq!(
+            full_row(&p, &lp, &lq, &adv, &vec![1; n], Some(&small))
+                .unwrap()
+                .3
+                .budget,
+            0.02
+        );
         let big: Vec<f64> = d.iter().map(|x| x * 10.0).collect();
-        assert_eq!(full_row(&p, &lp, &lq, &adv, &vec![1; n], Some(&big)).unwrap().3.budget, 0.04);
+        assert_eq!(
+            full_row(&p, &lp, &lq, &adv, &vec![1; n], Some(&big))
+                .unwrap()
+                .3
+                .budget,
+            0.04
+        );
     }
 
     #[test]
@@ -712,13 +811,29 @@ mod tests {
     #[test]
     fn soft_gate_matches_spec() {
         let d = [0.10, 0.12, 0.30];
-        let (_, _, g, _) = full_row(&params(), &[-1.0; 3], &[-1.2; 3], &[1.0; 3], &[1; 3], Some(&d)).unwrap();
+        let (_, _, g, _) = full_row(
+            &params(),
+            &[-1.0; 3],
+            &[-1.2; 3],
+            &[1.0; 3],
+            &[1; 3],
+            Some(&d),
+        )
+        .unwrap();
         assert_eq!(g[0], 1.0);
         // T = 3, so w_2 = 0.9: x_2 = max(0.108 / 0.15, 0.208 / (0.15 + 0.02 * 1.0)) = 1.2235...
         let x2 = (0.9f64 * 0.12 / 0.15).max((0.1 + 0.9 * 0.12) / (0.15 + 0.02 * 1.0));
         assert_eq!(g[1], 1.0 / x2);
         // Toward mu: gate 1 whatever the divergence.
-        let (_, _, g, _) = full_row(&params(), &[-1.0; 3], &[-1.2; 3], &[-1.0; 3], &[1; 3], Some(&d)).unwrap();
+        let (_, _, g, _) = full_row(
+            &params(),
+            &[-1.0; 3],
+            &[-1.2; 3],
+            &[-1.0; 3],
+            &[1; 3],
+            Some(&d),
+        )
+        .unwrap();
         assert_eq!(g, [1.0; 3]);
     }
 }

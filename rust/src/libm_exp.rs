@@ -21,10 +21,20 @@ extern "C" fn std_exp(x: f64) -> f64 {
 fn lookup() -> Option<ExpFn> {
     use std::ffi::{c_char, c_void};
     extern "C" {
-        fn dlvsym(handle: *mut c_void, symbol: *const c_char, version: *const c_char) -> *mut c_void;
+        fn dlvsym(
+            handle: *mut c_void,
+            symbol: *const c_char,
+            version: *const c_char,
+        ) -> *mut c_void;
     }
     // RTLD_DEFAULT is the null handle on glibc.
-    let ptr = unsafe { dlvsym(std::ptr::null_mut(), c"__exp_finite".as_ptr(), c"GLIBC_2.15".as_ptr()) };
+    let ptr = unsafe {
+        dlvsym(
+            std::ptr::null_mut(),
+            c"__exp_finite".as_ptr(),
+            c"GLIBC_2.15".as_ptr(),
+        )
+    };
     if ptr.is_null() {
         return None;
     }
@@ -41,7 +51,9 @@ fn lookup() -> Option<ExpFn> {
 /// arguments covering the log-prob range (and the edges of the fast path).
 fn agrees_with_std(f: ExpFn) -> bool {
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut args: Vec<f64> = vec![0.0, -0.0, 1e-6, -1e-300, -5e-324, -1e-17, -0.5, -1.0, -700.0, -708.5, -745.2, -746.0, -1e4];
+    let mut args: Vec<f64> = vec![
+        0.0, -0.0, 1e-6, -1e-300, -5e-324, -1e-17, -0.5, -1.0, -700.0, -708.5, -745.2, -746.0, -1e4,
+    ];
     for _ in 0..20_000 {
         state ^= state << 13;
         state ^= state >> 7;

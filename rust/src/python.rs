@@ -5,13 +5,18 @@
 //! inputs; bool/int/float for the valid mask); outputs are freshly allocated
 //! C-contiguous arrays; parameters are already validated.
 
-use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
+use numpy::{
+    PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
+    PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use half::f16;
 
-use crate::batch::{compute_batch, with_threads, BatchInput, BatchOutput, FloatView, Layout, MaskView};
+use crate::batch::{
+    compute_batch, with_threads, BatchInput, BatchOutput, FloatView, Layout, MaskView,
+};
 use crate::core::{Divergence, Params, PositionWeight};
 
 enum FloatArray<'py> {
@@ -96,10 +101,16 @@ impl<'py> MaskArray<'py> {
     }
 }
 
-fn contiguous<'a, T: numpy::Element>(a: &'a mut PyReadwriteArrayDyn<'_, T>, name: &str) -> PyResult<&'a mut [T]> {
+fn contiguous<'a, T: numpy::Element>(
+    a: &'a mut PyReadwriteArrayDyn<'_, T>,
+    name: &str,
+) -> PyResult<&'a mut [T]> {
     a.as_slice_mut()
         .map_err(|_| PyValueError::new_err(format!("{name}: output buffer must be C-contiguous")))
 }
+
+/// The first bad value as `(field, row, column, value)`.
+type BadValueTuple = (u8, usize, usize, f64);
 
 /// Computes the CPPO mask into the given output arrays. Returns
 /// `(counts, bad)`: the number of positions per reason code, and `None` or the first
@@ -138,7 +149,7 @@ fn cppo_mask_into<'py>(
     prefix_budget: bool,
     divergence_mode: u8,
     num_threads: usize,
-) -> PyResult<([u64; 5], Option<(u8, usize, usize, f64)>)> {
+) -> PyResult<([u64; 5], Option<BadValueTuple>)> {
     let params = Params {
         delta,
         delta_b,
@@ -151,7 +162,11 @@ fn cppo_mask_into<'py>(
             0 => PositionWeight::Linear,
             1 => PositionWeight::None,
             2 => PositionWeight::Shuffled,
-            other => return Err(PyValueError::new_err(format!("unknown position_weight code {other}"))),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown position_weight code {other}"
+                )))
+            }
         },
         shuffle_seed,
         prefix_budget,
@@ -159,25 +174,42 @@ fn cppo_mask_into<'py>(
             0 => Divergence::BinaryTv,
             1 => Divergence::BinaryKl,
             2 => Divergence::Given,
-            other => return Err(PyValueError::new_err(format!("unknown divergence code {other}"))),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown divergence code {other}"
+                )))
+            }
         },
     };
     let lp = FloatArray::extract(log_probs, "log_probs")?;
     let lq = FloatArray::extract(old_log_probs, "old_log_probs")?;
     let adv = FloatArray::extract(advantages, "advantages")?;
     let mask_in = valid.map(MaskArray::extract).transpose()?;
-    let div = divergence.map(|d| FloatArray::extract(d, "divergence")).transpose()?;
+    let div = divergence
+        .map(|d| FloatArray::extract(d, "divergence"))
+        .transpose()?;
     if (params.divergence == Divergence::Given) != div.is_some() {
-        return Err(PyValueError::new_err("divergence array given iff divergence_mode is 'given'"));
+        return Err(PyValueError::new_err(
+            "divergence array given iff divergence_mode is 'given'",
+        ));
     }
-    let offsets = cu_seqlens.as_ref().map(|c| c.as_slice()).transpose().map_err(|_| {
-        PyValueError::new_err("cu_seqlens must be C-contiguous int64")
-    })?;
+    let offsets = cu_seqlens
+        .as_ref()
+        .map(|c| c.as_slice())
+        .transpose()
+        .map_err(|_| PyValueError::new_err("cu_seqlens must be C-contiguous int64"))?;
     let shape = lp.view_shape();
     let layout = match offsets {
         Some(o) => Layout::Packed { offsets: o },
-        None if shape.len() == 2 => Layout::Padded { rows: shape[0], cols: shape[1] },
-        None => return Err(PyValueError::new_err(format!("padded inputs must be 2-D, got shape {shape:?}"))),
+        None if shape.len() == 2 => Layout::Padded {
+            rows: shape[0],
+            cols: shape[1],
+        },
+        None => {
+            return Err(PyValueError::new_err(format!(
+                "padded inputs must be 2-D, got shape {shape:?}"
+            )))
+        }
     };
 
     let mut mask_rw = mask_out.readwrite();
@@ -187,10 +219,22 @@ fn cppo_mask_into<'py>(
     let mut budget_rw = row_budget_out.map(|a| a.readwrite());
     let output = BatchOutput {
         mask: contiguous(&mut mask_rw, "mask")?,
-        reason: reason_rw.as_mut().map(|a| contiguous(a, "reason")).transpose()?,
-        threshold: threshold_rw.as_mut().map(|a| contiguous(a, "threshold")).transpose()?,
-        gate: gate_rw.as_mut().map(|a| contiguous(a, "gate")).transpose()?,
-        row_budget: budget_rw.as_mut().map(|a| contiguous(a, "row_budget")).transpose()?,
+        reason: reason_rw
+            .as_mut()
+            .map(|a| contiguous(a, "reason"))
+            .transpose()?,
+        threshold: threshold_rw
+            .as_mut()
+            .map(|a| contiguous(a, "threshold"))
+            .transpose()?,
+        gate: gate_rw
+            .as_mut()
+            .map(|a| contiguous(a, "gate"))
+            .transpose()?,
+        row_budget: budget_rw
+            .as_mut()
+            .map(|a| contiguous(a, "row_budget"))
+            .transpose()?,
     };
     let input = BatchInput {
         layout,
@@ -204,7 +248,10 @@ fn cppo_mask_into<'py>(
     let result = py.detach(|| with_threads(num_threads, || compute_batch(&params, &input, output)));
     Ok(match result {
         Ok(counts) => (counts, None),
-        Err(bad) => ([0; 5], Some((bad.field as u8, bad.row, bad.column, bad.value))),
+        Err(bad) => (
+            [0; 5],
+            Some((bad.field as u8, bad.row, bad.column, bad.value)),
+        ),
     })
 }
 
