@@ -6,6 +6,10 @@
 
 pub mod batch;
 pub mod core;
+/// Token divergences (Top-K reduced, Binary) over positions.
+pub mod topk;
 
 #[cfg(feature = "python")]
 mod python;
+#[cfg(feature = "python")]
+mod python_divergence;
