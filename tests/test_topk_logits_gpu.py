@@ -29,6 +29,33 @@ def test_cpu_tensors_are_refused_with_a_clear_error():
                                        torch.zeros(2, dtype=torch.long), torch.zeros(2))
 
 
+def test_kernel_compiles_with_nvrtc():
+    """Compile check without a GPU: NVRTC (shipped with CUDA torch wheels) builds every
+    instantiation the launcher uses for sm_90."""
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) not installed")
+    from pathlib import Path
+
+    from cppo_native import _topk_cuda
+
+    src = (Path(_topk_cuda.__file__).parent / "kernels" / "topk_logits.cu").read_bytes()
+    try:
+        err, prog = nvrtc.nvrtcCreateProgram(src, b"topk_logits.cu", 0, [], [])
+    except RuntimeError as exc:  # libnvrtc missing
+        pytest.skip(f"NVRTC unavailable: {exc}")
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    for name in _topk_cuda._NAMES:
+        assert nvrtc.nvrtcAddNameExpression(prog, name.encode())[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    opts = [b"--gpu-architecture=sm_90", b"--std=c++17"]
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+    for name in _topk_cuda._NAMES:
+        err, lowered = nvrtc.nvrtcGetLoweredName(prog, name.encode())
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS and lowered
+
+
 def make(seed, n, vocab, k, dtype, *, temperature=1.0, pad=False, neg_inf=False, sampled_in=0.3):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, vocab, generator=g) * 3.0
