@@ -30,31 +30,36 @@ from ._errors import LOG_PROB_TOLERANCE, bad_value_error
 
 
 class _Arrays:
-    """The caller's arrays as float64 NumPy (CPU) or torch (CUDA) arrays, plus a few
-    array operations that differ between the two."""
+    """The caller's arrays as float64 NumPy arrays (NumPy callers) or torch tensors
+    (torch callers, any device), plus the few operations that differ between the two."""
 
     def __init__(self, named: list):
-        first = named[0][1]
-        self.src = _dispatch.source_of(first, named[0][0])
+        first_name, first = named[0]
         for name, x in named:
             if x is None:
                 continue
             if not (isinstance(x, np.ndarray) or _dispatch._is_torch(x)):
                 raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+        self.src = _dispatch.source_of(first, first_name)
+        for name, x in named:
+            if x is None:
+                continue
             s = _dispatch.source_of(x, name)
             if (s.device, s.index) != (self.src.device, self.src.index):
                 raise ValueError(
-                    f"all arrays must be on one device: {named[0][0]} is on {self.src.describe()}, "
+                    f"all arrays must be on one device: {first_name} is on {self.src.describe()}, "
                     f"{name} is on {s.describe()}"
                 )
-        self.torch = _dispatch._torch() if self.src.device == "cuda" else None
+        self.torch = _dispatch._torch() if _dispatch._is_torch(first) else None
+        self.device = first.device if self.torch is not None else None
 
     def float64(self, x: Any, name: str):
         dt = _dispatch.dtype_name(x)
         if dt not in _dispatch.FLOAT_DTYPES and not (name == "advantages" and dt.startswith(("int", "uint"))):
             raise TypeError(f"{name}: dtype {dt} is not supported; use one of {', '.join(_dispatch.FLOAT_DTYPES)}")
         if self.torch is not None:
-            return x.detach().to(self.torch.float64)
+            t = x.detach() if _dispatch._is_torch(x) else self.torch.from_numpy(np.asarray(x))
+            return t.to(device=self.device, dtype=self.torch.float64)
         if _dispatch._is_torch(x):
             return x.detach().to(_dispatch._torch().float64).numpy()
         return np.asarray(x, dtype=np.float64)
@@ -62,14 +67,15 @@ class _Arrays:
     def flags(self, x: Any, shape: tuple):
         if x is None:
             if self.torch is not None:
-                return self.torch.ones(shape, dtype=self.torch.bool, device=f"cuda:{self.src.index}")
+                return self.torch.ones(shape, dtype=self.torch.bool, device=self.device)
             return np.ones(shape, dtype=bool)
         if tuple(x.shape) != shape:
             raise ValueError(f"response_mask must have the shape of log_probs {shape}, got {tuple(x.shape)}")
         if self.torch is not None:
-            return x.detach() != 0
+            t = x.detach() if _dispatch._is_torch(x) else self.torch.from_numpy(np.asarray(x))
+            return t.to(self.device) != 0
         if _dispatch._is_torch(x):
-            return x.detach().cpu().numpy() != 0
+            return x.detach().numpy() != 0
         return np.asarray(x) != 0
 
     def exp(self, x):
@@ -240,6 +246,8 @@ def trm_mask(
         fields.append((3, d))
         _check(ops, valid, shape, fields)
     d = ops.where(valid, d, 0.0)
+    if shape[1] == 0:
+        return ops.wrap(valid)  # no tokens: nothing to keep
     row_ok = valid.any(-1) if ops.torch is not None else valid.any(axis=-1)
     if delta_max is not None:
         row_max = d.max(-1).values if ops.torch is not None else d.max(axis=-1, initial=0.0)
