@@ -296,3 +296,10 @@ def test_cuda_loss_matches_cpu(soft, mode):
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-12, atol=1e-14)
     for k in outs[0][2]:
         assert outs[1][2][k] == pytest.approx(outs[0][2][k], rel=1e-9, abs=1e-12)
+
+
+def test_module_named_torch_still_uses_pytorch():
+    import sys
+
+    assert ct.torch is sys.modules["torch"] and ct.torch.Tensor is torch.Tensor
+    assert ct.__name__ == "cppo_native.torch"

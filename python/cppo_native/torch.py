@@ -21,7 +21,10 @@ import math
 import numbers
 from typing import Any, Optional, Union
 
-import torch
+try:
+    import torch  # PyTorch itself: absolute import, not this module
+except ImportError as exc:  # pragma: no cover - exercised only without torch
+    raise ImportError("cppo_native.torch needs PyTorch: pip install 'cppo-native[torch]'") from exc
 
 from .mask import cppo_mask
 

@@ -105,12 +105,30 @@ pub fn check_position(p: &TopKPosition) -> Result<(), TopKBad> {
     Ok(())
 }
 
+/// One bucket: clamped log-probs under mu and pi and their exponentials.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Bucket {
+    pub log_mu: f64,
+    pub log_pi: f64,
+    pub mu: f64,
+    pub pi: f64,
+}
+
+impl Bucket {
+    #[inline(always)]
+    fn new(log_mu: f64, log_pi: f64) -> Self {
+        let (log_mu, log_pi) = (log_mu.min(0.0), log_pi.min(0.0));
+        Bucket { log_mu, log_pi, mu: log_mu.exp(), pi: log_pi.exp() }
+    }
+}
+
 /// The mass outside the listed buckets, `max(0, 1 - sum_b exp(l_b))`, computed as
 /// `-expm1(l_max) - sum_{b != max} exp(l_b)` so that a listed mass close to 1 (a near
-/// certain token) does not cancel catastrophically. `l_max` is the first largest log-prob.
-pub fn rest_mass(logs: impl Iterator<Item = f64> + Clone) -> f64 {
+/// certain token) does not cancel catastrophically. `l_max` is the first largest
+/// log-prob; `logs` yields `(l_b, exp(l_b))`.
+pub fn rest_mass(logs: impl Iterator<Item = (f64, f64)> + Clone) -> f64 {
     let mut best: Option<(usize, f64)> = None;
-    for (i, l) in logs.clone().enumerate() {
+    for (i, (l, _)) in logs.clone().enumerate() {
         if best.map_or(true, |(_, m)| l > m) {
             best = Some((i, l));
         }
@@ -119,17 +137,17 @@ pub fn rest_mass(logs: impl Iterator<Item = f64> + Clone) -> f64 {
         return 1.0;
     };
     let mut rest = -l_max.exp_m1();
-    for (i, l) in logs.enumerate() {
+    for (i, (_, e)) in logs.enumerate() {
         if i != j {
-            rest -= l.exp();
+            rest -= e;
         }
     }
     rest.max(0.0)
 }
 
 /// Top-K reduced divergence at one position (inputs already validated). `buckets` is
-/// scratch space for the listed buckets' clamped (log mu, log pi).
-pub fn topk_divergence(kind: TopKKind, p: &TopKPosition, buckets: &mut Vec<(f64, f64)>) -> f64 {
+/// scratch space for the listed buckets.
+pub fn topk_divergence(kind: TopKKind, p: &TopKPosition, buckets: &mut Vec<Bucket>) -> f64 {
     buckets.clear();
     let mut sampled_listed = false;
     for k in 0..p.topk_ids.len() {
@@ -138,28 +156,27 @@ pub fn topk_divergence(kind: TopKKind, p: &TopKPosition, buckets: &mut Vec<(f64,
             continue;
         }
         sampled_listed |= id == p.sampled_id;
-        buckets.push((p.topk_old_log_probs[k].min(0.0), p.topk_log_probs[k].min(0.0)));
+        buckets.push(Bucket::new(p.topk_old_log_probs[k], p.topk_log_probs[k]));
     }
     if !sampled_listed {
-        buckets.push((p.old_log_prob.min(0.0), p.log_prob.min(0.0)));
+        buckets.push(Bucket::new(p.old_log_prob, p.log_prob));
     }
-    let other_mu = rest_mass(buckets.iter().map(|b| b.0));
-    let other_pi = rest_mass(buckets.iter().map(|b| b.1));
+    let other_mu = rest_mass(buckets.iter().map(|b| (b.log_mu, b.mu)));
+    let other_pi = rest_mass(buckets.iter().map(|b| (b.log_pi, b.pi)));
     match kind {
         TopKKind::Tv => {
             let mut acc = 0.0f64;
-            for &(a, b) in buckets.iter() {
-                acc += (a.exp() - b.exp()).abs();
+            for b in buckets.iter() {
+                acc += (b.mu - b.pi).abs();
             }
             0.5 * (acc + (other_mu - other_pi).abs())
         }
         TopKKind::Kl => {
             let log_eps = TOPK_EPS.ln();
             let mut acc = 0.0f64;
-            for &(a, b) in buckets.iter() {
-                let m = a.exp();
-                if m > 0.0 {
-                    acc += m * (a.max(log_eps) - b.max(log_eps));
+            for b in buckets.iter() {
+                if b.mu > 0.0 {
+                    acc += b.mu * (b.log_mu.max(log_eps) - b.log_pi.max(log_eps));
                 }
             }
             if other_mu > 0.0 {
