@@ -41,3 +41,33 @@ def cppo_mask_into(
 ) -> Tuple[Tuple[int, int, int, int, int], Optional[Tuple[int, int, int, float]]]:
     """Fills the outputs; returns (positions per reason code, None or the first bad
     value as (field, row, column, value))."""
+
+# Token divergences (rust/src/topk.rs; called by cppo_native.divergence). Per-position
+# inputs are 1-D [N], top-K inputs 2-D [N, K] (any strides; ids int64/int32); `out` is
+# a C-contiguous float64 [N] that the call fills (0 at invalid positions). Returns None
+# or the first bad value as (field, position, slot, value), field codes as in
+# cppo_native.divergence.TOPK_FIELDS (binary: 0 log_probs, 1 old_log_probs).
+
+def topk_divergence_into(
+    kind: str,  # "tv" | "kl"
+    topk_ids: np.ndarray,
+    topk_old_log_probs: np.ndarray,
+    topk_log_probs: np.ndarray,
+    sampled_ids: np.ndarray,
+    old_log_probs: np.ndarray,
+    log_probs: np.ndarray,
+    valid: Optional[np.ndarray],
+    out: np.ndarray,
+    *,
+    num_threads: int,
+) -> Optional[Tuple[int, int, int, float]]: ...
+
+def binary_divergence_into(
+    kind: str,  # "tv" | "kl"
+    log_probs: np.ndarray,
+    old_log_probs: np.ndarray,
+    valid: Optional[np.ndarray],
+    out: np.ndarray,
+    *,
+    num_threads: int,
+) -> Optional[Tuple[int, int, int, float]]: ...

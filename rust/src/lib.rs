@@ -7,6 +7,10 @@
 pub mod batch;
 pub mod core;
 pub mod libm_exp;
+/// Token divergences (Top-K reduced, Binary) over positions.
+pub mod topk;
 
 #[cfg(feature = "python")]
 mod python;
+#[cfg(feature = "python")]
+mod python_divergence;

@@ -269,6 +269,7 @@ impl FloatArray<'_> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cppo_mask_into, m)?)?;
+    crate::python_divergence::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

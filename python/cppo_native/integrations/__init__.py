@@ -1,0 +1,1 @@
+"""Trainer integrations (each module imports its trainer; nothing is imported here)."""

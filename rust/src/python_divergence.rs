@@ -1,0 +1,308 @@
+//! Python binding of `topk.rs`: type conversion, GIL release, error mapping only.
+//!
+//! Contract with `python/cppo_native/divergence.py`: per-position inputs are 1-D `[N]`,
+//! top-K inputs 2-D `[N, K]` (any strides), floats as float64/32/16 or int16 bfloat16
+//! bits, ids as int64/int32, valid flags bool/uint8/int8/int32/int64/float32/float64;
+//! the output is a fresh C-contiguous float64 `[N]`; shapes are checked in Python.
+
+use half::f16;
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::batch::with_threads;
+use crate::topk::{
+    binary_divergence_batch, topk_divergence_batch, Float1, Float2, Ids1, Ids2, TopKBad, TopKInput,
+    TopKKind, Valid1,
+};
+
+enum F1<'py> {
+    F64(PyReadonlyArray1<'py, f64>),
+    F32(PyReadonlyArray1<'py, f32>),
+    F16(PyReadonlyArray1<'py, f16>),
+    Bf16(PyReadonlyArray1<'py, i16>),
+}
+
+impl<'py> F1<'py> {
+    fn extract(ob: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
+        if let Ok(a) = ob.extract::<PyReadonlyArray1<f64>>() {
+            return Ok(F1::F64(a));
+        }
+        if let Ok(a) = ob.extract::<PyReadonlyArray1<f32>>() {
+            return Ok(F1::F32(a));
+        }
+        if let Ok(a) = ob.extract::<PyReadonlyArray1<f16>>() {
+            return Ok(F1::F16(a));
+        }
+        if let Ok(a) = ob.extract::<PyReadonlyArray1<i16>>() {
+            return Ok(F1::Bf16(a));
+        }
+        Err(PyTypeError::new_err(format!(
+            "{name}: expected a 1-D native-endian float array, got {}",
+            ob.get_type().name()?
+        )))
+    }
+    fn view(&self) -> Float1<'_> {
+        match self {
+            F1::F64(a) => Float1::F64(a.as_array()),
+            F1::F32(a) => Float1::F32(a.as_array()),
+            F1::F16(a) => Float1::F16(a.as_array()),
+            F1::Bf16(a) => Float1::Bf16(a.as_array()),
+        }
+    }
+}
+
+enum F2<'py> {
+    F64(PyReadonlyArray2<'py, f64>),
+    F32(PyReadonlyArray2<'py, f32>),
+    F16(PyReadonlyArray2<'py, f16>),
+    Bf16(PyReadonlyArray2<'py, i16>),
+}
+
+impl<'py> F2<'py> {
+    fn extract(ob: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
+        if let Ok(a) = ob.extract::<PyReadonlyArray2<f64>>() {
+            return Ok(F2::F64(a));
+        }
+        if let Ok(a) = ob.extract::<PyReadonlyArray2<f32>>() {
+            return Ok(F2::F32(a));
+        }
+        if let Ok(a) = ob.extract::<PyReadonlyArray2<f16>>() {
+            return Ok(F2::F16(a));
+        }
+        if let Ok(a) = ob.extract::<PyReadonlyArray2<i16>>() {
+            return Ok(F2::Bf16(a));
+        }
+        Err(PyTypeError::new_err(format!(
+            "{name}: expected a 2-D native-endian float array, got {}",
+            ob.get_type().name()?
+        )))
+    }
+    fn view(&self) -> Float2<'_> {
+        match self {
+            F2::F64(a) => Float2::F64(a.as_array()),
+            F2::F32(a) => Float2::F32(a.as_array()),
+            F2::F16(a) => Float2::F16(a.as_array()),
+            F2::Bf16(a) => Float2::Bf16(a.as_array()),
+        }
+    }
+}
+
+enum I1<'py> {
+    I64(PyReadonlyArray1<'py, i64>),
+    I32(PyReadonlyArray1<'py, i32>),
+}
+
+impl<'py> I1<'py> {
+    fn extract(ob: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
+        if let Ok(a) = ob.extract::<PyReadonlyArray1<i64>>() {
+            return Ok(I1::I64(a));
+        }
+        if let Ok(a) = ob.extract::<PyReadonlyArray1<i32>>() {
+            return Ok(I1::I32(a));
+        }
+        Err(PyTypeError::new_err(format!(
+            "{name}: expected a 1-D int64/int32 array, got {}",
+            ob.get_type().name()?
+        )))
+    }
+    fn view(&self) -> Ids1<'_> {
+        match self {
+            I1::I64(a) => Ids1::I64(a.as_array()),
+            I1::I32(a) => Ids1::I32(a.as_array()),
+        }
+    }
+}
+
+enum I2<'py> {
+    I64(PyReadonlyArray2<'py, i64>),
+    I32(PyReadonlyArray2<'py, i32>),
+}
+
+impl<'py> I2<'py> {
+    fn extract(ob: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
+        if let Ok(a) = ob.extract::<PyReadonlyArray2<i64>>() {
+            return Ok(I2::I64(a));
+        }
+        if let Ok(a) = ob.extract::<PyReadonlyArray2<i32>>() {
+            return Ok(I2::I32(a));
+        }
+        Err(PyTypeError::new_err(format!(
+            "{name}: expected a 2-D int64/int32 array, got {}",
+            ob.get_type().name()?
+        )))
+    }
+    fn view(&self) -> Ids2<'_> {
+        match self {
+            I2::I64(a) => Ids2::I64(a.as_array()),
+            I2::I32(a) => Ids2::I32(a.as_array()),
+        }
+    }
+}
+
+enum V1<'py> {
+    Bool(PyReadonlyArray1<'py, bool>),
+    U8(PyReadonlyArray1<'py, u8>),
+    I8(PyReadonlyArray1<'py, i8>),
+    I32(PyReadonlyArray1<'py, i32>),
+    I64(PyReadonlyArray1<'py, i64>),
+    F32(PyReadonlyArray1<'py, f32>),
+    F64(PyReadonlyArray1<'py, f64>),
+}
+
+impl<'py> V1<'py> {
+    fn extract(ob: &Bound<'py, PyAny>) -> PyResult<Self> {
+        macro_rules! try_as {
+            ($t:ty, $v:ident) => {
+                if let Ok(a) = ob.extract::<PyReadonlyArray1<$t>>() {
+                    return Ok(V1::$v(a));
+                }
+            };
+        }
+        try_as!(bool, Bool);
+        try_as!(u8, U8);
+        try_as!(i8, I8);
+        try_as!(i32, I32);
+        try_as!(i64, I64);
+        try_as!(f32, F32);
+        try_as!(f64, F64);
+        Err(PyTypeError::new_err(format!(
+            "response_mask: expected a 1-D bool/uint8/int8/int32/int64/float32/float64 array, got {}",
+            ob.get_type().name()?
+        )))
+    }
+    fn view(&self) -> Valid1<'_> {
+        match self {
+            V1::Bool(a) => Valid1::Bool(a.as_array()),
+            V1::U8(a) => Valid1::U8(a.as_array()),
+            V1::I8(a) => Valid1::I8(a.as_array()),
+            V1::I32(a) => Valid1::I32(a.as_array()),
+            V1::I64(a) => Valid1::I64(a.as_array()),
+            V1::F32(a) => Valid1::F32(a.as_array()),
+            V1::F64(a) => Valid1::F64(a.as_array()),
+        }
+    }
+}
+
+fn kind_of(kind: &str) -> PyResult<TopKKind> {
+    match kind {
+        "tv" => Ok(TopKKind::Tv),
+        "kl" => Ok(TopKKind::Kl),
+        other => Err(PyValueError::new_err(format!(
+            "kind must be 'tv' or 'kl', got {other:?}"
+        ))),
+    }
+}
+
+type BadTuple = Option<(u8, usize, usize, f64)>;
+
+fn bad_tuple(r: Result<(), TopKBad>) -> BadTuple {
+    r.err()
+        .map(|b| (b.field as u8, b.position, b.slot, b.value))
+}
+
+/// Top-K reduced TV or KL at `N` positions into `out` (float64 `[N]`). Returns `None`
+/// or the first bad value as `(field, position, slot, value)`.
+#[pyfunction]
+#[pyo3(signature = (kind, topk_ids, topk_old_log_probs, topk_log_probs, sampled_ids, old_log_probs, log_probs, valid, out, *, num_threads))]
+#[allow(clippy::too_many_arguments)]
+fn topk_divergence_into<'py>(
+    py: Python<'py>,
+    kind: &str,
+    topk_ids: &Bound<'py, PyAny>,
+    topk_old_log_probs: &Bound<'py, PyAny>,
+    topk_log_probs: &Bound<'py, PyAny>,
+    sampled_ids: &Bound<'py, PyAny>,
+    old_log_probs: &Bound<'py, PyAny>,
+    log_probs: &Bound<'py, PyAny>,
+    valid: Option<&Bound<'py, PyAny>>,
+    out: &Bound<'py, PyArray1<f64>>,
+    num_threads: usize,
+) -> PyResult<BadTuple> {
+    let kind = kind_of(kind)?;
+    let ids = I2::extract(topk_ids, "topk_ids")?;
+    let mu = F2::extract(topk_old_log_probs, "topk_old_log_probs")?;
+    let pi = F2::extract(topk_log_probs, "topk_log_probs")?;
+    let y = I1::extract(sampled_ids, "sampled_ids")?;
+    let lq = F1::extract(old_log_probs, "old_log_probs")?;
+    let lp = F1::extract(log_probs, "log_probs")?;
+    let v = valid.map(V1::extract).transpose()?;
+    let input = TopKInput {
+        topk_ids: ids.view(),
+        topk_old_log_probs: mu.view(),
+        topk_log_probs: pi.view(),
+        sampled_ids: y.view(),
+        old_log_probs: lq.view(),
+        log_probs: lp.view(),
+        valid: v.as_ref().map(|m| m.view()),
+    };
+    let n = input.log_probs.len();
+    let k = input.topk_ids.dim().1;
+    if input.old_log_probs.len() != n
+        || input.sampled_ids.len() != n
+        || input.topk_ids.dim().0 != n
+        || input.topk_old_log_probs.dim() != (n, k)
+        || input.topk_log_probs.dim() != (n, k)
+        || input.valid.as_ref().is_some_and(|v| v.len() != n)
+    {
+        return Err(PyValueError::new_err(
+            "topk_divergence_into: inconsistent shapes",
+        ));
+    }
+    let mut out_rw = out.readwrite();
+    let out_slice = out_rw
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
+    if out_slice.len() != n {
+        return Err(PyValueError::new_err("out must have N entries"));
+    }
+    let result = py.detach(|| {
+        with_threads(num_threads, || {
+            topk_divergence_batch(kind, &input, out_slice)
+        })
+    });
+    Ok(bad_tuple(result))
+}
+
+/// Binary TV or KL at `N` positions into `out` (float64 `[N]`); same error tuple.
+#[pyfunction]
+#[pyo3(signature = (kind, log_probs, old_log_probs, valid, out, *, num_threads))]
+fn binary_divergence_into<'py>(
+    py: Python<'py>,
+    kind: &str,
+    log_probs: &Bound<'py, PyAny>,
+    old_log_probs: &Bound<'py, PyAny>,
+    valid: Option<&Bound<'py, PyAny>>,
+    out: &Bound<'py, PyArray1<f64>>,
+    num_threads: usize,
+) -> PyResult<BadTuple> {
+    let kind = kind_of(kind)?;
+    let lp = F1::extract(log_probs, "log_probs")?;
+    let lq = F1::extract(old_log_probs, "old_log_probs")?;
+    let v = valid.map(V1::extract).transpose()?;
+    let (lpv, lqv) = (lp.view(), lq.view());
+    let vv = v.as_ref().map(|m| m.view());
+    let mut out_rw = out.readwrite();
+    let out_slice = out_rw
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
+    let n = out_slice.len();
+    if lpv.len() != n || lqv.len() != n || vv.as_ref().is_some_and(|v| v.len() != n) {
+        return Err(PyValueError::new_err(
+            "binary_divergence_into: inconsistent shapes",
+        ));
+    }
+    let result = py.detach(|| {
+        with_threads(num_threads, || {
+            binary_divergence_batch(kind, &lpv, &lqv, vv.as_ref(), out_slice)
+        })
+    });
+    Ok(bad_tuple(result))
+}
+
+/// Adds this file's functions to `cppo_native._native`.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(topk_divergence_into, m)?)?;
+    m.add_function(wrap_pyfunction!(binary_divergence_into, m)?)?;
+    Ok(())
+}
