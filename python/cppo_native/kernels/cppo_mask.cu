@@ -1,0 +1,926 @@
+// CPPO trust-region mask on CUDA (spec: shared/spec/CPPO.md).
+//
+// Same contract and, operation by operation, the same float64 arithmetic as
+// python/cppo_native/reference.py and rust/src/core.rs; only the order of the prefix
+// sums differs (a parallel scan), which the spec allows (|Z_t - c_t| <= 1e-9).
+// Compile with --fmad=false so that no a*b+c is fused and rounded differently.
+//
+// The flat positions (padded: r * L + c; packed: cu_seqlens[r] + c) are cut into tiles
+// of TILE positions; a tile can hold the end of one row and the start of the next, so
+// each block walks the "pieces" (row r within tile t, id r + t) of its tile.
+//
+//   cppo_shuffle  (only for position_weight="shuffled") one block per row: the
+//                 Fisher-Yates permutation of the row's weights (sequential by
+//                 definition) into a per-position weight array.
+//   cppo_stats    one block per tile: per piece, the number of valid tokens, the last
+//                 valid column, the sums needed for S and W and, for the adaptive
+//                 budget, counts around the clamp window and the divergences inside it.
+//   cppo_rows     one block per row: horizon T, the per-row budget (exact quantile
+//                 selection, only when it can fall inside the clamp window), and the
+//                 exclusive prefix (S, W) at the start of each of the row's pieces.
+//   cppo_mask_tiles  one block per tile (last tile first, to reuse what the first pass
+//                 left in L2): loads, validates, scans S and W inside each piece and
+//                 writes mask / reason / threshold / gate and the reason counts.
+//
+// Every index is 64-bit. Strides are in elements and may be anything (zero, negative).
+// Nothing here includes a header: NVRTC compiles it as is, and the CPU emulator used
+// by the tests (tests/cuda_emu) compiles the same file with a small shim.
+
+#ifndef CPPO_BLOCK
+#define CPPO_BLOCK 256  // threads per block, a multiple of 32
+#endif
+#ifndef CPPO_ITEMS
+#define CPPO_ITEMS 4  // positions per thread in a tile
+#endif
+#ifndef CPPO_CAND_RATIO
+#define CPPO_CAND_RATIO 4  // one candidate slot per this many positions
+#endif
+#ifndef CPPO_SELECT_CAP
+#define CPPO_SELECT_CAP 4096  // candidates selected in shared memory (8 bytes each)
+#endif
+#ifndef CPPO_SHUFFLE_CAP
+#define CPPO_SHUFFLE_CAP 8192  // valid tokens of a row shuffled in shared memory
+#endif
+
+#define TILE (CPPO_BLOCK * CPPO_ITEMS)
+#define NWARPS (CPPO_BLOCK / 32)
+#define FULL_MASK 0xffffffffu
+
+static_assert(CPPO_BLOCK % 32 == 0 && CPPO_BLOCK >= 64, "CPPO_BLOCK must be a multiple of 32, >= 64");
+static_assert(CPPO_ITEMS * NWARPS <= 32, "the tile scan combines ITEMS * NWARPS warp totals in one warp");
+
+typedef unsigned long long u64;
+typedef long long i64;
+typedef unsigned int u32;
+typedef double f64;
+
+// Codes shared with _cuda.py (and the Rust/Python enums of the same meaning).
+enum { PW_LINEAR = 0, PW_NONE = 1, PW_SHUFFLED = 2 };
+enum { DIV_TV = 0, DIV_KL = 1, DIV_GIVEN = 2 };
+enum { F64 = 0, F32 = 1, F16 = 2, BF16 = 3 };                                    // float inputs
+enum { M_ALL = 0, M_I8 = 1, M_I16 = 2, M_I32 = 3, M_I64 = 4, M_F16 = 5, M_F32 = 6, M_F64 = 7 };  // valid flags
+enum { CU_I64 = 0, CU_I32 = 1, CU_U32 = 2 };                                     // cu_seqlens
+enum { INVALID = 0, KEPT_TOWARD_MU = 1, KEPT_WITHIN = 2, MASKED_TOKEN = 3, MASKED_PREFIX = 4 };
+// Fields of the per-piece statistics (doubles; counts are exact below 2^53).
+enum { ST_N, ST_LAST, ST_A0, ST_A1, ST_S0, ST_S1, ST_BELOW, ST_CAND, ST_MAX_BELOW, ST_MIN_ABOVE, NSTAT };
+
+#define LOG_PROB_TOLERANCE 1e-6
+#define BINARY_KL_EPS 1e-12
+
+// The launch arguments: one struct passed by value. Every field is 8 bytes, so the
+// host packs it with struct.pack in this order; _cuda.py reads this list.
+// BEGIN ARGS
+#define CPPO_ARGS(X)                                                                     \
+    X(u64, log_probs) X(u64, old_log_probs) X(u64, advantages) X(u64, valid)            \
+    X(u64, divergence) X(u64, cu_seqlens)                                               \
+    X(i64, lp_s0) X(i64, lp_s1) X(i64, lq_s0) X(i64, lq_s1) X(i64, adv_s0) X(i64, adv_s1) \
+    X(i64, valid_s0) X(i64, valid_s1) X(i64, div_s0) X(i64, div_s1) X(i64, cu_s0)      \
+    X(i64, lp_type) X(i64, lq_type) X(i64, adv_type) X(i64, div_type) X(i64, valid_type) \
+    X(i64, cu_type)                                                                     \
+    X(i64, rows) X(i64, cols) X(i64, positions) X(i64, packed) X(i64, tiles)            \
+    X(i64, adv_per_row)                                                                 \
+    X(f64, delta) X(f64, delta_b) X(f64, w_min) X(i64, horizon) X(i64, position_weight) \
+    X(u64, shuffle_seed) X(i64, prefix_budget) X(i64, divergence_mode) X(i64, adaptive) \
+    X(f64, budget_quantile) X(f64, budget_scale) X(f64, window_lo) X(f64, window_hi)    \
+    X(i64, check_offsets)                                                               \
+    X(u64, piece_stats) X(u64, piece_prefix) X(u64, row_horizon) X(u64, row_budget)     \
+    X(u64, candidates) X(u64, shuffle_columns) X(u64, shuffle_weight) X(u64, error)     \
+    X(u64, out_mask) X(u64, out_reason) X(u64, out_threshold) X(u64, out_gate)         \
+    X(u64, out_row_budget) X(u64, out_counts)
+// END ARGS
+
+struct Args {
+#define CPPO_FIELD(type, name) type name;
+    CPPO_ARGS(CPPO_FIELD)
+#undef CPPO_FIELD
+};
+
+#define CPPO_COUNT(type, name) +1
+static_assert(sizeof(Args) == 8 * (0 CPPO_ARGS(CPPO_COUNT)), "Args must be packed 8-byte fields");
+#undef CPPO_COUNT
+
+// ---------------------------------------------------------------------------------
+// Scalars
+
+static __device__ __forceinline__ i64 imin(i64 a, i64 b) { return a < b ? a : b; }
+static __device__ __forceinline__ i64 imax(i64 a, i64 b) { return a > b ? a : b; }
+static __device__ __forceinline__ double pos_inf() { return __longlong_as_double(0x7ff0000000000000LL); }
+static __device__ __forceinline__ double neg_inf() { return __longlong_as_double((i64)0xfff0000000000000ULL); }
+static __device__ __forceinline__ bool is_finite(double x) {
+    return (((u64)__double_as_longlong(x) >> 52) & 0x7ff) != 0x7ff;
+}
+
+// Python's min(a, b) and max(a, b) (the first argument wins ties), as the reference.
+static __device__ __forceinline__ double py_min(double a, double b) { return b < a ? b : a; }
+static __device__ __forceinline__ double py_max(double a, double b) { return b > a ? b : a; }
+
+static __device__ __forceinline__ double half_bits_to_double(u32 h) {
+    const u32 sign = h >> 15, exponent = (h >> 10) & 31, mantissa = h & 1023;
+    double v;
+    if (exponent == 0) {
+        v = (double)mantissa * 5.9604644775390625e-08;  // subnormal: mantissa * 2^-24 (exact)
+    } else if (exponent == 31) {
+        v = mantissa ? __longlong_as_double(0x7ff8000000000000LL) : pos_inf();
+    } else {
+        v = __longlong_as_double((i64)(((u64)(exponent - 15 + 1023) << 52) | ((u64)mantissa << 42)));
+    }
+    return sign ? -v : v;
+}
+
+static __device__ __forceinline__ double bf16_bits_to_double(u32 h) {
+    return (double)__uint_as_float(h << 16);
+}
+
+static __device__ __forceinline__ double load_float(u64 base, i64 type, i64 offset) {
+    switch (type) {
+        case F64: return ((const double*)base)[offset];
+        case F32: return (double)((const float*)base)[offset];
+        case F16: return half_bits_to_double(((const unsigned short*)base)[offset]);
+        default: return bf16_bits_to_double(((const unsigned short*)base)[offset]);
+    }
+}
+
+// Nonzero means valid. Floats compare with 0.0 (so -0.0 is not valid, NaN is).
+static __device__ __forceinline__ bool load_flag(u64 base, i64 type, i64 offset) {
+    switch (type) {
+        case M_ALL: return true;
+        case M_I8: return ((const unsigned char*)base)[offset] != 0;
+        case M_I16: return ((const unsigned short*)base)[offset] != 0;
+        case M_I32: return ((const u32*)base)[offset] != 0;
+        case M_I64: return ((const u64*)base)[offset] != 0;
+        case M_F16: return (((const unsigned short*)base)[offset] & 0x7fffu) != 0;
+        case M_F32: return (((const u32*)base)[offset] & 0x7fffffffu) != 0;
+        default: return (((const u64*)base)[offset] & 0x7fffffffffffffffULL) != 0;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Layout: rows, positions and element offsets
+
+static __device__ __forceinline__ i64 load_offset(const Args& a, i64 i) {
+    const i64 at = i * a.cu_s0;
+    switch (a.cu_type) {
+        case CU_I64: return ((const i64*)a.cu_seqlens)[at];
+        case CU_I32: return (i64)((const int*)a.cu_seqlens)[at];
+        default: return (i64)((const u32*)a.cu_seqlens)[at];
+    }
+}
+
+// First position of row r (r in [0, rows]); clamped so that bad cu_seqlens can never
+// send a load out of bounds (they are reported when validate=True).
+static __device__ i64 row_start(const Args& a, i64 r) {
+    if (!a.packed) return r * a.cols;
+    return imin(imax(load_offset(a, r), 0), a.positions);
+}
+
+// The row holding position p: the last r in [0, rows) with row_start(r) <= p.
+static __device__ i64 row_of(const Args& a, i64 p) {
+    if (!a.packed) return p / a.cols;
+    i64 lo = 0, hi = a.rows - 1;
+    while (lo < hi) {
+        const i64 mid = lo + (hi - lo + 1) / 2;
+        if (row_start(a, mid) <= p) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Element offset of (row r, column c, flat position p) in an input with strides s0, s1.
+static __device__ __forceinline__ i64 at(const Args& a, i64 s0, i64 s1, i64 r, i64 c, i64 p) {
+    return a.packed ? p * s0 : r * s0 + c * s1;
+}
+
+static __device__ __forceinline__ bool is_valid(const Args& a, i64 r, i64 c, i64 p) {
+    return load_flag(a.valid, a.valid_type, at(a, a.valid_s0, a.valid_s1, r, c, p));
+}
+static __device__ __forceinline__ double log_prob(const Args& a, i64 r, i64 c, i64 p) {
+    return load_float(a.log_probs, a.lp_type, at(a, a.lp_s0, a.lp_s1, r, c, p));
+}
+static __device__ __forceinline__ double old_log_prob(const Args& a, i64 r, i64 c, i64 p) {
+    return load_float(a.old_log_probs, a.lq_type, at(a, a.lq_s0, a.lq_s1, r, c, p));
+}
+static __device__ __forceinline__ double given_divergence(const Args& a, i64 r, i64 c, i64 p) {
+    return load_float(a.divergence, a.div_type, at(a, a.div_s0, a.div_s1, r, c, p));
+}
+
+// ---------------------------------------------------------------------------------
+// The spec's formulas (reference.py, core.rs)
+
+static __device__ __forceinline__ double binary_tv(double lp, double lq) { return fabs(exp(lp) - exp(lq)); }
+
+static __device__ double binary_kl(double lp, double lq) {
+    const double a = py_min(lq, 0.0);
+    const double b = py_min(lp, 0.0);
+    const double p = exp(a);
+    const double p_rest = py_max(-expm1(a), BINARY_KL_EPS);
+    const double r_rest = py_max(-expm1(b), BINARY_KL_EPS);
+    const double d = p * (a - b) + p_rest * log(p_rest / r_rest);
+    return d > 0.0 ? d : 0.0;
+}
+
+// D_t at a valid position (lp, lq already loaded unless the divergence is given).
+static __device__ __forceinline__ double divergence_at(const Args& a, double lp, double lq, i64 r, i64 c, i64 p) {
+    if (a.divergence_mode == DIV_TV) return binary_tv(lp, lq);
+    if (a.divergence_mode == DIV_KL) return binary_kl(lp, lq);
+    return given_divergence(a, r, c, p);
+}
+
+// D_t loading only what the divergence mode needs.
+static __device__ __forceinline__ double load_divergence(const Args& a, i64 r, i64 c, i64 p) {
+    if (a.divergence_mode == DIV_GIVEN) return given_divergence(a, r, c, p);
+    return divergence_at(a, log_prob(a, r, c, p), old_log_prob(a, r, c, p), r, c, p);
+}
+
+// Paper Eq. 9 with t - 1 = column and T = horizon.
+static __device__ __forceinline__ double position_weight(i64 column, i64 horizon, double w_min) {
+    if (horizon <= 1) return 1.0;
+    const double ratio = (double)column / (double)(horizon - 1);
+    return 1.0 - (1.0 - w_min) * py_min(1.0, ratio);
+}
+
+// Order-preserving integer key of a double (-0.0 folded into +0.0, as core.rs does).
+static __device__ __forceinline__ u64 order_key(double d) {
+    const u64 b = (u64)__double_as_longlong(d + 0.0);
+    return (b >> 63) ? ~b : (b | 0x8000000000000000ULL);
+}
+static __device__ __forceinline__ double key_value(u64 k) {
+    return __longlong_as_double((i64)((k >> 63) ? (k & 0x7fffffffffffffffULL) : ~k));
+}
+
+// Where D falls relative to the adaptive budget's clamp window: 0 below, 1 inside,
+// 2 above (NaN, only possible with validate=False, counts as above).
+static __device__ __forceinline__ int window_class(const Args& a, double d) {
+    if (d < a.window_lo) return 0;
+    if (d <= a.window_hi) return 1;
+    return 2;
+}
+
+// ---------------------------------------------------------------------------------
+// Block-wide building blocks. Every thread of the block must call them.
+
+static __device__ __forceinline__ int lane_id() { return (int)(threadIdx.x & 31); }
+static __device__ __forceinline__ int warp_id() { return (int)(threadIdx.x >> 5); }
+
+template <class T>
+static __device__ __forceinline__ T warp_inclusive_sum(T x) {
+    const int lane = lane_id();
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+        const T y = __shfl_up_sync(FULL_MASK, x, d);
+        if (lane >= d) x += y;
+    }
+    return x;
+}
+
+// Exclusive prefix of one value per thread in thread order; `total` gets the block sum.
+template <class T>
+static __device__ T block_exclusive_sum(T x, T& total) {
+    __shared__ T warp_totals[NWARPS];
+    const int lane = lane_id(), warp = warp_id();
+    const T incl = warp_inclusive_sum(x);
+    T excl = __shfl_up_sync(FULL_MASK, incl, 1);
+    if (lane == 0) excl = T(0);
+    if (lane == 31) warp_totals[warp] = incl;
+    __syncthreads();
+    T before = T(0), sum = T(0);
+    for (int w = 0; w < NWARPS; ++w) {
+        if (w < warp) before += warp_totals[w];
+        sum += warp_totals[w];
+    }
+    __syncthreads();
+    total = sum;
+    return before + excl;
+}
+
+// Exclusive prefix sums of NV values over the positions of a tile piece, laid out
+// striped: item k of thread t is position k * BLOCK + t. out[k][j] = sum of value j over
+// all earlier positions of the piece.
+template <int NV>
+static __device__ void tile_exclusive_sum(const double (&v)[CPPO_ITEMS][NV], double (&out)[CPPO_ITEMS][NV]) {
+    __shared__ double totals[NV][32];
+    const int lane = lane_id(), warp = warp_id();
+#pragma unroll
+    for (int k = 0; k < CPPO_ITEMS; ++k) {
+#pragma unroll
+        for (int j = 0; j < NV; ++j) {
+            const double incl = warp_inclusive_sum(v[k][j]);
+            double excl = __shfl_up_sync(FULL_MASK, incl, 1);
+            out[k][j] = lane == 0 ? 0.0 : excl;
+            if (lane == 31) totals[j][k * NWARPS + warp] = incl;
+        }
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int j = 0; j < NV; ++j) {
+            const double x = lane < CPPO_ITEMS * NWARPS ? totals[j][lane] : 0.0;
+            const double incl = warp_inclusive_sum(x);
+            const double excl = __shfl_up_sync(FULL_MASK, incl, 1);
+            if (lane < CPPO_ITEMS * NWARPS) totals[j][lane] = lane == 0 ? 0.0 : excl;
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < CPPO_ITEMS; ++k) {
+#pragma unroll
+        for (int j = 0; j < NV; ++j) out[k][j] = totals[j][k * NWARPS + warp] + out[k][j];
+    }
+    __syncthreads();
+}
+
+// Per-piece statistics and their combination (sums, max of last/max_below, min of
+// min_above), reduced over the block in a fixed order; the result is in every thread.
+struct Stats {
+    double v[NSTAT];
+};
+
+static __device__ __forceinline__ Stats stats_identity() {
+    Stats s;
+    for (int i = 0; i < NSTAT; ++i) s.v[i] = 0.0;
+    s.v[ST_LAST] = -1.0;
+    s.v[ST_MAX_BELOW] = neg_inf();
+    s.v[ST_MIN_ABOVE] = pos_inf();
+    return s;
+}
+
+static __device__ __forceinline__ void stats_combine(Stats& s, const Stats& o) {
+    for (int i = 0; i < NSTAT; ++i) {
+        if (i == ST_LAST || i == ST_MAX_BELOW) s.v[i] = o.v[i] > s.v[i] ? o.v[i] : s.v[i];
+        else if (i == ST_MIN_ABOVE) s.v[i] = o.v[i] < s.v[i] ? o.v[i] : s.v[i];
+        else s.v[i] += o.v[i];
+    }
+}
+
+static __device__ Stats block_reduce_stats(Stats s) {
+    __shared__ double partial[NSTAT][NWARPS];
+    const int lane = lane_id(), warp = warp_id();
+    for (int d = 16; d > 0; d >>= 1) {
+        Stats o;
+        for (int i = 0; i < NSTAT; ++i) o.v[i] = __shfl_down_sync(FULL_MASK, s.v[i], d);
+        if (lane + d < 32) stats_combine(s, o);
+    }
+    if (lane == 0) {
+        for (int i = 0; i < NSTAT; ++i) partial[i][warp] = s.v[i];
+    }
+    __syncthreads();
+    Stats total = stats_identity();
+    for (int w = 0; w < NWARPS; ++w) {
+        Stats o;
+        for (int i = 0; i < NSTAT; ++i) o.v[i] = partial[i][w];
+        stats_combine(total, o);
+    }
+    __syncthreads();
+    return total;
+}
+
+template <class T>
+static __device__ T block_reduce_min(T x) {
+    __shared__ T partial[NWARPS];
+    for (int d = 16; d > 0; d >>= 1) {
+        const T y = __shfl_down_sync(FULL_MASK, x, d);
+        if (lane_id() + d < 32 && y < x) x = y;
+    }
+    if (lane_id() == 0) partial[warp_id()] = x;
+    __syncthreads();
+    T m = partial[0];
+    for (int w = 1; w < NWARPS; ++w) m = partial[w] < m ? partial[w] : m;
+    __syncthreads();
+    return m;
+}
+
+template <class T>
+static __device__ T block_reduce_sum(T x) {
+    __shared__ T partial[NWARPS];
+    for (int d = 16; d > 0; d >>= 1) {
+        const T y = __shfl_down_sync(FULL_MASK, x, d);
+        if (lane_id() + d < 32) x += y;
+    }
+    if (lane_id() == 0) partial[warp_id()] = x;
+    __syncthreads();
+    T s = T(0);
+    for (int w = 0; w < NWARPS; ++w) s += partial[w];
+    __syncthreads();
+    return s;
+}
+
+// Calls on_piece(r, row_start, begin, end) for every row piece of tile [ts, te), in
+// order, and on_orphan(begin, end) for positions that belong to no row (possible only
+// with invalid cu_seqlens). Uniform across the block.
+template <class OnPiece, class OnOrphan>
+static __device__ void walk_tile(const Args& a, i64 ts, i64 te, OnPiece on_piece, OnOrphan on_orphan) {
+    i64 pos = ts;
+    i64 r = a.rows > 0 ? row_of(a, ts) : 0;
+    while (pos < te) {
+        if (r >= a.rows) {
+            on_orphan(pos, te);
+            break;
+        }
+        const i64 rs = row_start(a, r);
+        if (pos < rs) {
+            const i64 e = imin(rs, te);
+            on_orphan(pos, e);
+            pos = e;
+            continue;
+        }
+        const i64 e = imin(row_start(a, r + 1), te);
+        if (e > pos) {
+            on_piece(r, rs, pos, e);
+            pos = e;
+        }
+        ++r;
+    }
+}
+
+// Candidate slots of the piece [begin, end): [begin / RATIO, end / RATIO).
+static __device__ __forceinline__ i64 slot_begin(i64 begin) { return begin / CPPO_CAND_RATIO; }
+
+// ---------------------------------------------------------------------------------
+// cppo_shuffle: the shuffled ablation's weights, one block per row.
+
+// SplitMix64 seeded with (seed, row), identical to reference.py / core.rs.
+struct SplitMix64 {
+    u64 state;
+    __device__ SplitMix64(u64 seed, i64 row) : state(seed ^ ((u64)(row + 1) * 0xD1B54A32D192ED03ULL)) {}
+    __device__ u64 next() {
+        state += 0x9E3779B97F4A7C15ULL;
+        u64 z = state;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+};
+
+// Applies the Fisher-Yates swaps of shuffle_permutation(n, seed, row) to `cols` (the
+// row's valid columns in order): afterwards cols[k] = valid_columns[perm[k]].
+template <class T>
+static __device__ void fisher_yates(T* cols, i64 n, u64 seed, i64 row) {
+    SplitMix64 rng(seed, row);
+    for (i64 i = n - 1; i > 0; --i) {
+        const i64 j = (i64)(rng.next() % (u64)(i + 1));
+        const T tmp = cols[i];
+        cols[i] = cols[j];
+        cols[j] = tmp;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_shuffle(const Args a) {
+    __shared__ int local_cols[CPPO_SHUFFLE_CAP];
+    const i64 r = blockIdx.x;
+    if (r >= a.rows) return;
+    const i64 rs = row_start(a, r), re = imax(row_start(a, r + 1), rs);
+    i64* cols = (i64*)a.shuffle_columns + rs;
+    double* weight = (double*)a.shuffle_weight;
+
+    // The row's valid columns, in order.
+    i64 n = 0;
+    for (i64 base = rs; base < re; base += CPPO_BLOCK) {
+        const i64 p = base + threadIdx.x;
+        const bool v = p < re && is_valid(a, r, p - rs, p);
+        i64 total;
+        const i64 rank = block_exclusive_sum<i64>(v ? 1 : 0, total);
+        if (v) cols[n + rank] = p - rs;
+        n += total;
+    }
+    __syncthreads();
+    const i64 horizon = a.horizon > 0 ? a.horizon : (n > 0 ? cols[n - 1] + 1 : 0);
+    __syncthreads();  // every thread has read cols[n - 1] before the swaps below
+
+    const bool in_shared = n <= CPPO_SHUFFLE_CAP && re - rs <= 0x7fffffff;
+    if (in_shared) {
+        for (i64 k = threadIdx.x; k < n; k += CPPO_BLOCK) local_cols[k] = (int)cols[k];
+        __syncthreads();
+        if (threadIdx.x == 0) fisher_yates(local_cols, n, a.shuffle_seed, r);
+    } else if (threadIdx.x == 0) {
+        fisher_yates(cols, n, a.shuffle_seed, r);
+    }
+    __syncthreads();
+
+    // Valid position number k takes the weight of column cols[k].
+    i64 seen = 0;
+    for (i64 base = rs; base < re; base += CPPO_BLOCK) {
+        const i64 p = base + threadIdx.x;
+        const bool v = p < re && is_valid(a, r, p - rs, p);
+        i64 total;
+        const i64 rank = block_exclusive_sum<i64>(v ? 1 : 0, total);
+        if (v) {
+            const i64 k = seen + rank;
+            const i64 source = in_shared ? (i64)local_cols[k] : cols[k];
+            weight[p] = position_weight(source, horizon, a.w_min);
+        }
+        seen += total;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// cppo_stats: per-piece statistics, one block per tile.
+
+extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_stats(const Args a) {
+    __shared__ u32 cand_count;
+    const i64 tile = blockIdx.x;
+    if (tile == 0 && threadIdx.x == 0) {
+        // Reset the error record and the counts (later kernels of this call write them).
+        ((u64*)a.error)[0] = ~0ULL;
+        ((u64*)a.error)[1] = ~0ULL;
+        if (a.out_counts) {
+            for (int i = 0; i < 5; ++i) ((i64*)a.out_counts)[i] = 0;
+        }
+    }
+    if (tile >= a.tiles) return;
+    const i64 ts = tile * TILE, te = imin(ts + TILE, a.positions);
+    const bool seq_linear = a.position_weight == PW_LINEAR && a.horizon == 0;
+    double* stats = (double*)a.piece_stats;
+    double* cands = (double*)a.candidates;
+
+    walk_tile(
+        a, ts, te,
+        [&](i64 r, i64 rs, i64 begin, i64 end) {
+            Stats s = stats_identity();
+            const i64 slot0 = slot_begin(begin), capacity = slot_begin(end) - slot0;
+            if (a.adaptive) {
+                if (threadIdx.x == 0) cand_count = 0;
+                __syncthreads();
+            }
+            for (int k = 0; k < CPPO_ITEMS; ++k) {
+                const i64 p = begin + (i64)k * CPPO_BLOCK + threadIdx.x;
+                if (p >= end) break;
+                const i64 c = p - rs;
+                if (!is_valid(a, r, c, p)) continue;
+                const double d = load_divergence(a, r, c, p);
+                // w_t = a_t - kappa * b_t, with kappa known only once T is (cppo_rows).
+                double wa, wb;
+                if (seq_linear) {
+                    wa = 1.0;
+                    wb = (double)c;
+                } else {
+                    wb = 0.0;
+                    if (a.position_weight == PW_LINEAR) wa = position_weight(c, a.horizon, a.w_min);
+                    else if (a.position_weight == PW_NONE) wa = 1.0;
+                    else wa = ((const double*)a.shuffle_weight)[p];
+                }
+                s.v[ST_N] += 1.0;
+                s.v[ST_LAST] = (double)c;
+                s.v[ST_A0] += wa;
+                s.v[ST_A1] += wb;
+                s.v[ST_S0] += wa * d;
+                s.v[ST_S1] += wb * d;
+                if (a.adaptive) {
+                    const double d0 = d + 0.0;
+                    const int cls = window_class(a, d0);
+                    if (cls == 0) {
+                        s.v[ST_BELOW] += 1.0;
+                        if (d0 > s.v[ST_MAX_BELOW]) s.v[ST_MAX_BELOW] = d0;
+                    } else if (cls == 1) {
+                        s.v[ST_CAND] += 1.0;
+                        const u32 slot = atomicAdd(&cand_count, 1u);
+                        if ((i64)slot < capacity) cands[slot0 + slot] = d0;
+                    } else if (d0 < s.v[ST_MIN_ABOVE]) {
+                        s.v[ST_MIN_ABOVE] = d0;
+                    }
+                }
+            }
+            const Stats total = block_reduce_stats(s);
+            if (threadIdx.x == 0) {
+                double* out = stats + (r + tile) * NSTAT;
+                for (int i = 0; i < NSTAT; ++i) out[i] = total.v[i];
+            }
+        },
+        [&](i64, i64) {});
+}
+
+// ---------------------------------------------------------------------------------
+// cppo_rows: horizon, budget and piece prefixes, one block per row.
+
+// Candidate sources for the selection: each thread visits a share of the keys.
+struct SharedKeys {
+    const u64* keys;
+    i64 count;
+    template <class F>
+    __device__ void each(F f) const {
+        for (i64 i = threadIdx.x; i < count; i += CPPO_BLOCK) f(keys[i]);
+    }
+};
+
+// The divergences cppo_stats stored for the row's pieces (no piece overflowed).
+struct StoredKeys {
+    const Args* a;
+    i64 r, rs, re, first_tile, pieces;
+    template <class F>
+    __device__ void each(F f) const {
+        const double* stats = (const double*)a->piece_stats;
+        const double* cands = (const double*)a->candidates;
+        for (i64 i = 0; i < pieces; ++i) {
+            const i64 t = first_tile + i;
+            const i64 begin = imax(rs, t * TILE), end = imin(re, (t + 1) * TILE);
+            const i64 slot0 = slot_begin(begin), capacity = slot_begin(end) - slot0;
+            const i64 n = imin((i64)stats[(r + t) * NSTAT + ST_CAND], capacity);
+            for (i64 j = threadIdx.x; j < n; j += CPPO_BLOCK) f(order_key(cands[slot0 + j]));
+        }
+    }
+};
+
+// The row's in-window divergences recomputed from the inputs (a piece overflowed).
+struct RecomputedKeys {
+    const Args* a;
+    i64 r, rs, re;
+    template <class F>
+    __device__ void each(F f) const {
+        for (i64 p = rs + threadIdx.x; p < re; p += CPPO_BLOCK) {
+            const i64 c = p - rs;
+            if (!is_valid(*a, r, c, p)) continue;
+            const double d0 = load_divergence(*a, r, c, p) + 0.0;
+            if (window_class(*a, d0) == 1) f(order_key(d0));
+        }
+    }
+};
+
+// The key of rank k (0-based, ascending) among the source's keys: MSB-first radix
+// selection, 8 bits per pass, histogram in shared memory.
+template <class Src>
+static __device__ u64 radix_select(const Src& src, i64 k) {
+    __shared__ unsigned long long hist[256];
+    __shared__ u64 chosen_digit;
+    __shared__ i64 chosen_rank;
+    u64 prefix = 0, known = 0;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += CPPO_BLOCK) hist[i] = 0;
+        if (threadIdx.x == 0) {
+            chosen_digit = 255;  // only kept if k is out of range (inconsistent input)
+            chosen_rank = 0;
+        }
+        __syncthreads();
+        src.each([&](u64 key) {
+            if ((key & known) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1ULL);
+        });
+        __syncthreads();
+        if (warp_id() == 0) {
+            const int lane = lane_id();
+            u64 sum = 0;
+            for (int j = 0; j < 8; ++j) sum += hist[lane * 8 + j];
+            const u64 incl = warp_inclusive_sum(sum);
+            const u64 before = incl - sum;
+            if ((u64)k >= before && (u64)k < incl) {
+                u64 c = before;
+                for (int j = 0; j < 8; ++j) {
+                    const u64 h = hist[lane * 8 + j];
+                    if ((u64)k < c + h) {
+                        chosen_digit = (u64)(lane * 8 + j);
+                        chosen_rank = k - (i64)c;
+                        break;
+                    }
+                    c += h;
+                }
+            }
+        }
+        __syncthreads();
+        prefix |= chosen_digit << shift;
+        known |= 0xffULL << shift;
+        k = chosen_rank;
+        __syncthreads();
+    }
+    return prefix;
+}
+
+// Keys of ranks k_lo <= k_hi among the candidates (ranks relative to the window).
+template <class Src>
+static __device__ void select_pair(const Src& src, i64 k_lo, i64 k_hi, bool need_lo, bool need_hi, u64& key_lo, u64& key_hi) {
+    if (need_lo) key_lo = radix_select(src, k_lo);
+    if (need_hi) key_hi = (need_lo && k_hi == k_lo) ? key_lo : radix_select(src, k_hi);
+}
+
+// delta_b_row (Eq. 22) for an adaptive row with n >= 1 valid tokens. Ranks below the
+// window (Q <= window_lo: budget delta_b) and above it (Q > window_hi: 2 delta_b) need
+// no selection; otherwise x[floor h] and x[ceil h] are selected exactly.
+static __device__ double adaptive_budget(const Args& a, i64 r, i64 rs, i64 re, i64 first_tile, i64 pieces,
+                                         const Stats& row) {
+    __shared__ u64 gathered_keys[CPPO_SELECT_CAP];
+    __shared__ u32 gathered;
+    const i64 n = (i64)row.v[ST_N];
+    const i64 below = (i64)row.v[ST_BELOW], cand = (i64)row.v[ST_CAND];
+    const double h = a.budget_quantile * (double)(n - 1);
+    const double h_floor = floor(h);
+    const i64 lo = (i64)h_floor, hi = (i64)ceil(h);
+    if (hi < below) return a.delta_b;
+    if (lo >= below + cand) return 2.0 * a.delta_b;
+
+    // Which order statistics come from the candidates (the others are the largest value
+    // below the window or the smallest above it).
+    const bool lo_in = lo >= below && lo < below + cand;
+    const bool hi_in = hi >= below && hi < below + cand;
+    u64 key_lo = 0, key_hi = 0;
+    if (lo_in || hi_in) {
+        bool overflow = false;
+        for (i64 i = 0; i < pieces; ++i) {
+            const i64 t = first_tile + i;
+            const i64 begin = imax(rs, t * TILE), end = imin(re, (t + 1) * TILE);
+            const i64 capacity = slot_begin(end) - slot_begin(begin);
+            if ((i64)((const double*)a.piece_stats)[(r + t) * NSTAT + ST_CAND] > capacity) overflow = true;
+        }
+        const StoredKeys stored{&a, r, rs, re, first_tile, pieces};
+        const RecomputedKeys recomputed{&a, r, rs, re};
+        if (cand <= CPPO_SELECT_CAP) {
+            if (threadIdx.x == 0) gathered = 0;
+            __syncthreads();
+            auto keep = [&](u64 key) {
+                const u32 i = atomicAdd(&gathered, 1u);
+                if (i < CPPO_SELECT_CAP) gathered_keys[i] = key;
+            };
+            if (overflow) recomputed.each(keep); else stored.each(keep);
+            __syncthreads();
+            const SharedKeys keys{gathered_keys, imin((i64)gathered, CPPO_SELECT_CAP)};
+            select_pair(keys, lo - below, hi - below, lo_in, hi_in, key_lo, key_hi);
+        } else if (overflow) {
+            select_pair(recomputed, lo - below, hi - below, lo_in, hi_in, key_lo, key_hi);
+        } else {
+            select_pair(stored, lo - below, hi - below, lo_in, hi_in, key_lo, key_hi);
+        }
+    }
+    const double x_lo = lo_in ? key_value(key_lo) : row.v[ST_MAX_BELOW];
+    const double x_hi = hi_in ? key_value(key_hi) : (hi < below ? row.v[ST_MAX_BELOW] : row.v[ST_MIN_ABOVE]);
+    const double q = x_lo + (h - h_floor) * (x_hi - x_lo);
+    const double budget = py_max(a.budget_scale * q, a.delta_b);
+    return py_min(budget, 2.0 * a.delta_b);
+}
+
+extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_rows(const Args a) {
+    __shared__ double carry[4];
+    const i64 r = blockIdx.x;
+    u64* error = (u64*)a.error;
+    if (a.check_offsets && a.packed && threadIdx.x == 0) {
+        // cu_seqlens: starts at 0, non-decreasing, ends at the number of tokens.
+        if (r == 0 && load_offset(a, 0) != 0) atomicMin(&error[1], 0ULL);
+        if (r < a.rows && load_offset(a, r + 1) < load_offset(a, r)) atomicMin(&error[1], (u64)(r + 1));
+        if (r == 0 && load_offset(a, a.rows) != a.positions) atomicMin(&error[1], (u64)(a.rows + 1));
+    }
+    if (r >= a.rows) return;
+    const i64 rs = row_start(a, r), re = imax(row_start(a, r + 1), rs);
+    const i64 first_tile = rs / TILE;
+    const i64 pieces = re > rs ? (re - 1) / TILE - first_tile + 1 : 0;
+    const double* stats = (const double*)a.piece_stats;
+
+    Stats s = stats_identity();
+    for (i64 i = threadIdx.x; i < pieces; i += CPPO_BLOCK) {
+        Stats o;
+        for (int j = 0; j < NSTAT; ++j) o.v[j] = stats[(r + first_tile + i) * NSTAT + j];
+        stats_combine(s, o);
+    }
+    const Stats row = block_reduce_stats(s);
+    const i64 n = (i64)row.v[ST_N];
+    const i64 horizon = a.horizon > 0 ? a.horizon : (n > 0 ? (i64)row.v[ST_LAST] + 1 : 0);
+    const bool seq_linear = a.position_weight == PW_LINEAR && a.horizon == 0;
+    const double kappa = (seq_linear && horizon > 1) ? (1.0 - a.w_min) / (double)(horizon - 1) : 0.0;
+
+    // S and W before each piece: exclusive prefix over the row's pieces, in order.
+    if (threadIdx.x < 4) carry[threadIdx.x] = 0.0;
+    __syncthreads();
+    double* prefix = (double*)a.piece_prefix;
+    for (i64 base = 0; base < pieces; base += CPPO_BLOCK) {
+        const i64 i = base + threadIdx.x;
+        double mine[4] = {0.0, 0.0, 0.0, 0.0};
+        if (i < pieces) {
+            const double* st = stats + (r + first_tile + i) * NSTAT;
+            mine[0] = st[ST_A0];
+            mine[1] = st[ST_A1];
+            mine[2] = st[ST_S0];
+            mine[3] = st[ST_S1];
+        }
+        double before[4], total[4];
+        for (int j = 0; j < 4; ++j) before[j] = carry[j] + block_exclusive_sum<double>(mine[j], total[j]);
+        if (i < pieces) {
+            double* out = prefix + (r + first_tile + i) * 2;
+            out[0] = before[2] - kappa * before[3];  // S before the piece
+            out[1] = before[0] - kappa * before[1];  // W before the piece
+        }
+        __syncthreads();
+        if (threadIdx.x < 4) carry[threadIdx.x] += total[threadIdx.x];
+        __syncthreads();
+    }
+
+    double budget = a.delta_b;
+    if (a.adaptive && n > 0) budget = adaptive_budget(a, r, rs, re, first_tile, pieces, row);
+    if (threadIdx.x == 0) {
+        ((i64*)a.row_horizon)[r] = horizon;
+        ((double*)a.row_budget)[r] = budget;
+        if (a.out_row_budget) ((double*)a.out_row_budget)[r] = budget;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// cppo_mask_tiles: the mask, one block per tile.
+
+static __device__ __forceinline__ bool bad_log_prob(double x) { return !(is_finite(x) && x <= LOG_PROB_TOLERANCE); }
+
+extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_mask_tiles(const Args a) {
+    const i64 tile = a.tiles - 1 - (i64)blockIdx.x;  // reverse order: reuse the stats pass's L2 lines
+    const i64 ts = tile * TILE, te = imin(ts + TILE, a.positions);
+    const bool info = a.out_reason != 0;
+    bool* mask = (bool*)a.out_mask;
+    signed char* reason = (signed char*)a.out_reason;
+    double* threshold = (double*)a.out_threshold;
+    double* gate = (double*)a.out_gate;
+    u64 first_bad = ~0ULL;
+    i64 counts[5] = {0, 0, 0, 0, 0};
+
+    walk_tile(
+        a, ts, te,
+        [&](i64 r, i64 rs, i64 begin, i64 end) {
+            const i64 horizon = ((const i64*)a.row_horizon)[r];
+            const double budget = ((const double*)a.row_budget)[r];
+            const double* pre = (const double*)a.piece_prefix + (r + tile) * 2;
+            const double s_before = pre[0], w_before = pre[1];
+            const double row_advantage =
+                a.adv_per_row ? load_float(a.advantages, a.adv_type, r * a.adv_s0) : 0.0;
+
+            bool valid[CPPO_ITEMS], toward_mu[CPPO_ITEMS];
+            double zw[CPPO_ITEMS][2];  // (Z_t, v_t w_t)
+            for (int k = 0; k < CPPO_ITEMS; ++k) {
+                const i64 p = begin + (i64)k * CPPO_BLOCK + threadIdx.x;
+                const i64 c = p - rs;
+                valid[k] = p < end && is_valid(a, r, c, p);
+                toward_mu[k] = false;
+                zw[k][0] = 0.0;
+                zw[k][1] = 0.0;
+                if (!valid[k]) continue;
+                const double lp = log_prob(a, r, c, p);
+                const double lq = old_log_prob(a, r, c, p);
+                const double adv = a.adv_per_row
+                    ? row_advantage
+                    : load_float(a.advantages, a.adv_type, at(a, a.adv_s0, a.adv_s1, r, c, p));
+                const double d = divergence_at(a, lp, lq, r, c, p);
+                // Bad input: first field that breaks the spec's rule at this position.
+                int field = -1;
+                if (bad_log_prob(lp)) field = 0;
+                else if (bad_log_prob(lq)) field = 1;
+                else if (!is_finite(adv)) field = 2;
+                else if (a.divergence_mode == DIV_GIVEN && !(is_finite(d) && d >= 0.0)) field = 3;
+                if (field >= 0) {
+                    const u64 key = (u64)p * 4 + (u64)field;
+                    if (key < first_bad) first_bad = key;
+                }
+                double w;
+                if (a.position_weight == PW_LINEAR) w = position_weight(c, horizon, a.w_min);
+                else if (a.position_weight == PW_NONE) w = 1.0;
+                else w = ((const double*)a.shuffle_weight)[p];
+                zw[k][0] = w * d;
+                zw[k][1] = w;
+                toward_mu[k] = adv * (lp - lq) <= 0.0;
+            }
+
+            double before[CPPO_ITEMS][2];
+            tile_exclusive_sum<2>(zw, before);
+
+            for (int k = 0; k < CPPO_ITEMS; ++k) {
+                const i64 p = begin + (i64)k * CPPO_BLOCK + threadIdx.x;
+                if (p >= end) break;
+                const double s_sum = s_before + before[k][0];  // S_{t-1}
+                const double w_sum = w_before + before[k][1];  // W_{t-1}
+                const double c_t = a.prefix_budget ? py_min(a.delta, a.delta + budget * w_sum - s_sum) : a.delta;
+                if (info) threshold[p] = c_t;
+                if (!valid[k]) {
+                    mask[p] = false;
+                    if (info) {
+                        reason[p] = INVALID;
+                        gate[p] = 0.0;
+                    }
+                    counts[INVALID] += 1;
+                    continue;
+                }
+                const double z = zw[k][0];
+                const double s_next = s_sum + z;
+                int code;
+                double g;
+                if (toward_mu[k]) {
+                    code = KEPT_TOWARD_MU;
+                    g = 1.0;
+                } else {
+                    code = z <= c_t ? KEPT_WITHIN : (z > a.delta ? MASKED_TOKEN : MASKED_PREFIX);
+                    double x = z / a.delta;
+                    if (a.prefix_budget) x = py_max(x, s_next / (a.delta + budget * w_sum));
+                    g = x <= 1.0 ? 1.0 : 1.0 / x;
+                }
+                mask[p] = code == KEPT_TOWARD_MU || code == KEPT_WITHIN;
+                if (info) {
+                    reason[p] = (signed char)code;
+                    gate[p] = g;
+                }
+                counts[code] += 1;
+            }
+        },
+        [&](i64 begin, i64 end) {
+            for (i64 p = begin + threadIdx.x; p < end; p += CPPO_BLOCK) {
+                mask[p] = false;
+                if (info) {
+                    reason[p] = INVALID;
+                    threshold[p] = 0.0;
+                    gate[p] = 0.0;
+                }
+            }
+        });
+
+    const u64 bad = block_reduce_min<u64>(first_bad);
+    if (threadIdx.x == 0 && bad != ~0ULL) atomicMin(&((u64*)a.error)[0], bad);
+    if (a.out_counts) {
+        for (int i = 0; i < 5; ++i) {
+            const i64 total = block_reduce_sum<i64>(counts[i]);
+            if (threadIdx.x == 0 && total != 0) atomicAdd((u64*)a.out_counts + i, (u64)total);
+        }
+    }
+}

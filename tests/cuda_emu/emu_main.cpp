@@ -1,0 +1,203 @@
+// Fiber scheduler for emu_cuda.h and the C entry point the tests call through ctypes:
+//
+//   int emu_launch(const char* kernel, unsigned grid, unsigned block,
+//                  const void* args, unsigned long args_size, char* error, unsigned long error_size)
+//
+// returns 0, or nonzero with a message in `error` (unknown kernel, bad argument size,
+// a barrier that not every thread reached).
+// Build: g++ -std=c++17 -include emu_cuda.h cppo_mask.cu emu_main.cpp (see tests).
+
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include CPPO_KERNEL_SOURCE
+
+namespace emu {
+namespace {
+
+constexpr size_t kStack = 256 * 1024;
+
+enum class State { Runnable, BlockWait, WarpWait, Done };
+
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    State state = State::Runnable;
+    uint64_t wait_generation = 0;
+    unsigned parity = 0;  // alternates the shuffle slot banks
+};
+
+struct Launch {
+    void (*kernel)(const Args) = nullptr;
+    Args args;
+    unsigned grid = 0, block = 0, block_idx = 0, current = 0;
+    std::vector<Fiber> fibers;
+    ucontext_t scheduler;
+    unsigned block_arrived = 0;
+    uint64_t block_generation = 0;
+    std::vector<unsigned> warp_arrived;
+    std::vector<uint64_t> warp_generation;
+    std::vector<uint64_t> slots;  // [warp][bank][32]
+};
+
+Launch* L = nullptr;
+
+void fiber_main() {
+    L->kernel(L->args);
+    L->fibers[L->current].state = State::Done;
+    swapcontext(&L->fibers[L->current].ctx, &L->scheduler);
+}
+
+void yield() {
+    swapcontext(&L->fibers[L->current].ctx, &L->scheduler);
+}
+
+bool runnable(const Fiber& f, unsigned tid) {
+    switch (f.state) {
+        case State::Runnable: return true;
+        case State::BlockWait: return L->block_generation != f.wait_generation;
+        case State::WarpWait: return L->warp_generation[tid / 32] != f.wait_generation;
+        default: return false;
+    }
+}
+
+// Runs one block to completion; false if the fibers deadlock on a barrier.
+bool run_block(std::string& why) {
+    const unsigned n = L->block;
+    L->block_arrived = 0;
+    std::fill(L->warp_arrived.begin(), L->warp_arrived.end(), 0u);
+    for (unsigned t = 0; t < n; ++t) {
+        Fiber& f = L->fibers[t];
+        f.state = State::Runnable;
+        f.parity = 0;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.data();
+        f.ctx.uc_stack.ss_size = f.stack.size();
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, fiber_main, 0);
+    }
+    for (;;) {
+        bool progressed = false, all_done = true;
+        for (unsigned t = 0; t < n; ++t) {
+            Fiber& f = L->fibers[t];
+            if (f.state == State::Done) continue;
+            all_done = false;
+            if (!runnable(f, t)) continue;
+            f.state = State::Runnable;
+            L->current = t;
+            swapcontext(&L->scheduler, &f.ctx);
+            progressed = true;
+        }
+        if (all_done) return true;
+        if (!progressed) {
+            unsigned done = 0, at_block = 0, at_warp = 0;
+            for (auto& f : L->fibers) {
+                done += f.state == State::Done;
+                at_block += f.state == State::BlockWait;
+                at_warp += f.state == State::WarpWait;
+            }
+            why = "deadlock in block " + std::to_string(L->block_idx) + ": " + std::to_string(done) +
+                  " threads finished, " + std::to_string(at_block) + " at __syncthreads, " +
+                  std::to_string(at_warp) + " at a warp collective";
+            return false;
+        }
+    }
+}
+
+}  // namespace
+
+unsigned thread_index() { return L->current; }
+unsigned block_index() { return L->block_idx; }
+unsigned block_size() { return L->block; }
+unsigned grid_size() { return L->grid; }
+
+void block_barrier() {
+    Fiber& f = L->fibers[L->current];
+    if (++L->block_arrived == L->block) {
+        L->block_arrived = 0;
+        ++L->block_generation;
+        return;
+    }
+    f.state = State::BlockWait;
+    f.wait_generation = L->block_generation;
+    yield();
+}
+
+void warp_barrier() {
+    const unsigned w = L->current / 32;
+    Fiber& f = L->fibers[L->current];
+    if (++L->warp_arrived[w] == 32) {
+        L->warp_arrived[w] = 0;
+        ++L->warp_generation[w];
+        return;
+    }
+    f.state = State::WarpWait;
+    f.wait_generation = L->warp_generation[w];
+    yield();
+}
+
+uint64_t* shuffle_slots(unsigned& lane) {
+    Fiber& f = L->fibers[L->current];
+    lane = L->current & 31;
+    const unsigned bank = f.parity;
+    f.parity ^= 1;
+    return &L->slots[((L->current / 32) * 2 + bank) * 32];
+}
+
+}  // namespace emu
+
+struct KernelEntry {
+    const char* name;
+    void (*fn)(const Args);
+};
+
+static const KernelEntry kKernels[] = {
+    {"cppo_shuffle", cppo_shuffle},
+    {"cppo_stats", cppo_stats},
+    {"cppo_rows", cppo_rows},
+    {"cppo_mask_tiles", cppo_mask_tiles},
+};
+
+extern "C" unsigned long emu_args_size() { return sizeof(Args); }
+
+extern "C" int emu_launch(const char* kernel, unsigned grid, unsigned block, const void* args,
+                          unsigned long args_size, char* error, unsigned long error_size) {
+    auto fail = [&](const std::string& msg) {
+        std::snprintf(error, error_size, "%s", msg.c_str());
+        return 1;
+    };
+    static emu::Launch launch;
+    emu::Launch& l = launch;
+    l.kernel = nullptr;
+    for (const auto& k : kKernels) {
+        if (std::string(k.name) == kernel) l.kernel = k.fn;
+    }
+    if (!l.kernel) return fail(std::string("unknown kernel ") + kernel);
+    if (args_size != sizeof(Args)) return fail("argument block has the wrong size");
+    if (block == 0 || block % 32 != 0) return fail("block size must be a positive multiple of 32");
+    std::memcpy(&l.args, args, sizeof(Args));
+    l.grid = grid;
+    l.block = block;
+    if (l.fibers.size() < block) l.fibers.resize(block);
+    for (auto& f : l.fibers) {
+        if (f.stack.empty()) f.stack.resize(emu::kStack);
+    }
+    l.warp_arrived.assign(block / 32, 0);
+    l.warp_generation.assign(block / 32, 0);
+    l.slots.assign((block / 32) * 2 * 32, 0);
+    emu::L = &l;
+    for (unsigned b = 0; b < grid; ++b) {
+        l.block_idx = b;
+        std::string why;
+        if (!emu::run_block(why)) {
+            emu::L = nullptr;
+            return fail(why);
+        }
+    }
+    emu::L = nullptr;
+    return 0;
+}

@@ -1,0 +1,144 @@
+"""Runs the CUDA kernel source on the CPU: cppo_mask.cu compiled with g++ against the
+fiber-based shim in tests/cuda_emu, driven by the same launch plan as the real GPU path
+(cppo_native._cuda.run) through an executor backed by NumPy arrays.
+
+This checks the kernels' logic (indexing, pieces, scans, selection, validation) and the
+host-side argument packing without a GPU. It cannot check the memory model between
+blocks, the GPU's exp/log, NVRTC's code generation or speed; tests/test_gpu.py does
+that on a CUDA device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from cppo_native import _cuda, _dispatch
+from cppo_native._params import make_params
+
+HERE = Path(__file__).resolve().parent / "cuda_emu"
+
+# Small tiles so that short test rows span several tiles and pieces, small selection and
+# shuffle capacities so that the overflow paths run too.
+SMALL = {"CPPO_BLOCK": 64, "CPPO_ITEMS": 2, "CPPO_CAND_RATIO": 4, "CPPO_SELECT_CAP": 16, "CPPO_SHUFFLE_CAP": 16}
+PRODUCTION = dict(_cuda.GEOMETRY)
+
+_LIBS: dict = {}
+
+
+def compiler() -> Optional[str]:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def build(geometry: dict) -> ctypes.CDLL:
+    """Compiles (once per geometry and source version, cached on disk) and loads."""
+    key = tuple(sorted(geometry.items()))
+    if key in _LIBS:
+        return _LIBS[key]
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    kernel = _cuda.KERNEL_PATH
+    parts = [kernel.read_bytes(), (HERE / "emu_cuda.h").read_bytes(), (HERE / "emu_main.cpp").read_bytes(), repr(key).encode()]
+    digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    out_dir = Path(tempfile.gettempdir()) / "cppo_native_cuda_emu"
+    out_dir.mkdir(exist_ok=True)
+    lib_path = out_dir / f"emu_{digest}.so"
+    if not lib_path.exists():
+        tmp = out_dir / f"emu_{digest}.{os.getpid()}.tmp.so"
+        cmd = [
+            cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-w",
+            "-include", str(HERE / "emu_cuda.h"),
+            f'-DCPPO_KERNEL_SOURCE="{kernel}"',
+            *[f"-D{k}={v}" for k, v in geometry.items()],
+            str(HERE / "emu_main.cpp"), "-o", str(tmp),
+        ]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(tmp, lib_path)
+    lib = ctypes.CDLL(str(lib_path))
+    lib.emu_launch.restype = ctypes.c_int
+    lib.emu_launch.argtypes = [
+        ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong,
+    ]
+    lib.emu_args_size.restype = ctypes.c_ulong
+    if lib.emu_args_size() != _cuda.args_layout().packer.size:
+        raise RuntimeError("Args struct size differs between the .cu and _cuda.py's packing")
+    _LIBS[key] = lib
+    return lib
+
+
+class EmulatorError(RuntimeError):
+    pass
+
+
+class EmuExecutor:
+    """_cuda.run's executor interface on NumPy memory. New buffers are filled with
+    garbage so that a position the kernels forget to write shows up in the results."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        self.launches: list = []
+        self.keep: list = []
+
+    def empty(self, count: int, dtype: str):
+        if dtype == "bool":
+            arr = np.ones(count, dtype=np.bool_)
+        elif dtype.startswith("float"):
+            arr = np.full(count, np.nan, dtype=dtype)
+        elif dtype == "uint8":
+            arr = np.full(count, 0xCD, dtype=np.uint8)
+        else:
+            arr = np.full(count, 77, dtype=dtype)
+        self.keep.append(arr)
+        return arr
+
+    def ptr(self, arr) -> int:
+        return int(arr.ctypes.data)
+
+    def astype(self, arr, dtype: str):
+        out = np.ascontiguousarray(arr, dtype=dtype)
+        self.keep.append(out)
+        return out
+
+    def launch(self, name: str, grid: int, block: int, packed_args: bytes) -> None:
+        self.launches.append((name, grid, block))
+        err = ctypes.create_string_buffer(512)
+        rc = self.lib.emu_launch(name.encode(), grid, block, packed_args, len(packed_args), err, len(err))
+        if rc:
+            raise EmulatorError(f"{name}: {err.value.decode()}")
+
+    def read_u64(self, work, offset: int, count: int) -> np.ndarray:
+        return work[offset:offset + 8 * count].view(np.uint64)
+
+    def to_host(self, arr):
+        return np.asarray(arr)
+
+
+def emulated_mask(log_probs, old_log_probs, advantages, response_mask=None, *, geometry: Optional[dict] = None,
+                  divergence=None, cu_seqlens=None, return_info=False, validate=True, executor=None, **knobs):
+    """cppo_mask's contract computed by the emulated kernels (NumPy / torch CPU inputs)."""
+    geometry = SMALL if geometry is None else geometry
+    if divergence is None or isinstance(divergence, str):
+        mode, div_array = divergence or "binary_tv", None
+    else:
+        mode, div_array = "given", divergence
+    params = make_params(divergence=mode, **knobs)
+    prep = _dispatch.prepare(log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens,
+                             convert=_dispatch.to_numpy)
+    ex = executor if executor is not None else EmuExecutor(build(geometry))
+    mask, reason, threshold, gate, row_budget, counts = _cuda.run(prep, params, return_info, validate, ex, geometry)
+    shape = prep.shape
+    if not return_info:
+        return mask.reshape(shape)
+    return mask.reshape(shape), dict(
+        reason=reason.reshape(shape), threshold=threshold.reshape(shape), gate=gate.reshape(shape),
+        row_budget=row_budget, reason_counts=counts,
+    )

@@ -1,0 +1,360 @@
+"""The CUDA kernels, run on the CPU emulator (tests/cuda_emulator.py), against the NumPy
+reference. Same kernel source and same launch plan as on a GPU; no GPU needed.
+
+The emulator uses the C library's exp/log like the reference, so divergences are
+identical and only the order of the prefix sums differs: the spec's tolerance rule
+applies to masks, reasons and thresholds, and the per-row budgets are exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cppo_native
+from cppo_native import cppo_mask_reference
+from cuda_emulator import PRODUCTION, SMALL, EmuExecutor, build, compiler, emulated_mask
+from gpu_compare import assert_within_tolerance, weighted_divergence
+from strategies import Case, cases
+
+pytestmark = [
+    pytest.mark.skipif(compiler() is None, reason="the CUDA emulator needs a C++17 compiler (g++)"),
+    pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning"),
+]
+
+SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+KNOBS = dict(delta=0.15, delta_b=0.02, w_min=0.8)
+
+
+def check(case: Case, geometry=None, **extra):
+    mask, info = emulated_mask(*case.args(), **case.kwargs(), return_info=True, geometry=geometry, **extra)
+    ref = cppo_mask_reference(*case.args(), **case.kwargs())
+    z = weighted_divergence(*case.args(), **case.kwargs())
+    assert_within_tolerance(mask, info, ref, z)
+    plain = emulated_mask(*case.args(), **case.kwargs(), geometry=geometry, **extra)
+    np.testing.assert_array_equal(plain, mask)  # the mask alone is the same pass
+    return mask, info
+
+
+# ---------------------------------------------------------------------------------------
+# Random batches: every knob, both layouts, rows spanning several tiles (tile = 128 here).
+
+
+@SETTINGS
+@given(cases(max_rows=5, max_len=300))
+def test_matches_reference(case: Case):
+    check(case)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(max_rows=3, max_len=2500))
+def test_matches_reference_production_geometry(case: Case):
+    # The geometry the GPU runs (256 threads, 1024-position tiles).
+    check(case, geometry=PRODUCTION)
+
+
+@SETTINGS
+@given(cases(max_rows=4, max_len=200), st.sampled_from(["float32", "float16", "bfloat16"]))
+def test_low_precision_inputs(case: Case, dtype):
+    """Inputs are widened exactly, so the reference on the widened values is the oracle."""
+    def cast(a):
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(getattr(torch, dtype))
+        return t, t.to(torch.float64).numpy()
+
+    lp, lp64 = cast(case.log_probs)
+    lq, lq64 = cast(case.old_log_probs)
+    adv, adv64 = cast(case.advantages)
+    div, div64 = case.divergence, case.divergence
+    if isinstance(div, np.ndarray):
+        div, div64 = cast(div)
+    low = Case(lp, lq, adv, case.response_mask, div, case.cu_seqlens, case.knobs)
+    wide = Case(lp64, lq64, adv64, case.response_mask, div64, case.cu_seqlens, case.knobs)
+    mask, info = emulated_mask(*low.args(), **low.kwargs(), return_info=True)
+    ref = cppo_mask_reference(*wide.args(), **wide.kwargs())
+    assert_within_tolerance(mask, info, ref, weighted_divergence(*wide.args(), **wide.kwargs()))
+
+
+MASK_DTYPES = ["bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64", "bfloat16"]
+
+
+@SETTINGS
+@given(cases(max_rows=4, max_len=200, packed=False), st.sampled_from(MASK_DTYPES), st.integers(0, 3))
+def test_strided_inputs_and_mask_dtypes(case: Case, mask_dtype, layout):
+    """Non-contiguous views (every other column, column-major, reversed, broadcast) and
+    every mask dtype read in place."""
+    valid = np.ones(case.log_probs.shape, bool) if case.response_mask is None else case.response_mask
+
+    def view(a):
+        a = np.asarray(a)
+        if a.ndim != 2:
+            return a
+        if layout == 0:
+            big = np.zeros((a.shape[0], 2 * a.shape[1] + 1), dtype=a.dtype)
+            big[:, 1::2] = a
+            return big[:, 1::2]
+        if layout == 1:
+            return np.asfortranarray(a)
+        if layout == 2:
+            return a[::-1, ::-1].copy()[::-1, ::-1]
+        return a
+
+    if mask_dtype == "bfloat16":
+        m = torch.from_numpy(valid.astype(np.float32)).to(torch.bfloat16)
+        m[torch.from_numpy(~valid)] = -0.0  # negative zero is still "not valid"
+    else:
+        m = view(valid.astype(mask_dtype))
+        if mask_dtype.startswith("float"):
+            m = np.where(valid, m, -0.0).astype(mask_dtype)
+    adv = case.advantages
+    if layout == 3 and adv.ndim == 1:
+        adv = np.broadcast_to(adv[:, None], case.log_probs.shape)  # zero column stride
+    div = view(case.divergence) if isinstance(case.divergence, np.ndarray) else case.divergence
+    strided = Case(view(case.log_probs), view(case.old_log_probs), view(adv), m, div, None, case.knobs)
+    mask, info = emulated_mask(*strided.args(), **strided.kwargs(), return_info=True)
+    plain = Case(case.log_probs, case.old_log_probs, np.ascontiguousarray(adv), valid, case.divergence, None, case.knobs)
+    ref = cppo_mask_reference(*plain.args(), **plain.kwargs())
+    assert_within_tolerance(mask, info, ref, weighted_divergence(*plain.args(), **plain.kwargs()))
+
+
+@SETTINGS
+@given(cases(max_rows=4, max_len=150, packed=True), st.sampled_from(["int64", "int32", "uint32", "int16"]))
+def test_packed_offsets_dtypes_and_leading_one(case: Case, cu_dtype):
+    cu = case.cu_seqlens.astype(cu_dtype)
+    lead = lambda a: a[None, :] if isinstance(a, np.ndarray) and a.shape == case.log_probs.shape else a  # noqa: E731
+    adv = case.advantages
+    one = Case(lead(case.log_probs), lead(case.old_log_probs), lead(adv), lead(case.response_mask),
+               lead(case.divergence), cu, case.knobs)
+    mask, info = emulated_mask(*one.args(), **one.kwargs(), return_info=True)
+    ref = cppo_mask_reference(*case.args(), **case.kwargs())
+    z = weighted_divergence(*case.args(), **case.kwargs())
+    assert mask.shape == (1, case.log_probs.shape[0])
+    info = {k: (v.reshape(-1) if k in ("reason", "threshold", "gate") else v) for k, v in info.items()}
+    assert_within_tolerance(mask.reshape(-1), info, ref, z)
+
+
+# ---------------------------------------------------------------------------------------
+# The adaptive budget's exact quantile: every selection path.
+
+
+def budget_case(rows, length, in_window_fraction, seed, ties=False):
+    """Given divergences with a chosen share inside [delta_b, 2 delta_b] (the clamp window
+    for budget_scale = 1), so that the quantile needs the exact selection."""
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(0.0, 0.019, size=(rows, length))
+    inside = rng.random((rows, length)) < in_window_fraction
+    window = rng.uniform(0.02, 0.04, size=(rows, length))
+    if ties:
+        window = rng.choice([0.02, 0.025, 0.03, 0.03, 0.04], size=(rows, length))
+    d = np.where(inside, window, d)
+    d[:, : length // 20] = rng.uniform(0.05, 0.5, size=(rows, length // 20))  # some above
+    lp = -rng.exponential(0.3, size=(rows, length))
+    lq = np.minimum(lp + rng.normal(0, 0.05, size=(rows, length)), 0.0)
+    valid = rng.random((rows, length)) < 0.9
+    return lp, lq, rng.normal(size=rows), valid, d
+
+
+@pytest.mark.parametrize(
+    "length,fraction,ties",
+    [
+        (300, 0.05, False),  # few candidates: stored slots, shared-memory selection
+        (300, 0.6, False),  # a tile's candidates overflow their slots: recomputed, > 16 keys: streamed
+        (100, 0.12, True),  # ties between candidates
+        (600, 0.2, False),  # no overflow, more candidates than the shared cap: streamed from slots
+        (40, 0.9, False),  # overflow with few keys: recomputed into shared memory
+        (1000, 0.0, False),  # nothing in the window
+        (1000, 1.0, True),
+    ],
+)
+@pytest.mark.parametrize("quantile", [0.9, 0.5, 0.0, 1.0, 0.37])
+def test_adaptive_budget_selection_paths(length, fraction, ties, quantile):
+    for seed in range(3):
+        lp, lq, adv, valid, d = budget_case(3, length, fraction, seed, ties)
+        knobs = dict(KNOBS, adaptive_budget=True, budget_quantile=quantile)
+        case = Case(lp, lq, adv, valid, d, None, knobs)
+        _, info = check(case)
+        ref = cppo_mask_reference(*case.args(), **case.kwargs())
+        np.testing.assert_array_equal(info["row_budget"], ref.row_budget)
+
+
+def test_adaptive_budget_overflow_with_few_candidates():
+    """A piece with more in-window values than slots (1 per 4 positions) but a row with
+    few of them in total: recomputed from the inputs into shared memory."""
+    rng = np.random.default_rng(5)
+    for n_inside in (11, 13, 16):
+        d = rng.uniform(0.0, 0.019, size=(1, 40))
+        d[0, rng.choice(40, n_inside, replace=False)] = rng.uniform(0.02, 0.04, size=n_inside)
+        lp = -rng.exponential(0.3, size=(1, 40))
+        for q in (0.9, 0.75, 0.6):
+            case = Case(lp, lp - 0.01, np.ones(1), None, d, None, dict(KNOBS, adaptive_budget=True, budget_quantile=q))
+            check(case)
+
+
+def test_adaptive_budget_packed_rows_across_tiles():
+    lp, lq, _, valid, d = budget_case(1, 2000, 0.3, 7)
+    cu = np.array([0, 5, 5, 300, 301, 1200, 2000], dtype=np.int64)
+    adv = np.random.default_rng(0).normal(size=6)
+    for q in (0.9, 0.5):
+        case = Case(lp[0], lq[0], adv, valid[0], d[0], cu, dict(KNOBS, adaptive_budget=True, budget_quantile=q))
+        check(case)
+
+
+# ---------------------------------------------------------------------------------------
+# The spec's worked example, edge cases, launches.
+
+
+def test_worked_example():
+    d = np.array([[0.10, 0.12, 0.30, 0.05, 0.14]])
+    lp, lq = np.full((1, 5), -1.0), np.full((1, 5), -1.1)
+    for geometry in (SMALL, PRODUCTION):
+        mask, info = emulated_mask(lp, lq, np.array([1.0]), divergence=d, return_info=True, geometry=geometry, **KNOBS)
+        np.testing.assert_array_equal(mask, [[True, False, False, False, False]])
+        np.testing.assert_array_equal(info["reason"], [[2, 4, 3, 4, 4]])
+        np.testing.assert_allclose(info["threshold"], [[0.15, 0.07, -0.025, -0.277, -0.3025]], atol=1e-12)
+        np.testing.assert_array_equal(info["reason_counts"], [0, 0, 1, 1, 3])
+        mask, info = emulated_mask(lp, lq, np.array([-1.0]), divergence=d, return_info=True, geometry=geometry, **KNOBS)
+        np.testing.assert_array_equal(mask, np.ones((1, 5), bool))
+        np.testing.assert_array_equal(info["reason"], np.ones((1, 5), np.int8))
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0), (4, 1), (1, 1)])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_empty_and_tiny_shapes(shape, adaptive):
+    rng = np.random.default_rng(1)
+    lp = -rng.exponential(0.3, size=shape)
+    lq = -rng.exponential(0.3, size=shape)
+    case = Case(lp, lq, rng.normal(size=shape[0]), None, None, None, dict(KNOBS, adaptive_budget=adaptive))
+    mask, info = check(case)
+    assert mask.shape == shape
+    if not adaptive or shape[1] == 0:
+        np.testing.assert_array_equal(info["row_budget"], np.full(shape[0], 0.02))
+
+
+def test_packed_without_rows_and_empty_rows():
+    for cu in ([0], [0, 0], [0, 0, 0, 3, 3]):
+        cu = np.asarray(cu, dtype=np.int64)
+        n = int(cu[-1])
+        case = Case(-np.ones(n) * 0.1, -np.ones(n) * 0.2, np.ones(len(cu) - 1), None, None, cu, dict(KNOBS))
+        check(case)
+
+
+def test_all_padding():
+    shape = (3, 300)
+    case = Case(np.full(shape, np.nan), np.full(shape, np.inf), np.full(shape, np.nan), np.zeros(shape, bool),
+                None, None, dict(KNOBS, adaptive_budget=True))
+    mask, info = check(case)
+    assert not mask.any()
+    np.testing.assert_array_equal(info["reason_counts"], [900, 0, 0, 0, 0])
+    np.testing.assert_array_equal(info["threshold"], np.full(shape, 0.15))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("geometry,n", [(PRODUCTION, 20_000), (SMALL, 9_000)])
+def test_long_row(adaptive, geometry, n):
+    # SMALL: more pieces in the row than threads in a block (the per-row prefix carries).
+    rng = np.random.default_rng(3)
+    lp = -rng.exponential(0.3, size=(1, n))
+    lq = np.minimum(lp + rng.normal(0, 0.05, size=(1, n)), 0.0)
+    case = Case(lp, lq, np.array([1.0]), rng.random((1, n)) < 0.95, None, None, dict(KNOBS, adaptive_budget=adaptive))
+    check(case, geometry=geometry)
+
+
+def test_at_most_four_launches_and_one_pass_over_tiles():
+    rng = np.random.default_rng(0)
+    lp = -rng.exponential(0.3, size=(3, 1000))
+    for knobs, expect in [
+        (dict(KNOBS), ["cppo_stats", "cppo_rows", "cppo_mask_tiles"]),
+        (dict(KNOBS, adaptive_budget=True), ["cppo_stats", "cppo_rows", "cppo_mask_tiles"]),
+        (dict(KNOBS, position_weight="shuffled"), ["cppo_shuffle", "cppo_stats", "cppo_rows", "cppo_mask_tiles"]),
+    ]:
+        ex = EmuExecutor(build(SMALL))
+        emulated_mask(lp, lp - 0.01, np.ones(3), executor=ex, **knobs)
+        assert [name for name, _, _ in ex.launches] == expect
+        tiles = -(-3000 // (SMALL["CPPO_BLOCK"] * SMALL["CPPO_ITEMS"]))
+        assert dict((n, g) for n, g, _ in ex.launches)["cppo_mask_tiles"] == tiles
+
+
+def test_inputs_untouched():
+    rng = np.random.default_rng(2)
+    lp = -rng.exponential(0.3, size=(3, 200))
+    lq = -rng.exponential(0.3, size=(3, 200))
+    adv = rng.normal(size=(3, 200))
+    valid = rng.random((3, 200)) < 0.8
+    d = rng.random((3, 200))
+    copies = [a.copy() for a in (lp, lq, adv, valid, d)]
+    emulated_mask(lp, lq, adv, valid, divergence=d, return_info=True, adaptive_budget=True,
+                  position_weight="shuffled", **KNOBS)
+    for a, b in zip((lp, lq, adv, valid, d), copies):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: the same error as the CPU backend (first bad value by row, column, field).
+
+
+def _cpu_error(*args, **kwargs) -> str:
+    with pytest.raises(ValueError) as err:
+        cppo_native.cppo_mask(*args, **kwargs)
+    return str(err.value)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(max_rows=4, max_len=200), st.data())
+def test_bad_values_report_like_cpu(case: Case, data):
+    arrays = {"log_probs": case.log_probs.copy(), "old_log_probs": case.old_log_probs.copy()}
+    if case.advantages.shape == case.log_probs.shape:
+        arrays["advantages"] = case.advantages.copy()
+    if isinstance(case.divergence, np.ndarray):
+        arrays["divergence"] = case.divergence.copy()
+    valid = np.ones(case.log_probs.shape, bool) if case.response_mask is None else case.response_mask
+    flat_valid = np.flatnonzero(valid.reshape(-1))
+    if flat_valid.size == 0:
+        return
+    for _ in range(data.draw(st.integers(1, 3))):
+        name = data.draw(st.sampled_from(sorted(arrays)))
+        where = int(data.draw(st.sampled_from(flat_valid.tolist())))
+        bad = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 0.5] if name != "advantages" else [np.nan, np.inf]))
+        if name == "divergence" and bad == 0.5:
+            bad = -0.5
+        arrays[name].reshape(-1)[where] = bad
+    adv = arrays.get("advantages", case.advantages)
+    div = arrays.get("divergence", case.divergence)
+    args = (arrays["log_probs"], arrays["old_log_probs"], adv, case.response_mask)
+    kwargs = dict(case.knobs, divergence=div, cu_seqlens=case.cu_seqlens)
+    expected = _cpu_error(*args, **kwargs)
+    with pytest.raises(ValueError) as err:
+        emulated_mask(*args, **kwargs)
+    assert str(err.value) == expected
+    emulated_mask(*args, **kwargs, validate=False)  # no check, no crash
+
+
+def test_bad_per_row_advantage_reports_first_valid_position():
+    lp = np.full((3, 4), -0.5)
+    valid = np.array([[1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]], bool)
+    adv = np.array([1.0, np.nan, np.inf])
+    expected = _cpu_error(lp, lp, adv, valid, **KNOBS)
+    with pytest.raises(ValueError, match=r"advantages .* \(row 1, column 2\)") as err:
+        emulated_mask(lp, lp, adv, valid, **KNOBS)
+    assert str(err.value) == expected
+
+
+@pytest.mark.parametrize("cu", [[1, 2, 4], [0, 3, 2, 4], [0, 2, 5], [0, 2, 3]])
+def test_bad_offsets_report_like_cpu(cu):
+    lp = np.full(4, -0.5)
+    cu = np.asarray(cu, dtype=np.int64)
+    expected = _cpu_error(lp, lp, np.ones(len(cu) - 1), cu_seqlens=cu, **KNOBS)
+    with pytest.raises(ValueError) as err:
+        emulated_mask(lp, lp, np.ones(len(cu) - 1), cu_seqlens=cu, **KNOBS)
+    assert str(err.value) == expected
+    emulated_mask(lp, lp, np.ones(len(cu) - 1), cu_seqlens=cu, validate=False, **KNOBS)  # garbage, no crash
+
+
+def test_bfloat16_bad_value_is_reported_widened():
+    lp = torch.full((2, 3), -0.5, dtype=torch.bfloat16)
+    lp[1, 1] = 0.5
+    expected = _cpu_error(lp, lp.clone(), torch.ones(2), **KNOBS)
+    with pytest.raises(ValueError) as err:
+        emulated_mask(lp, lp.clone(), torch.ones(2), **KNOBS)
+    assert str(err.value) == expected
