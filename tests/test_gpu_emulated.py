@@ -8,6 +8,8 @@ applies to masks, reasons and thresholds, and the per-row budgets are exact.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cppo_native
-from cppo_native import cppo_mask_reference
+from cppo_native import _cuda, cppo_mask_reference
 from cuda_emulator import PRODUCTION, SMALL, EmuExecutor, build, compiler, emulated_mask
 from gpu_compare import assert_within_tolerance, weighted_divergence
 from strategies import Case, cases
@@ -358,3 +360,119 @@ def test_bfloat16_bad_value_is_reported_widened():
     with pytest.raises(ValueError) as err:
         emulated_mask(lp, lp.clone(), torch.ones(2), **KNOBS)
     assert str(err.value) == expected
+
+
+# ---------------------------------------------------------------------------------------
+# The real executor (_cuda.compute / _CupyExecutor / to_cupy) through the public API,
+# with a stand-in `cupy` module whose arrays are NumPy memory and whose kernels run on
+# the emulator. Checks the glue a GPU run uses: argument struct passed by value,
+# kernel lookup, allocation, the validation read, results returned as CuPy arrays.
+
+
+class _FakePointer:
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
+class _FakeDevice:
+    id = 0
+
+    def __init__(self, index=0):
+        self.index = index
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class FakeCupyArray:
+    """Just the CuPy ndarray surface the CUDA path touches, over NumPy memory."""
+
+    def __init__(self, a):
+        self._a = a
+
+    shape = property(lambda self: self._a.shape)
+    ndim = property(lambda self: self._a.ndim)
+    dtype = property(lambda self: self._a.dtype)
+    strides = property(lambda self: self._a.strides)
+    itemsize = property(lambda self: self._a.itemsize)
+    data = property(lambda self: _FakePointer(self._a.ctypes.data))
+    device = property(lambda self: _FakeDevice())
+
+    def reshape(self, *shape):
+        return FakeCupyArray(self._a.reshape(*shape))
+
+    def astype(self, dtype):
+        return FakeCupyArray(self._a.astype(dtype))
+
+    def view(self, dtype):
+        return FakeCupyArray(self._a.view(dtype))
+
+    def __getitem__(self, index):
+        return FakeCupyArray(np.asarray(self._a[index]))
+
+    def get(self):
+        return np.array(self._a)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self._a, dtype=dtype)
+
+
+def _fake_cupy(lib, calls):
+    import types
+
+    class Module:
+        def __init__(self, code, options):
+            assert code == _cuda.kernel_source()
+            assert options == _cuda.compile_options()
+
+        def get_function(self, name):
+            def launch(grid, block, args):
+                (struct_arg,) = args
+                assert isinstance(struct_arg, np.ndarray) and struct_arg.shape == (1,)
+                calls.append(name)
+                err = __import__("ctypes").create_string_buffer(256)
+                raw = struct_arg.tobytes()
+                if lib.emu_launch(name.encode(), grid[0], block[0], raw, len(raw), err, 256):
+                    raise RuntimeError(err.value.decode())
+
+            return launch
+
+    cp = types.ModuleType("cupy")
+    cp.ndarray = FakeCupyArray
+    cp.int16 = np.int16
+    cp.RawModule = lambda code, options: Module(code, options)
+    cp.empty = lambda n, dtype: FakeCupyArray(np.empty(n, dtype=dtype))
+    cp.asarray = lambda a: FakeCupyArray(np.ascontiguousarray(a))
+    cp.cuda = types.SimpleNamespace(Device=_FakeDevice)
+    return cp
+
+
+def test_public_api_through_the_cupy_executor(monkeypatch):
+    geometry = dict(_cuda.GEOMETRY)
+    lib = build(geometry)
+    calls: list = []
+    cp = _fake_cupy(lib, calls)
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setattr(_cuda, "_MODULES", {})
+    rng = np.random.default_rng(4)
+    lp = -rng.exponential(0.3, size=(3, 1500))
+    lq = np.minimum(lp + rng.normal(0, 0.05, size=lp.shape), 0.0)
+    valid = rng.random(lp.shape) < 0.9
+    adv = rng.normal(size=3)
+    knobs = dict(KNOBS, adaptive_budget=True)
+    mask, info = cppo_native.cppo_mask(cp.asarray(lp), cp.asarray(lq), cp.asarray(adv), cp.asarray(valid),
+                                       return_info=True, **knobs)
+    assert calls == ["cppo_stats", "cppo_rows", "cppo_mask_tiles"]
+    assert isinstance(mask, FakeCupyArray) and isinstance(info.reason, FakeCupyArray)
+    case = Case(lp, lq, adv, valid, None, None, knobs)
+    ref = cppo_mask_reference(*case.args(), **case.kwargs())
+    assert_within_tolerance(np.asarray(mask), {k: np.asarray(v) for k, v in vars(info).items()}, ref,
+                            weighted_divergence(*case.args(), **case.kwargs()))
+    lp_bad = lp.copy()
+    lp_bad[1, 3] = np.nan
+    valid[1, 3] = True
+    with pytest.raises(ValueError, match=r"log_probs must be finite and <= 0 .* \(row 1, column 3\)"):
+        cppo_native.cppo_mask(cp.asarray(lp_bad), cp.asarray(lq), cp.asarray(adv), cp.asarray(valid), **knobs)

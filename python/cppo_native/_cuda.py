@@ -151,13 +151,17 @@ _STREAMS: dict = {}
 def _torch_stream_scope(cupy, device_index: int):
     """CuPy's current stream set to torch's current stream on that device."""
     torch = _torch()
-    ptr = torch.cuda.current_stream(device_index).cuda_stream
-    key = (device_index, ptr)
+    current = torch.cuda.current_stream(device_index)
+    key = (device_index, current.cuda_stream)
     stream = _STREAMS.get(key)
     if stream is None:
         if len(_STREAMS) > 64:
             _STREAMS.clear()
-        stream = cupy.cuda.ExternalStream(ptr, device_index)
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)  # CuPy >= 14
+        if from_external is not None and hasattr(current, "__cuda_stream__"):
+            stream = from_external(current)
+        else:
+            stream = cupy.cuda.ExternalStream(current.cuda_stream, device_index)
         _STREAMS[key] = stream
     return stream
 

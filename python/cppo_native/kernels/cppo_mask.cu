@@ -513,7 +513,7 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_shuffle(const Args
 // ---------------------------------------------------------------------------------
 // cppo_stats: per-piece statistics, one block per tile.
 
-extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_stats(const Args a) {
+extern "C" __global__ void __launch_bounds__(CPPO_BLOCK, 3) cppo_stats(const Args a) {
     __shared__ u32 cand_count;
     const i64 tile = blockIdx.x;
     if (tile == 0 && threadIdx.x == 0) {
@@ -817,7 +817,7 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_mask_tiles(const A
     double* threshold = (double*)a.out_threshold;
     double* gate = (double*)a.out_gate;
     u64 first_bad = ~0ULL;
-    i64 counts[5] = {0, 0, 0, 0, 0};
+    i64 n_invalid = 0, n_toward = 0, n_within = 0, n_token = 0, n_prefix = 0;
 
     walk_tile(
         a, ts, te,
@@ -831,6 +831,7 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_mask_tiles(const A
 
             bool valid[CPPO_ITEMS], toward_mu[CPPO_ITEMS];
             double zw[CPPO_ITEMS][2];  // (Z_t, v_t w_t)
+#pragma unroll
             for (int k = 0; k < CPPO_ITEMS; ++k) {
                 const i64 p = begin + (i64)k * CPPO_BLOCK + threadIdx.x;
                 const i64 c = p - rs;
@@ -838,70 +839,70 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_mask_tiles(const A
                 toward_mu[k] = false;
                 zw[k][0] = 0.0;
                 zw[k][1] = 0.0;
-                if (!valid[k]) continue;
-                const double lp = log_prob(a, r, c, p);
-                const double lq = old_log_prob(a, r, c, p);
-                const double adv = a.adv_per_row
-                    ? row_advantage
-                    : load_float(a.advantages, a.adv_type, at(a, a.adv_s0, a.adv_s1, r, c, p));
-                const double d = divergence_at(a, lp, lq, r, c, p);
-                // Bad input: first field that breaks the spec's rule at this position.
-                int field = -1;
-                if (bad_log_prob(lp)) field = 0;
-                else if (bad_log_prob(lq)) field = 1;
-                else if (!is_finite(adv)) field = 2;
-                else if (a.divergence_mode == DIV_GIVEN && !(is_finite(d) && d >= 0.0)) field = 3;
-                if (field >= 0) {
-                    const u64 key = (u64)p * 4 + (u64)field;
-                    if (key < first_bad) first_bad = key;
+                if (valid[k]) {
+                    const double lp = log_prob(a, r, c, p);
+                    const double lq = old_log_prob(a, r, c, p);
+                    const double adv = a.adv_per_row
+                        ? row_advantage
+                        : load_float(a.advantages, a.adv_type, at(a, a.adv_s0, a.adv_s1, r, c, p));
+                    const double d = divergence_at(a, lp, lq, r, c, p);
+                    // Bad input: the first field that breaks the spec's rule here.
+                    int field = -1;
+                    if (bad_log_prob(lp)) field = 0;
+                    else if (bad_log_prob(lq)) field = 1;
+                    else if (!is_finite(adv)) field = 2;
+                    else if (a.divergence_mode == DIV_GIVEN && !(is_finite(d) && d >= 0.0)) field = 3;
+                    if (field >= 0) {
+                        const u64 key = (u64)p * 4 + (u64)field;
+                        if (key < first_bad) first_bad = key;
+                    }
+                    double w;
+                    if (a.position_weight == PW_LINEAR) w = position_weight(c, horizon, a.w_min);
+                    else if (a.position_weight == PW_NONE) w = 1.0;
+                    else w = ((const double*)a.shuffle_weight)[p];
+                    zw[k][0] = w * d;
+                    zw[k][1] = w;
+                    toward_mu[k] = adv * (lp - lq) <= 0.0;
                 }
-                double w;
-                if (a.position_weight == PW_LINEAR) w = position_weight(c, horizon, a.w_min);
-                else if (a.position_weight == PW_NONE) w = 1.0;
-                else w = ((const double*)a.shuffle_weight)[p];
-                zw[k][0] = w * d;
-                zw[k][1] = w;
-                toward_mu[k] = adv * (lp - lq) <= 0.0;
             }
 
             double before[CPPO_ITEMS][2];
             tile_exclusive_sum<2>(zw, before);
 
+#pragma unroll
             for (int k = 0; k < CPPO_ITEMS; ++k) {
                 const i64 p = begin + (i64)k * CPPO_BLOCK + threadIdx.x;
-                if (p >= end) break;
-                const double s_sum = s_before + before[k][0];  // S_{t-1}
-                const double w_sum = w_before + before[k][1];  // W_{t-1}
-                const double c_t = a.prefix_budget ? py_min(a.delta, a.delta + budget * w_sum - s_sum) : a.delta;
-                if (info) threshold[p] = c_t;
-                if (!valid[k]) {
-                    mask[p] = false;
-                    if (info) {
-                        reason[p] = INVALID;
-                        gate[p] = 0.0;
+                if (p < end) {
+                    const double s_sum = s_before + before[k][0];  // S_{t-1}
+                    const double w_sum = w_before + before[k][1];  // W_{t-1}
+                    const double c_t =
+                        a.prefix_budget ? py_min(a.delta, a.delta + budget * w_sum - s_sum) : a.delta;
+                    int code = INVALID;
+                    double g = 0.0;
+                    if (valid[k]) {
+                        const double z = zw[k][0];
+                        if (toward_mu[k]) {
+                            code = KEPT_TOWARD_MU;
+                            g = 1.0;
+                        } else {
+                            code = z <= c_t ? KEPT_WITHIN : (z > a.delta ? MASKED_TOKEN : MASKED_PREFIX);
+                            double x = z / a.delta;
+                            if (a.prefix_budget) x = py_max(x, (s_sum + z) / (a.delta + budget * w_sum));
+                            g = x <= 1.0 ? 1.0 : 1.0 / x;
+                        }
                     }
-                    counts[INVALID] += 1;
-                    continue;
+                    mask[p] = code == KEPT_TOWARD_MU || code == KEPT_WITHIN;
+                    if (info) {
+                        reason[p] = (signed char)code;
+                        threshold[p] = c_t;
+                        gate[p] = g;
+                    }
+                    n_invalid += code == INVALID;
+                    n_toward += code == KEPT_TOWARD_MU;
+                    n_within += code == KEPT_WITHIN;
+                    n_token += code == MASKED_TOKEN;
+                    n_prefix += code == MASKED_PREFIX;
                 }
-                const double z = zw[k][0];
-                const double s_next = s_sum + z;
-                int code;
-                double g;
-                if (toward_mu[k]) {
-                    code = KEPT_TOWARD_MU;
-                    g = 1.0;
-                } else {
-                    code = z <= c_t ? KEPT_WITHIN : (z > a.delta ? MASKED_TOKEN : MASKED_PREFIX);
-                    double x = z / a.delta;
-                    if (a.prefix_budget) x = py_max(x, s_next / (a.delta + budget * w_sum));
-                    g = x <= 1.0 ? 1.0 : 1.0 / x;
-                }
-                mask[p] = code == KEPT_TOWARD_MU || code == KEPT_WITHIN;
-                if (info) {
-                    reason[p] = (signed char)code;
-                    gate[p] = g;
-                }
-                counts[code] += 1;
             }
         },
         [&](i64 begin, i64 end) {
@@ -918,6 +919,8 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_mask_tiles(const A
     const u64 bad = block_reduce_min<u64>(first_bad);
     if (threadIdx.x == 0 && bad != ~0ULL) atomicMin(&((u64*)a.error)[0], bad);
     if (a.out_counts) {
+        const i64 counts[5] = {n_invalid, n_toward, n_within, n_token, n_prefix};
+#pragma unroll
         for (int i = 0; i < 5; ++i) {
             const i64 total = block_reduce_sum<i64>(counts[i]);
             if (threadIdx.x == 0 && total != 0) atomicAdd((u64*)a.out_counts + i, (u64)total);
