@@ -26,9 +26,9 @@ from cppo_native._params import make_params
 
 HERE = Path(__file__).resolve().parent / "cuda_emu"
 
-# Small tiles so that short test rows span several tiles and pieces, small selection and
-# shuffle capacities so that the overflow paths run too.
-SMALL = {"CPPO_BLOCK": 64, "CPPO_ITEMS": 2, "CPPO_CAND_RATIO": 4, "CPPO_SELECT_CAP": 16, "CPPO_SHUFFLE_CAP": 16}
+# Small tiles so that short test rows span several tiles and pieces; small selection and
+# shuffle capacities so that the paths for large rows run too.
+SMALL = {"CPPO_BLOCK": 64, "CPPO_ITEMS": 2, "CPPO_SELECT_CAP": 16, "CPPO_SHUFFLE_CAP": 16}
 PRODUCTION = dict(_cuda.GEOMETRY)
 
 _LIBS: dict = {}

@@ -138,7 +138,7 @@ def test_packed_offsets_dtypes_and_leading_one(case: Case, cu_dtype):
 
 
 # ---------------------------------------------------------------------------------------
-# The adaptive budget's exact quantile: every selection path.
+# The adaptive budget's exact quantile: every selection path (shared-memory cap 16 here).
 
 
 def budget_case(rows, length, in_window_fraction, seed, ties=False):
@@ -161,13 +161,11 @@ def budget_case(rows, length, in_window_fraction, seed, ties=False):
 @pytest.mark.parametrize(
     "length,fraction,ties",
     [
-        (300, 0.05, False),  # few candidates: stored slots, shared-memory selection
-        (300, 0.6, False),  # a tile's candidates overflow their slots: recomputed, > 16 keys: streamed
+        (300, 0.04, False),  # few candidates: all gathered into shared memory
+        (300, 0.6, False),  # more than fit: one radix pass over the row, then gathered
         (100, 0.12, True),  # ties between candidates
-        (600, 0.2, False),  # no overflow, more candidates than the shared cap: streamed from slots
-        (40, 0.9, False),  # overflow with few keys: recomputed into shared memory
         (1000, 0.0, False),  # nothing in the window
-        (1000, 1.0, True),
+        (1000, 1.0, True),  # many equal keys: narrowing cannot split them
     ],
 )
 @pytest.mark.parametrize("quantile", [0.9, 0.5, 0.0, 1.0, 0.37])
@@ -181,17 +179,37 @@ def test_adaptive_budget_selection_paths(length, fraction, ties, quantile):
         np.testing.assert_array_equal(info["row_budget"], ref.row_budget)
 
 
-def test_adaptive_budget_overflow_with_few_candidates():
-    """A piece with more in-window values than slots (1 per 4 positions) but a row with
-    few of them in total: recomputed from the inputs into shared memory."""
-    rng = np.random.default_rng(5)
-    for n_inside in (11, 13, 16):
-        d = rng.uniform(0.0, 0.019, size=(1, 40))
-        d[0, rng.choice(40, n_inside, replace=False)] = rng.uniform(0.02, 0.04, size=n_inside)
-        lp = -rng.exponential(0.3, size=(1, 40))
-        for q in (0.9, 0.75, 0.6):
-            case = Case(lp, lp - 0.01, np.ones(1), None, d, None, dict(KNOBS, adaptive_budget=True, budget_quantile=q))
-            check(case)
+def _one_row_budget(d, quantile):
+    d = np.asarray(d, dtype=np.float64)[None, :]
+    lp = np.full(d.shape, -0.5)
+    case = Case(lp, lp - 0.01, np.ones(1), None, d, None, dict(KNOBS, adaptive_budget=True, budget_quantile=quantile))
+    _, info = check(case)
+    ref = cppo_mask_reference(*case.args(), **case.kwargs())
+    np.testing.assert_array_equal(info["row_budget"], ref.row_budget)
+    return float(info["row_budget"][0])
+
+
+def test_adaptive_budget_selection_edges():
+    rng = np.random.default_rng(11)
+    # Candidates closer together than one radix digit: several narrowing passes.
+    tight = 0.03 + rng.integers(0, 1000, size=200) * 1e-15
+    below = rng.uniform(0, 0.01, size=30)
+    for q in (0.2, 0.5, 0.83, 0.9):
+        _one_row_budget(np.concatenate([below, tight]), q)
+    # x[ceil h] is the first key of the next bucket (after narrowing), or the first value
+    # above the window, or x[floor h] is the largest value below it.
+    spread = np.sort(rng.uniform(0.02, 0.04, size=120))
+    for q_rank in (0, 29, 30, 31, 59, 60, 118, 119):
+        values = np.concatenate([rng.uniform(0, 0.019, 10), spread, rng.uniform(0.05, 0.1, 10)])
+        n = values.size
+        for frac in (0.25, 0.5, 0.75):
+            _one_row_budget(values, min(1.0, (q_rank + 10 + frac) / (n - 1)))
+    few = np.concatenate([rng.uniform(0, 0.019, 10), [0.025, 0.03], rng.uniform(0.05, 0.1, 10)])
+    for q in np.linspace(0, 1, 23):
+        _one_row_budget(few, q)
+    # Only values below and above (no candidates): lo below, hi above.
+    for q in np.linspace(0, 1, 11):
+        _one_row_budget(np.concatenate([rng.uniform(0, 0.019, 7), rng.uniform(0.05, 0.1, 7)]), q)
 
 
 def test_adaptive_budget_packed_rows_across_tiles():

@@ -38,8 +38,7 @@ KERNEL_PATH = Path(__file__).with_name("kernels") / "cppo_mask.cu"
 GEOMETRY = {
     "CPPO_BLOCK": 256,  # threads per block
     "CPPO_ITEMS": 4,  # positions per thread per tile (tile = 1024 positions)
-    "CPPO_CAND_RATIO": 4,  # adaptive budget: one candidate slot per 4 positions
-    "CPPO_SELECT_CAP": 4096,  # candidates selected in shared memory per row
+    "CPPO_SELECT_CAP": 4096,  # adaptive budget: candidates selected in shared memory
     "CPPO_SHUFFLE_CAP": 8192,  # shuffled ablation: rows up to this many valid tokens in shared memory
 }
 COMPILE_OPTIONS = ("-std=c++17", "--fmad=false")
@@ -258,12 +257,11 @@ class _Workspace:
     horizon: int
     budget: int
     error: int
-    candidates: Optional[int]
     shuffle_columns: Optional[int]
     shuffle_weight: Optional[int]
 
 
-def _workspace(rows: int, positions: int, tiles: int, adaptive: bool, shuffled: bool, geometry: dict) -> _Workspace:
+def _workspace(rows: int, positions: int, tiles: int, shuffled: bool) -> _Workspace:
     at = 0
 
     def take(nbytes: int) -> int:
@@ -278,10 +276,9 @@ def _workspace(rows: int, positions: int, tiles: int, adaptive: bool, shuffled: 
     horizon = take(rows * 8)
     budget = take(rows * 8)
     error = take(16)
-    candidates = take((positions // geometry["CPPO_CAND_RATIO"] + 1) * 8) if adaptive else None
     columns = take(positions * 8) if shuffled else None
     weight = take(positions * 8) if shuffled else None
-    return _Workspace(max(at, 256), stats, prefix, horizon, budget, error, candidates, columns, weight)
+    return _Workspace(max(at, 256), stats, prefix, horizon, budget, error, columns, weight)
 
 
 def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, ex, geometry: Optional[dict] = None):
@@ -303,7 +300,7 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
 
     adaptive = params.adaptive_budget and params.budget_scale > 0 and params.delta_b > 0
     shuffled = params.position_weight == "shuffled"
-    ws = _workspace(rows, positions, tiles, adaptive, shuffled, geometry)
+    ws = _workspace(rows, positions, tiles, shuffled)
     work = ex.empty(ws.size, "uint8")
     base = ex.ptr(work)
 
@@ -363,7 +360,6 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
         "piece_prefix": base + ws.prefix,
         "row_horizon": base + ws.horizon,
         "row_budget": base + ws.budget,
-        "candidates": base + ws.candidates if ws.candidates is not None else 0,
         "shuffle_columns": base + ws.shuffle_columns if ws.shuffle_columns is not None else 0,
         "shuffle_weight": base + ws.shuffle_weight if ws.shuffle_weight is not None else 0,
         "error": base + ws.error,

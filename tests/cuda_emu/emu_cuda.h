@@ -126,6 +126,8 @@ inline unsigned __float_as_uint(float f) {
     return x;
 }
 
+inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll((unsigned long long)x); }
+
 using std::ceil;
 using std::exp;
 using std::expm1;

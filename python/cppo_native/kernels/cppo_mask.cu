@@ -14,10 +14,13 @@
 //                 definition) into a per-position weight array.
 //   cppo_stats    one block per tile: per piece, the number of valid tokens, the last
 //                 valid column, the sums needed for S and W and, for the adaptive
-//                 budget, counts around the clamp window and the divergences inside it.
-//   cppo_rows     one block per row: horizon T, the per-row budget (exact quantile
-//                 selection, only when it can fall inside the clamp window), and the
-//                 exclusive prefix (S, W) at the start of each of the row's pieces.
+//                 budget, how many divergences fall below / inside / above the clamp
+//                 window (plus the largest below and the smallest above it).
+//   cppo_rows     one block per row: horizon T, the per-row budget, and the exclusive
+//                 prefix (S, W) at the start of each of the row's pieces. The exact
+//                 quantile is selected only for rows where it can land inside the clamp
+//                 window; those rows are re-read (radix histogram passes narrow the
+//                 candidates until they fit in shared memory, usually one pass).
 //   cppo_mask_tiles  one block per tile (last tile first, to reuse what the first pass
 //                 left in L2): loads, validates, scans S and W inside each piece and
 //                 writes mask / reason / threshold / gate and the reason counts.
@@ -31,9 +34,6 @@
 #endif
 #ifndef CPPO_ITEMS
 #define CPPO_ITEMS 4  // positions per thread in a tile
-#endif
-#ifndef CPPO_CAND_RATIO
-#define CPPO_CAND_RATIO 4  // one candidate slot per this many positions
 #endif
 #ifndef CPPO_SELECT_CAP
 #define CPPO_SELECT_CAP 4096  // candidates selected in shared memory (8 bytes each)
@@ -84,7 +84,7 @@ enum { ST_N, ST_LAST, ST_A0, ST_A1, ST_S0, ST_S1, ST_BELOW, ST_CAND, ST_MAX_BELO
     X(f64, budget_quantile) X(f64, budget_scale) X(f64, window_lo) X(f64, window_hi)    \
     X(i64, check_offsets)                                                               \
     X(u64, piece_stats) X(u64, piece_prefix) X(u64, row_horizon) X(u64, row_budget)     \
-    X(u64, candidates) X(u64, shuffle_columns) X(u64, shuffle_weight) X(u64, error)     \
+    X(u64, shuffle_columns) X(u64, shuffle_weight) X(u64, error)                         \
     X(u64, out_mask) X(u64, out_reason) X(u64, out_threshold) X(u64, out_gate)         \
     X(u64, out_row_budget) X(u64, out_counts)
 // END ARGS
@@ -430,9 +430,6 @@ static __device__ void walk_tile(const Args& a, i64 ts, i64 te, OnPiece on_piece
     }
 }
 
-// Candidate slots of the piece [begin, end): [begin / RATIO, end / RATIO).
-static __device__ __forceinline__ i64 slot_begin(i64 begin) { return begin / CPPO_CAND_RATIO; }
-
 // ---------------------------------------------------------------------------------
 // cppo_shuffle: the shuffled ablation's weights, one block per row.
 
@@ -514,7 +511,6 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_shuffle(const Args
 // cppo_stats: per-piece statistics, one block per tile.
 
 extern "C" __global__ void __launch_bounds__(CPPO_BLOCK, 3) cppo_stats(const Args a) {
-    __shared__ u32 cand_count;
     const i64 tile = blockIdx.x;
     if (tile == 0 && threadIdx.x == 0) {
         // Reset the error record and the counts (later kernels of this call write them).
@@ -528,17 +524,11 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK, 3) cppo_stats(const Arg
     const i64 ts = tile * TILE, te = imin(ts + TILE, a.positions);
     const bool seq_linear = a.position_weight == PW_LINEAR && a.horizon == 0;
     double* stats = (double*)a.piece_stats;
-    double* cands = (double*)a.candidates;
 
     walk_tile(
         a, ts, te,
         [&](i64 r, i64 rs, i64 begin, i64 end) {
             Stats s = stats_identity();
-            const i64 slot0 = slot_begin(begin), capacity = slot_begin(end) - slot0;
-            if (a.adaptive) {
-                if (threadIdx.x == 0) cand_count = 0;
-                __syncthreads();
-            }
             for (int k = 0; k < CPPO_ITEMS; ++k) {
                 const i64 p = begin + (i64)k * CPPO_BLOCK + threadIdx.x;
                 if (p >= end) break;
@@ -570,8 +560,6 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK, 3) cppo_stats(const Arg
                         if (d0 > s.v[ST_MAX_BELOW]) s.v[ST_MAX_BELOW] = d0;
                     } else if (cls == 1) {
                         s.v[ST_CAND] += 1.0;
-                        const u32 slot = atomicAdd(&cand_count, 1u);
-                        if ((i64)slot < capacity) cands[slot0 + slot] = d0;
                     } else if (d0 < s.v[ST_MIN_ABOVE]) {
                         s.v[ST_MIN_ABOVE] = d0;
                     }
@@ -599,26 +587,9 @@ struct SharedKeys {
     }
 };
 
-// The divergences cppo_stats stored for the row's pieces (no piece overflowed).
-struct StoredKeys {
-    const Args* a;
-    i64 r, rs, re, first_tile, pieces;
-    template <class F>
-    __device__ void each(F f) const {
-        const double* stats = (const double*)a->piece_stats;
-        const double* cands = (const double*)a->candidates;
-        for (i64 i = 0; i < pieces; ++i) {
-            const i64 t = first_tile + i;
-            const i64 begin = imax(rs, t * TILE), end = imin(re, (t + 1) * TILE);
-            const i64 slot0 = slot_begin(begin), capacity = slot_begin(end) - slot0;
-            const i64 n = imin((i64)stats[(r + t) * NSTAT + ST_CAND], capacity);
-            for (i64 j = threadIdx.x; j < n; j += CPPO_BLOCK) f(order_key(cands[slot0 + j]));
-        }
-    }
-};
-
-// The row's in-window divergences recomputed from the inputs (a piece overflowed).
-struct RecomputedKeys {
+// The row's divergences inside the clamp window, recomputed from the inputs exactly
+// as cppo_stats computed them.
+struct RowKeys {
     const Args* a;
     i64 r, rs, re;
     template <class F>
@@ -632,67 +603,114 @@ struct RecomputedKeys {
     }
 };
 
-// The key of rank k (0-based, ascending) among the source's keys: MSB-first radix
-// selection, 8 bits per pass, histogram in shared memory.
+// One MSB-first radix step: among the keys with (key & known) == prefix, the next
+// (up to) 8 unknown bits of the key of rank k. Updates prefix/known/low (number of
+// bits still unknown), k (rank inside the chosen bucket) and count (keys in it).
 template <class Src>
-static __device__ u64 radix_select(const Src& src, i64 k) {
+static __device__ void radix_step(const Src& src, u64& prefix, u64& known, int& low, i64& k, i64& count) {
     __shared__ unsigned long long hist[256];
     __shared__ u64 chosen_digit;
-    __shared__ i64 chosen_rank;
-    u64 prefix = 0, known = 0;
-    for (int shift = 56; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += CPPO_BLOCK) hist[i] = 0;
-        if (threadIdx.x == 0) {
-            chosen_digit = 255;  // only kept if k is out of range (inconsistent input)
-            chosen_rank = 0;
-        }
-        __syncthreads();
-        src.each([&](u64 key) {
-            if ((key & known) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1ULL);
-        });
-        __syncthreads();
-        if (warp_id() == 0) {
-            const int lane = lane_id();
-            u64 sum = 0;
-            for (int j = 0; j < 8; ++j) sum += hist[lane * 8 + j];
-            const u64 incl = warp_inclusive_sum(sum);
-            const u64 before = incl - sum;
-            if ((u64)k >= before && (u64)k < incl) {
-                u64 c = before;
-                for (int j = 0; j < 8; ++j) {
-                    const u64 h = hist[lane * 8 + j];
-                    if ((u64)k < c + h) {
-                        chosen_digit = (u64)(lane * 8 + j);
-                        chosen_rank = k - (i64)c;
-                        break;
-                    }
-                    c += h;
+    __shared__ i64 chosen_rank, chosen_count;
+    const int width = low >= 8 ? 8 : low;
+    const int shift = low - width;
+    const u64 digit_mask = (1ULL << width) - 1;
+    for (int i = threadIdx.x; i < 256; i += CPPO_BLOCK) hist[i] = 0;
+    if (threadIdx.x == 0) {
+        chosen_digit = digit_mask;  // kept only if k is out of range (inconsistent input)
+        chosen_rank = 0;
+        chosen_count = 0;
+    }
+    __syncthreads();
+    const u64 pre = prefix, kn = known;
+    src.each([&](u64 key) {
+        if ((key & kn) == pre) atomicAdd(&hist[(key >> shift) & digit_mask], 1ULL);
+    });
+    __syncthreads();
+    if (warp_id() == 0) {
+        const int lane = lane_id();
+        u64 sum = 0;
+        for (int j = 0; j < 8; ++j) sum += hist[lane * 8 + j];
+        const u64 incl = warp_inclusive_sum(sum);
+        const u64 before = incl - sum;
+        if ((u64)k >= before && (u64)k < incl) {
+            u64 c = before;
+            for (int j = 0; j < 8; ++j) {
+                const u64 h = hist[lane * 8 + j];
+                if ((u64)k < c + h) {
+                    chosen_digit = (u64)(lane * 8 + j);
+                    chosen_rank = k - (i64)c;
+                    chosen_count = (i64)h;
+                    break;
                 }
+                c += h;
             }
         }
-        __syncthreads();
-        prefix |= chosen_digit << shift;
-        known |= 0xffULL << shift;
-        k = chosen_rank;
-        __syncthreads();
     }
+    __syncthreads();
+    prefix |= chosen_digit << shift;
+    known |= digit_mask << shift;
+    low = shift;
+    k = chosen_rank;
+    count = chosen_count;
+    __syncthreads();
+}
+
+template <class Src>
+static __device__ u64 radix_finish(const Src& src, u64 prefix, u64 known, int low, i64 k) {
+    i64 count;
+    while (low > 0) radix_step(src, prefix, known, low, k, count);
     return prefix;
 }
 
-// Keys of ranks k_lo <= k_hi among the candidates (ranks relative to the window).
-template <class Src>
-static __device__ void select_pair(const Src& src, i64 k_lo, i64 k_hi, bool need_lo, bool need_hi, u64& key_lo, u64& key_hi) {
-    if (need_lo) key_lo = radix_select(src, k_lo);
-    if (need_hi) key_hi = (need_lo && k_hi == k_lo) ? key_lo : radix_select(src, k_hi);
-}
-
-// delta_b_row (Eq. 22) for an adaptive row with n >= 1 valid tokens. Ranks below the
-// window (Q <= window_lo: budget delta_b) and above it (Q > window_hi: 2 delta_b) need
-// no selection; otherwise x[floor h] and x[ceil h] are selected exactly.
-static __device__ double adaptive_budget(const Args& a, i64 r, i64 rs, i64 re, i64 first_tile, i64 pieces,
-                                         const Stats& row) {
+// The key of rank k (0-based, ascending) among the row's `count` candidates and, if
+// want_next, the key of rank k + 1 (has_next false when k is the last candidate).
+// Keys inside the window share its bounds' common leading bits; radix steps over the
+// re-read row narrow to a bucket that fits in shared memory (none if all fit), one
+// more pass gathers it together with the smallest key above it, and the rest of the
+// selection runs in shared memory.
+static __device__ void select_candidates(const Args& a, const RowKeys& row, i64 count, i64 k, bool want_next,
+                                         u64& key, u64& next, bool& has_next) {
     __shared__ u64 gathered_keys[CPPO_SELECT_CAP];
     __shared__ u32 gathered;
+    const u64 lo_key = order_key(a.window_lo), hi_key = order_key(a.window_hi);
+    const u64 diff = lo_key ^ hi_key;
+    int low = diff ? 64 - __clzll((long long)diff) : 0;
+    u64 known = low >= 64 ? 0ULL : ~((1ULL << low) - 1);
+    u64 prefix = lo_key & known;
+    i64 bucket = count;
+    while (low > 0 && bucket > CPPO_SELECT_CAP) radix_step(row, prefix, known, low, k, bucket);
+
+    if (threadIdx.x == 0) gathered = 0;
+    __syncthreads();
+    const u64 pre = prefix, kn = known, bucket_max = prefix | ~known;
+    u64 above = ~0ULL;
+    row.each([&](u64 x) {
+        if ((x & kn) == pre) {
+            const u32 i = atomicAdd(&gathered, 1u);
+            if (i < CPPO_SELECT_CAP) gathered_keys[i] = x;
+        } else if (x > bucket_max && x < above) {
+            above = x;
+        }
+    });
+    const u64 next_above = block_reduce_min<u64>(above);  // (its syncs also publish `gathered`)
+    const SharedKeys keys{gathered_keys, imin((i64)gathered, CPPO_SELECT_CAP)};
+    key = radix_finish(keys, prefix, known, low, k);
+    has_next = false;
+    if (want_next) {
+        if (k + 1 < bucket) {
+            next = radix_finish(keys, prefix, known, low, k + 1);
+            has_next = true;
+        } else if (next_above != ~0ULL) {
+            next = next_above;
+            has_next = true;
+        }
+    }
+}
+
+// delta_b_row (Eq. 22) for an adaptive row with n >= 1 valid tokens. Order statistics
+// below the window (Q <= window_lo: budget delta_b) or above it (Q > window_hi:
+// 2 delta_b) need no selection; otherwise x[floor h] and x[ceil h] are found exactly.
+static __device__ double adaptive_budget(const Args& a, i64 r, i64 rs, i64 re, const Stats& row) {
     const i64 n = (i64)row.v[ST_N];
     const i64 below = (i64)row.v[ST_BELOW], cand = (i64)row.v[ST_CAND];
     const double h = a.budget_quantile * (double)(n - 1);
@@ -700,41 +718,21 @@ static __device__ double adaptive_budget(const Args& a, i64 r, i64 rs, i64 re, i
     const i64 lo = (i64)h_floor, hi = (i64)ceil(h);
     if (hi < below) return a.delta_b;
     if (lo >= below + cand) return 2.0 * a.delta_b;
-
-    // Which order statistics come from the candidates (the others are the largest value
-    // below the window or the smallest above it).
-    const bool lo_in = lo >= below && lo < below + cand;
-    const bool hi_in = hi >= below && hi < below + cand;
-    u64 key_lo = 0, key_hi = 0;
-    if (lo_in || hi_in) {
-        bool overflow = false;
-        for (i64 i = 0; i < pieces; ++i) {
-            const i64 t = first_tile + i;
-            const i64 begin = imax(rs, t * TILE), end = imin(re, (t + 1) * TILE);
-            const i64 capacity = slot_begin(end) - slot_begin(begin);
-            if ((i64)((const double*)a.piece_stats)[(r + t) * NSTAT + ST_CAND] > capacity) overflow = true;
-        }
-        const StoredKeys stored{&a, r, rs, re, first_tile, pieces};
-        const RecomputedKeys recomputed{&a, r, rs, re};
-        if (cand <= CPPO_SELECT_CAP) {
-            if (threadIdx.x == 0) gathered = 0;
-            __syncthreads();
-            auto keep = [&](u64 key) {
-                const u32 i = atomicAdd(&gathered, 1u);
-                if (i < CPPO_SELECT_CAP) gathered_keys[i] = key;
-            };
-            if (overflow) recomputed.each(keep); else stored.each(keep);
-            __syncthreads();
-            const SharedKeys keys{gathered_keys, imin((i64)gathered, CPPO_SELECT_CAP)};
-            select_pair(keys, lo - below, hi - below, lo_in, hi_in, key_lo, key_hi);
-        } else if (overflow) {
-            select_pair(recomputed, lo - below, hi - below, lo_in, hi_in, key_lo, key_hi);
-        } else {
-            select_pair(stored, lo - below, hi - below, lo_in, hi_in, key_lo, key_hi);
-        }
+    const RowKeys keys{&a, r, rs, re};
+    u64 key = 0, next = 0;
+    bool has_next = false;
+    double x_lo, x_hi;
+    if (lo < below) {
+        // lo = below - 1 and hi = below: the largest value under the window, then the
+        // smallest candidate (or the smallest value above the window).
+        x_lo = row.v[ST_MAX_BELOW];
+        if (cand > 0) select_candidates(a, keys, cand, 0, false, key, next, has_next);
+        x_hi = cand > 0 ? key_value(key) : row.v[ST_MIN_ABOVE];
+    } else {
+        select_candidates(a, keys, cand, lo - below, hi != lo, key, next, has_next);
+        x_lo = key_value(key);
+        x_hi = hi == lo ? x_lo : (has_next ? key_value(next) : row.v[ST_MIN_ABOVE]);
     }
-    const double x_lo = lo_in ? key_value(key_lo) : row.v[ST_MAX_BELOW];
-    const double x_hi = hi_in ? key_value(key_hi) : (hi < below ? row.v[ST_MAX_BELOW] : row.v[ST_MIN_ABOVE]);
     const double q = x_lo + (h - h_floor) * (x_hi - x_lo);
     const double budget = py_max(a.budget_scale * q, a.delta_b);
     return py_min(budget, 2.0 * a.delta_b);
@@ -795,7 +793,7 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_rows(const Args a)
     }
 
     double budget = a.delta_b;
-    if (a.adaptive && n > 0) budget = adaptive_budget(a, r, rs, re, first_tile, pieces, row);
+    if (a.adaptive && n > 0) budget = adaptive_budget(a, r, rs, re, row);
     if (threadIdx.x == 0) {
         ((i64*)a.row_horizon)[r] = horizon;
         ((double*)a.row_budget)[r] = budget;
