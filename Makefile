@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXT := python/cppo_native/_native.abi3.so
 
-.PHONY: build-dev venv demo test test-python test-rust build-inplace bench bench-pipeline wheel clean
+.PHONY: build-dev venv demo test test-python test-rust build-inplace bench bench-pipeline bench-gpu wheel clean
 
 # A virtual environment with the test/bench dependencies and cppo-native installed
 # (editable: maturin builds the Rust extension in release mode).
@@ -47,6 +47,10 @@ bench: build-dev
 SIZE_MB ?= 1024
 bench-pipeline: build-dev
 	$(PY) bench/pipeline.py --size-mb $(SIZE_MB)
+
+# On a CUDA machine with CuPy installed (pip install -e '.[cuda12]' or '.[cuda13]').
+bench-gpu: build-dev
+	$(PY) bench/gpu.py
 
 wheel:
 	maturin build --release

@@ -216,8 +216,15 @@ def from_cupy(arr: Any, source: Source) -> Any:
 # The launch plan.
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def _dtype_name(arr: Any) -> str:
-    return str(arr.dtype)
+    dt = arr.dtype  # str(numpy dtype) costs microseconds; the per-call budget is tight
+    name = _DTYPE_NAMES.get(dt)
+    if name is None:
+        name = _DTYPE_NAMES[dt] = str(dt)
+    return name
 
 
 def _float_code(arr: Any, is_bf16: bool, name: str) -> int:

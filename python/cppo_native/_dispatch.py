@@ -70,11 +70,21 @@ def source_of(x: Any, name: str) -> Source:
     )
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def dtype_name(x: Any) -> str:
     """'float32', 'bfloat16', 'int64', ... for any supported array type."""
-    if _is_torch(x):
-        return str(x.dtype).replace("torch.", "")
-    return str(x.dtype)
+    dt = x.dtype
+    try:
+        return _DTYPE_NAMES[dt]  # str(dtype) is slow for NumPy/CuPy dtypes
+    except (KeyError, TypeError):
+        name = str(dt).replace("torch.", "")
+        try:
+            _DTYPE_NAMES[dt] = name
+        except TypeError:  # unhashable dtype object
+            pass
+        return name
 
 
 # ---------------------------------------------------------------------------------------
