@@ -237,8 +237,13 @@ def _float_code(arr: Any, is_bf16: bool, name: str) -> int:
 
 
 def _strides(arr: Any) -> tuple:
-    item = arr.itemsize
-    return tuple(int(s) // item for s in arr.strides)
+    """Element strides (s0, s1) of a 1-D or 2-D array; (0, 0) for None."""
+    if arr is None:
+        return 0, 0
+    s, item = arr.strides, arr.itemsize
+    if len(s) == 2:
+        return s[0] // item, s[1] // item
+    return (s[0] // item if s else 0), 0
 
 
 def _window(params: MaskParams) -> tuple:
@@ -320,12 +325,6 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
         row_budget = ex.empty(rows, "float64")
         counts = ex.empty(5, "int64")
 
-    def strides2(arr):
-        if arr is None:
-            return 0, 0
-        s = _strides(arr)
-        return (s[0], s[1]) if len(s) == 2 else (s[0] if s else 0, 0)
-
     bf16 = prep.bf16
     window_lo, window_hi = _window(params) if adaptive else (0.0, 0.0)
     fields = {
@@ -335,7 +334,7 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
         "valid": ex.ptr(valid) if valid is not None else 0,
         "divergence": ex.ptr(div) if div is not None else 0,
         "cu_seqlens": ex.ptr(cu) if packed else 0,
-        "cu_s0": _strides(cu)[0] if packed else 0,
+        "cu_s0": _strides(cu)[0],
         "lp_type": _float_code(lp, bf16.get("log_probs", False), "log_probs"),
         "lq_type": _float_code(lq, bf16.get("old_log_probs", False), "old_log_probs"),
         "adv_type": _float_code(adv, bf16.get("advantages", False), "advantages"),
@@ -377,11 +376,11 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
         "out_row_budget": ex.ptr(row_budget) if return_info else 0,
         "out_counts": ex.ptr(counts) if return_info else 0,
     }
-    fields["lp_s0"], fields["lp_s1"] = strides2(lp)
-    fields["lq_s0"], fields["lq_s1"] = strides2(lq)
-    fields["adv_s0"], fields["adv_s1"] = strides2(adv)
-    fields["valid_s0"], fields["valid_s1"] = strides2(valid)
-    fields["div_s0"], fields["div_s1"] = strides2(div)
+    fields["lp_s0"], fields["lp_s1"] = _strides(lp)
+    fields["lq_s0"], fields["lq_s1"] = _strides(lq)
+    fields["adv_s0"], fields["adv_s1"] = _strides(adv)
+    fields["valid_s0"], fields["valid_s1"] = _strides(valid)
+    fields["div_s0"], fields["div_s1"] = _strides(div)
     layout = args_layout()
     packed_args = layout.packer.pack(*(fields[name] for name in layout.names))
 
