@@ -38,7 +38,7 @@ KERNEL_PATH = Path(__file__).with_name("kernels") / "cppo_mask.cu"
 GEOMETRY = {
     "CPPO_BLOCK": 256,  # threads per block
     "CPPO_ITEMS": 4,  # positions per thread per tile (tile = 1024 positions)
-    "CPPO_SELECT_CAP": 4096,  # adaptive budget: candidates selected in shared memory
+    "CPPO_SELECT_CAP": 5120,  # adaptive budget: candidates selected in shared memory
     "CPPO_SHUFFLE_CAP": 8192,  # shuffled ablation: rows up to this many valid tokens in shared memory
 }
 COMPILE_OPTIONS = ("-std=c++17", "--fmad=false")

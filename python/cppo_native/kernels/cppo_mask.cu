@@ -36,7 +36,7 @@
 #define CPPO_ITEMS 4  // positions per thread in a tile
 #endif
 #ifndef CPPO_SELECT_CAP
-#define CPPO_SELECT_CAP 4096  // candidates selected in shared memory (8 bytes each)
+#define CPPO_SELECT_CAP 5120  // candidates selected in shared memory (8 bytes each)
 #endif
 #ifndef CPPO_SHUFFLE_CAP
 #define CPPO_SHUFFLE_CAP 8192  // valid tokens of a row shuffled in shared memory
