@@ -27,7 +27,7 @@ def torch_cppo_mask(log_probs, old_log_probs, advantages, response_mask, *, delt
     horizon = ((pos + 1) * m).amax(dim=-1, keepdim=True)  # 1 + last valid index
     w = 1.0 - (1.0 - w_min) * torch.clamp(pos / (horizon - 1).clamp(min=1.0), max=1.0)
     w = torch.where(horizon > 1, w, torch.ones_like(w))
-    z = m * w * d
+    z = torch.where(m > 0, w * d, 0.0)  # padding may hold NaN/inf: keep it out of the sums
     s_prev = F.pad(z.cumsum(-1)[:, :-1], (1, 0))  # S_{t-1}
     w_prev = F.pad((m * w).cumsum(-1)[:, :-1], (1, 0))  # W_{t-1}
     if adaptive_budget:
@@ -55,7 +55,8 @@ def numpy_cppo_mask(log_probs, old_log_probs, advantages, response_mask, *, delt
     horizon = ((pos + 1) * m).max(axis=-1, keepdims=True, initial=0.0)
     w = 1.0 - (1.0 - w_min) * np.minimum(pos / np.maximum(horizon - 1, 1.0), 1.0)
     w = np.where(horizon > 1, w, 1.0)
-    z = m * w * d
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = np.where(m > 0, w * d, 0.0)  # padding may hold NaN/inf: keep it out of the sums
     s_prev = np.pad(np.cumsum(z, -1)[:, :-1], ((0, 0), (1, 0)))
     w_prev = np.pad(np.cumsum(m * w, -1)[:, :-1], ((0, 0), (1, 0)))
     if adaptive_budget:

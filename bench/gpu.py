@@ -12,7 +12,7 @@ of cppo_native.sample). Per case it measures
 - api_validate: the same with validate=True (one device-to-host read per call);
 - api_latency: median of single synchronised calls (validate=False);
 - kernels:    the GPU time of the cppo_* kernels per call (torch.profiler / CUPTI);
-- eager / compiled: bench/torch_formula.py eager and under torch.compile (end to end,
+- eager / compiled: bench/baselines.py torch_cppo_mask eager and under torch.compile (end to end,
               like api);
 - floor:      a device-to-device copy moving as many bytes as the mask must read
               (log-probs, old log-probs, advantages, mask) plus write (the bool mask):
@@ -40,7 +40,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from torch_formula import cppo_mask_torch  # noqa: E402
+from baselines import torch_cppo_mask  # noqa: E402  (the shared formula, also used by bench/cpu.py)
 
 import cppo_native  # noqa: E402
 from cppo_native import cppo_mask  # noqa: E402
@@ -134,7 +134,7 @@ def bench_case(batch: int, length: int, iters: int, compiled_fn) -> dict:
 
     api = lambda: cppo_mask(lp, lq, adv, mask, validate=False, **KNOBS)  # noqa: E731
     api_validate = lambda: cppo_mask(lp, lq, adv, mask, validate=True, **KNOBS)  # noqa: E731
-    eager = lambda: cppo_mask_torch(lp, lq, adv, mask, **KNOBS)  # noqa: E731
+    eager = lambda: torch_cppo_mask(lp, lq, adv, mask, **KNOBS)  # noqa: E731
     compiled = lambda: compiled_fn(lp, lq, adv, mask, **KNOBS)  # noqa: E731
 
     t0 = time.perf_counter()
@@ -189,7 +189,7 @@ def main() -> None:
 
     cases = CASES[:2] if args.quick else CASES
     iters = 5 if args.quick else args.iters
-    compiled_fn = torch.compile(cppo_mask_torch, dynamic=False)
+    compiled_fn = torch.compile(torch_cppo_mask, dynamic=False)
     results = []
     for batch, length in cases:
         r = bench_case(batch, length, iters, compiled_fn)

@@ -123,7 +123,8 @@ class EmuExecutor:
 
 
 def emulated_mask(log_probs, old_log_probs, advantages, response_mask=None, *, geometry: Optional[dict] = None,
-                  divergence=None, cu_seqlens=None, return_info=False, validate=True, executor=None, **knobs):
+                  divergence=None, cu_seqlens=None, per_row_advantages=None, return_info=False, validate=True,
+                  executor=None, **knobs):
     """cppo_mask's contract computed by the emulated kernels (NumPy / torch CPU inputs)."""
     geometry = SMALL if geometry is None else geometry
     if divergence is None or isinstance(divergence, str):
@@ -132,7 +133,7 @@ def emulated_mask(log_probs, old_log_probs, advantages, response_mask=None, *, g
         mode, div_array = "given", divergence
     params = make_params(divergence=mode, **knobs)
     prep = _dispatch.prepare(log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens,
-                             convert=_dispatch.to_numpy)
+                             per_row_advantages, convert=_dispatch.to_numpy)
     ex = executor if executor is not None else EmuExecutor(build(geometry))
     mask, reason, threshold, gate, row_budget, counts = _cuda.run(prep, params, return_info, validate, ex, geometry)
     shape = prep.shape
