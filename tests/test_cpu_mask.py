@@ -364,3 +364,10 @@ def test_zero_advantage_and_equal_log_probs_count_as_toward_mu():
     mask, info = cppo_mask(lp, lp.copy(), np.array([3.0]), None, delta=0.15, delta_b=0.02,
                            divergence=np.array([[0.9, 0.9]]), return_info=True)
     assert info.reason.tolist() == [[1, 1]]
+
+
+def test_bf16_negative_zero_mask_is_invalid():
+    lp = torch.full((1, 3), -0.5)
+    valid = torch.tensor([[1.0, -0.0, 0.0]], dtype=torch.bfloat16)
+    mask = cppo_mask(lp, lp - 0.1, torch.ones(1), valid, **KNOBS)
+    assert mask.tolist() == [[True, False, False]]

@@ -50,7 +50,9 @@ def compute(prep: Prepared, params: MaskParams, return_info: bool, num_threads: 
     if prep.cu_seqlens is not None:
         cu = check_offsets(prep.cu_seqlens, token_shape[0])
     valid = prep.valid
-    if valid is not None and str(valid.dtype) not in MASK_DTYPES:
+    if valid is not None and prep.bf16.get("response_mask"):
+        valid = (valid & 0x7FFF) != 0  # bfloat16 bits: -0.0 is zero too
+    elif valid is not None and str(valid.dtype) not in MASK_DTYPES:
         valid = valid != 0
     mask = np.empty(token_shape, dtype=np.bool_)
     reason = threshold = gate = row_budget = None
