@@ -5,10 +5,8 @@
 //! inputs; bool/int/float for the valid mask); outputs are freshly allocated
 //! C-contiguous arrays; parameters are already validated.
 
-use numpy::{
-    PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
-    PyUntypedArrayMethods,
-};
+use numpy::ndarray::{Dimension, IxDyn};
+use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArray, PyReadonlyArray1, PyReadwriteArrayDyn};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -19,34 +17,40 @@ use crate::batch::{
 };
 use crate::core::{Divergence, Params, PositionWeight};
 
-enum FloatArray<'py> {
-    F64(PyReadonlyArrayDyn<'py, f64>),
-    F32(PyReadonlyArrayDyn<'py, f32>),
-    F16(PyReadonlyArrayDyn<'py, f16>),
-    Bf16(PyReadonlyArrayDyn<'py, i16>),
+/// A float array borrowed from NumPy, of any supported dtype (int16 = bfloat16 bits)
+/// and dimensionality `D`.
+pub(crate) enum FloatArray<'py, D: Dimension = IxDyn> {
+    F64(PyReadonlyArray<'py, f64, D>),
+    F32(PyReadonlyArray<'py, f32, D>),
+    F16(PyReadonlyArray<'py, f16, D>),
+    Bf16(PyReadonlyArray<'py, i16, D>),
 }
 
-impl<'py> FloatArray<'py> {
-    fn extract(ob: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
-        if let Ok(a) = ob.extract::<PyReadonlyArrayDyn<f64>>() {
-            return Ok(FloatArray::F64(a));
+fn dims<D: Dimension>() -> String {
+    D::NDIM.map_or(String::new(), |n| format!("{n}-D "))
+}
+
+impl<'py, D: Dimension> FloatArray<'py, D> {
+    pub(crate) fn extract(ob: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
+        macro_rules! try_as {
+            ($t:ty, $v:ident) => {
+                if let Ok(a) = ob.extract::<PyReadonlyArray<'py, $t, D>>() {
+                    return Ok(FloatArray::$v(a));
+                }
+            };
         }
-        if let Ok(a) = ob.extract::<PyReadonlyArrayDyn<f32>>() {
-            return Ok(FloatArray::F32(a));
-        }
-        if let Ok(a) = ob.extract::<PyReadonlyArrayDyn<f16>>() {
-            return Ok(FloatArray::F16(a));
-        }
-        if let Ok(a) = ob.extract::<PyReadonlyArrayDyn<i16>>() {
-            return Ok(FloatArray::Bf16(a));
-        }
+        try_as!(f64, F64);
+        try_as!(f32, F32);
+        try_as!(f16, F16);
+        try_as!(i16, Bf16);
         Err(PyTypeError::new_err(format!(
-            "{name}: expected a native-endian float64/float32/float16 array (or int16 bfloat16 bits), got {}",
+            "{name}: expected a {}native-endian float64/float32/float16 array (or int16 bfloat16 bits), got {}",
+            dims::<D>(),
             ob.get_type().name()?
         )))
     }
 
-    fn view(&self) -> FloatView<'_> {
+    pub(crate) fn view(&self) -> FloatView<'_, D> {
         match self {
             FloatArray::F64(a) => FloatView::F64(a.as_array()),
             FloatArray::F32(a) => FloatView::F32(a.as_array()),
@@ -56,21 +60,22 @@ impl<'py> FloatArray<'py> {
     }
 }
 
-enum MaskArray<'py> {
-    Bool(PyReadonlyArrayDyn<'py, bool>),
-    U8(PyReadonlyArrayDyn<'py, u8>),
-    I8(PyReadonlyArrayDyn<'py, i8>),
-    I32(PyReadonlyArrayDyn<'py, i32>),
-    I64(PyReadonlyArrayDyn<'py, i64>),
-    F32(PyReadonlyArrayDyn<'py, f32>),
-    F64(PyReadonlyArrayDyn<'py, f64>),
+/// Valid flags borrowed from NumPy (bool, integer or float; nonzero = valid).
+pub(crate) enum MaskArray<'py, D: Dimension = IxDyn> {
+    Bool(PyReadonlyArray<'py, bool, D>),
+    U8(PyReadonlyArray<'py, u8, D>),
+    I8(PyReadonlyArray<'py, i8, D>),
+    I32(PyReadonlyArray<'py, i32, D>),
+    I64(PyReadonlyArray<'py, i64, D>),
+    F32(PyReadonlyArray<'py, f32, D>),
+    F64(PyReadonlyArray<'py, f64, D>),
 }
 
-impl<'py> MaskArray<'py> {
-    fn extract(ob: &Bound<'py, PyAny>) -> PyResult<Self> {
+impl<'py, D: Dimension> MaskArray<'py, D> {
+    pub(crate) fn extract(ob: &Bound<'py, PyAny>) -> PyResult<Self> {
         macro_rules! try_as {
             ($t:ty, $v:ident) => {
-                if let Ok(a) = ob.extract::<PyReadonlyArrayDyn<$t>>() {
+                if let Ok(a) = ob.extract::<PyReadonlyArray<'py, $t, D>>() {
                     return Ok(MaskArray::$v(a));
                 }
             };
@@ -83,12 +88,13 @@ impl<'py> MaskArray<'py> {
         try_as!(f32, F32);
         try_as!(f64, F64);
         Err(PyTypeError::new_err(format!(
-            "response_mask: expected a bool/uint8/int8/int32/int64/float32/float64 array, got {}",
+            "response_mask: expected a {}bool/uint8/int8/int32/int64/float32/float64 array, got {}",
+            dims::<D>(),
             ob.get_type().name()?
         )))
     }
 
-    fn view(&self) -> MaskView<'_> {
+    pub(crate) fn view(&self) -> MaskView<'_, D> {
         match self {
             MaskArray::Bool(a) => MaskView::Bool(a.as_array()),
             MaskArray::U8(a) => MaskView::U8(a.as_array()),
@@ -198,7 +204,7 @@ fn cppo_mask_into<'py>(
         .map(|c| c.as_slice())
         .transpose()
         .map_err(|_| PyValueError::new_err("cu_seqlens must be C-contiguous int64"))?;
-    let shape = lp.view_shape();
+    let shape = lp.view().shape().to_vec();
     let layout = match offsets {
         Some(o) => Layout::Packed { offsets: o },
         None if shape.len() == 2 => Layout::Padded {
@@ -253,17 +259,6 @@ fn cppo_mask_into<'py>(
             Some((bad.field as u8, bad.row, bad.column, bad.value)),
         ),
     })
-}
-
-impl FloatArray<'_> {
-    fn view_shape(&self) -> Vec<usize> {
-        match self {
-            FloatArray::F64(a) => a.shape().to_vec(),
-            FloatArray::F32(a) => a.shape().to_vec(),
-            FloatArray::F16(a) => a.shape().to_vec(),
-            FloatArray::Bf16(a) => a.shape().to_vec(),
-        }
-    }
 }
 
 #[pymodule]

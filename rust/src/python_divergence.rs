@@ -5,88 +5,16 @@
 //! bits, ids as int64/int32, valid flags bool/uint8/int8/int32/int64/float32/float64;
 //! the output is a fresh C-contiguous float64 `[N]`; shapes are checked in Python.
 
-use half::f16;
+use numpy::ndarray::{Ix1, Ix2};
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::batch::with_threads;
+use crate::python::{FloatArray, MaskArray};
 use crate::topk::{
-    binary_divergence_batch, topk_divergence_batch, Float1, Float2, Ids1, Ids2, TopKBad, TopKInput,
-    TopKKind, Valid1,
+    binary_divergence_batch, topk_divergence_batch, Ids1, Ids2, TopKBad, TopKInput, TopKKind,
 };
-
-enum F1<'py> {
-    F64(PyReadonlyArray1<'py, f64>),
-    F32(PyReadonlyArray1<'py, f32>),
-    F16(PyReadonlyArray1<'py, f16>),
-    Bf16(PyReadonlyArray1<'py, i16>),
-}
-
-impl<'py> F1<'py> {
-    fn extract(ob: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
-        if let Ok(a) = ob.extract::<PyReadonlyArray1<f64>>() {
-            return Ok(F1::F64(a));
-        }
-        if let Ok(a) = ob.extract::<PyReadonlyArray1<f32>>() {
-            return Ok(F1::F32(a));
-        }
-        if let Ok(a) = ob.extract::<PyReadonlyArray1<f16>>() {
-            return Ok(F1::F16(a));
-        }
-        if let Ok(a) = ob.extract::<PyReadonlyArray1<i16>>() {
-            return Ok(F1::Bf16(a));
-        }
-        Err(PyTypeError::new_err(format!(
-            "{name}: expected a 1-D native-endian float array, got {}",
-            ob.get_type().name()?
-        )))
-    }
-    fn view(&self) -> Float1<'_> {
-        match self {
-            F1::F64(a) => Float1::F64(a.as_array()),
-            F1::F32(a) => Float1::F32(a.as_array()),
-            F1::F16(a) => Float1::F16(a.as_array()),
-            F1::Bf16(a) => Float1::Bf16(a.as_array()),
-        }
-    }
-}
-
-enum F2<'py> {
-    F64(PyReadonlyArray2<'py, f64>),
-    F32(PyReadonlyArray2<'py, f32>),
-    F16(PyReadonlyArray2<'py, f16>),
-    Bf16(PyReadonlyArray2<'py, i16>),
-}
-
-impl<'py> F2<'py> {
-    fn extract(ob: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
-        if let Ok(a) = ob.extract::<PyReadonlyArray2<f64>>() {
-            return Ok(F2::F64(a));
-        }
-        if let Ok(a) = ob.extract::<PyReadonlyArray2<f32>>() {
-            return Ok(F2::F32(a));
-        }
-        if let Ok(a) = ob.extract::<PyReadonlyArray2<f16>>() {
-            return Ok(F2::F16(a));
-        }
-        if let Ok(a) = ob.extract::<PyReadonlyArray2<i16>>() {
-            return Ok(F2::Bf16(a));
-        }
-        Err(PyTypeError::new_err(format!(
-            "{name}: expected a 2-D native-endian float array, got {}",
-            ob.get_type().name()?
-        )))
-    }
-    fn view(&self) -> Float2<'_> {
-        match self {
-            F2::F64(a) => Float2::F64(a.as_array()),
-            F2::F32(a) => Float2::F32(a.as_array()),
-            F2::F16(a) => Float2::F16(a.as_array()),
-            F2::Bf16(a) => Float2::Bf16(a.as_array()),
-        }
-    }
-}
 
 enum I1<'py> {
     I64(PyReadonlyArray1<'py, i64>),
@@ -140,50 +68,6 @@ impl<'py> I2<'py> {
     }
 }
 
-enum V1<'py> {
-    Bool(PyReadonlyArray1<'py, bool>),
-    U8(PyReadonlyArray1<'py, u8>),
-    I8(PyReadonlyArray1<'py, i8>),
-    I32(PyReadonlyArray1<'py, i32>),
-    I64(PyReadonlyArray1<'py, i64>),
-    F32(PyReadonlyArray1<'py, f32>),
-    F64(PyReadonlyArray1<'py, f64>),
-}
-
-impl<'py> V1<'py> {
-    fn extract(ob: &Bound<'py, PyAny>) -> PyResult<Self> {
-        macro_rules! try_as {
-            ($t:ty, $v:ident) => {
-                if let Ok(a) = ob.extract::<PyReadonlyArray1<$t>>() {
-                    return Ok(V1::$v(a));
-                }
-            };
-        }
-        try_as!(bool, Bool);
-        try_as!(u8, U8);
-        try_as!(i8, I8);
-        try_as!(i32, I32);
-        try_as!(i64, I64);
-        try_as!(f32, F32);
-        try_as!(f64, F64);
-        Err(PyTypeError::new_err(format!(
-            "response_mask: expected a 1-D bool/uint8/int8/int32/int64/float32/float64 array, got {}",
-            ob.get_type().name()?
-        )))
-    }
-    fn view(&self) -> Valid1<'_> {
-        match self {
-            V1::Bool(a) => Valid1::Bool(a.as_array()),
-            V1::U8(a) => Valid1::U8(a.as_array()),
-            V1::I8(a) => Valid1::I8(a.as_array()),
-            V1::I32(a) => Valid1::I32(a.as_array()),
-            V1::I64(a) => Valid1::I64(a.as_array()),
-            V1::F32(a) => Valid1::F32(a.as_array()),
-            V1::F64(a) => Valid1::F64(a.as_array()),
-        }
-    }
-}
-
 fn kind_of(kind: &str) -> PyResult<TopKKind> {
     match kind {
         "tv" => Ok(TopKKind::Tv),
@@ -221,12 +105,12 @@ fn topk_divergence_into<'py>(
 ) -> PyResult<BadTuple> {
     let kind = kind_of(kind)?;
     let ids = I2::extract(topk_ids, "topk_ids")?;
-    let mu = F2::extract(topk_old_log_probs, "topk_old_log_probs")?;
-    let pi = F2::extract(topk_log_probs, "topk_log_probs")?;
+    let mu = FloatArray::<Ix2>::extract(topk_old_log_probs, "topk_old_log_probs")?;
+    let pi = FloatArray::<Ix2>::extract(topk_log_probs, "topk_log_probs")?;
     let y = I1::extract(sampled_ids, "sampled_ids")?;
-    let lq = F1::extract(old_log_probs, "old_log_probs")?;
-    let lp = F1::extract(log_probs, "log_probs")?;
-    let v = valid.map(V1::extract).transpose()?;
+    let lq = FloatArray::<Ix1>::extract(old_log_probs, "old_log_probs")?;
+    let lp = FloatArray::<Ix1>::extract(log_probs, "log_probs")?;
+    let v = valid.map(MaskArray::<Ix1>::extract).transpose()?;
     let input = TopKInput {
         topk_ids: ids.view(),
         topk_old_log_probs: mu.view(),
@@ -277,9 +161,9 @@ fn binary_divergence_into<'py>(
     num_threads: usize,
 ) -> PyResult<BadTuple> {
     let kind = kind_of(kind)?;
-    let lp = F1::extract(log_probs, "log_probs")?;
-    let lq = F1::extract(old_log_probs, "old_log_probs")?;
-    let v = valid.map(V1::extract).transpose()?;
+    let lp = FloatArray::<Ix1>::extract(log_probs, "log_probs")?;
+    let lq = FloatArray::<Ix1>::extract(old_log_probs, "old_log_probs")?;
+    let v = valid.map(MaskArray::<Ix1>::extract).transpose()?;
     let (lpv, lqv) = (lp.view(), lq.view());
     let vv = v.as_ref().map(|m| m.view());
     let mut out_rw = out.readwrite();

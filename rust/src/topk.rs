@@ -19,8 +19,10 @@
 //! - KL uses `mu_b * (max(log mu_b, ln eps) - max(log pi_b, ln eps))` per bucket with
 //!   mu_b > 0 (0 log 0 = 0), eps = `TOPK_EPS`, and the total is clamped at >= 0.
 
-use half::{bf16, f16};
-use ndarray::{ArrayView1, ArrayView2};
+use half::bf16;
+use ndarray::{ArrayView1, ArrayView2, Ix1, Ix2};
+
+use crate::batch::{FloatView, MaskView};
 use rayon::prelude::*;
 
 use crate::core::{binary_kl, binary_tv, LOG_PROB_TOLERANCE};
@@ -205,14 +207,9 @@ pub fn topk_divergence(kind: TopKKind, p: &TopKPosition, buckets: &mut Vec<Bucke
 // Typed, strided views over flattened positions.
 
 /// A float input, 1-D `[N]` (bfloat16 as its int16 bit patterns).
-pub enum Float1<'a> {
-    F64(ArrayView1<'a, f64>),
-    F32(ArrayView1<'a, f32>),
-    F16(ArrayView1<'a, f16>),
-    Bf16(ArrayView1<'a, i16>),
-}
+pub type Float1<'a> = FloatView<'a, Ix1>;
 
-impl Float1<'_> {
+impl FloatView<'_, Ix1> {
     pub fn len(&self) -> usize {
         match self {
             Float1::F64(v) => v.len(),
@@ -236,14 +233,9 @@ impl Float1<'_> {
 }
 
 /// A float input, 2-D `[N, K]`.
-pub enum Float2<'a> {
-    F64(ArrayView2<'a, f64>),
-    F32(ArrayView2<'a, f32>),
-    F16(ArrayView2<'a, f16>),
-    Bf16(ArrayView2<'a, i16>),
-}
+pub type Float2<'a> = FloatView<'a, Ix2>;
 
-impl Float2<'_> {
+impl FloatView<'_, Ix2> {
     pub fn dim(&self) -> (usize, usize) {
         match self {
             Float2::F64(v) => v.dim(),
@@ -313,17 +305,9 @@ impl Ids2<'_> {
 }
 
 /// Valid flags, 1-D `[N]` (nonzero = valid).
-pub enum Valid1<'a> {
-    Bool(ArrayView1<'a, bool>),
-    U8(ArrayView1<'a, u8>),
-    I8(ArrayView1<'a, i8>),
-    I32(ArrayView1<'a, i32>),
-    I64(ArrayView1<'a, i64>),
-    F32(ArrayView1<'a, f32>),
-    F64(ArrayView1<'a, f64>),
-}
+pub type Valid1<'a> = MaskView<'a, Ix1>;
 
-impl Valid1<'_> {
+impl MaskView<'_, Ix1> {
     pub fn len(&self) -> usize {
         match self {
             Valid1::Bool(v) => v.len(),
