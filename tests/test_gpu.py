@@ -19,7 +19,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cppo_native
 from cppo_native import _cuda, cppo_mask, cppo_mask_reference
 from gpu_compare import assert_within_tolerance
 from nvrtc import compile_source, find_nvrtc, spills, version
@@ -60,7 +59,7 @@ def test_args_layout_matches_kernel_source():
     layout = _cuda.args_layout()
     assert len(set(layout.names)) == len(layout.names)
     assert layout.packer.size == 8 * len(layout.names) == layout.dtype.itemsize
-    assert f"X(u64, out_counts)" in _cuda.kernel_source()
+    assert "X(u64, out_counts)" in _cuda.kernel_source()
 
 
 class FakeCudaArray:

@@ -11,7 +11,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from cppo_native.arrow import Columns, mask_table, sample_table  # noqa: E402
+from cppo_native.arrow import mask_table, sample_table  # noqa: E402
 from cppo_native.ray import mask_dataset  # noqa: E402
 
 pytestmark = pytest.mark.ray

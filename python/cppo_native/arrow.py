@@ -43,7 +43,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import numpy as np
 
 from ._params import make_params
-from .mask import REASON_NAMES, cppo_mask
+from .mask import cppo_mask
 
 try:
     import pyarrow as pa

@@ -17,7 +17,6 @@ and gets PyTorch.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Optional, Union
 
