@@ -371,3 +371,23 @@ def test_bf16_negative_zero_mask_is_invalid():
     valid = torch.tensor([[1.0, -0.0, 0.0]], dtype=torch.bfloat16)
     mask = cppo_mask(lp, lp - 0.1, torch.ones(1), valid, **KNOBS)
     assert mask.tolist() == [[True, False, False]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([0.02, 0.015, 1e-300, 0.0]), st.sampled_from([1.0, 0.5, 3.0, 0.0]),
+       st.sampled_from([0.9, 0.0, 1.0, 0.5, 0.37]), st.integers(1, 40))
+def test_adaptive_budget_near_the_clamp_edges(seed, delta_b, scale, q, n):
+    """Quantiles sitting on (or a few ulps off) the clamp window's edges delta_b / k and
+    2 delta_b / k: the backend's shortcut around the exact quantile must not change it."""
+    rng = np.random.default_rng(seed)
+    edges = [delta_b / scale if scale else 0.0, 2 * delta_b / scale if scale else 0.0]
+    base = rng.choice(edges + [0.0, 0.05], size=(3, n))
+    ulps = rng.integers(-3, 4, size=(3, n))
+    d = np.abs(base + ulps * np.spacing(np.maximum(base, 1e-300)))
+    lp, lq = np.full((3, n), -1.0), np.full((3, n), -1.2)
+    kw = dict(delta=0.15, delta_b=delta_b, adaptive_budget=True, budget_scale=scale, budget_quantile=q, divergence=d)
+    valid = rng.random((3, n)) < 0.8
+    _, info = cppo_mask(lp, lq, np.ones(3), valid, **kw, return_info=True)
+    ref = cppo_mask_reference(lp, lq, np.ones(3), valid, **kw)
+    np.testing.assert_array_equal(info.row_budget, ref.row_budget)
+    np.testing.assert_array_equal(info.reason, ref.reason)

@@ -240,10 +240,13 @@ pub fn shuffle_permutation(n: usize, seed: u64, row: usize, perm: &mut Vec<usize
 /// so integer order is numeric order (integer selection is much faster than a float
 /// comparator). `bits` is non-empty; it is reordered.
 pub fn quantile_linear(bits: &mut [u64], q: f64) -> f64 {
-    let n = bits.len();
-    let h = q * (n - 1) as f64;
-    let lo = h.floor() as usize;
-    let hi = h.ceil() as usize;
+    let h = q * (bits.len() - 1) as f64;
+    quantile_ranks(bits, h, h.floor() as usize, h.ceil() as usize)
+}
+
+/// `x[lo] + (h - floor h) (x[hi] - x[lo])` where x[r] is the value of rank r in `bits`
+/// (`lo` = floor h and `hi` = ceil h shifted by the same offset, if `bits` is a window).
+fn quantile_ranks(bits: &mut [u64], h: f64, lo: usize, hi: usize) -> f64 {
     let (_, &mut lo_bits, right) = bits.select_nth_unstable(lo);
     let x_lo = f64::from_bits(lo_bits);
     let x_hi = if hi == lo {
@@ -251,7 +254,7 @@ pub fn quantile_linear(bits: &mut [u64], q: f64) -> f64 {
     } else {
         f64::from_bits(*right.iter().min().expect("hi < n"))
     };
-    x_lo + (h - lo as f64) * (x_hi - x_lo)
+    x_lo + (h - h.floor()) * (x_hi - x_lo)
 }
 
 /// Valid positions need finite log-probs <= 0 (within LOG_PROB_TOLERANCE).
@@ -264,6 +267,61 @@ fn bad_log_prob(x: f64) -> bool {
 #[inline(always)]
 fn bad_divergence(x: f64) -> bool {
     !(0.0..f64::INFINITY).contains(&x)
+}
+
+/// delta_b_row = clamp(k Q_q(D), delta_b, 2 delta_b) over the row's valid positions
+/// (paper Eq. 22; delta_b for a row with no valid token).
+///
+/// Most rows' quantile falls clearly below or above the clamp window, and then the clamp
+/// decides the budget without the exact quantile: one counting pass tells. Otherwise
+/// only the values inside the window (with a 1e-9 relative margin) are selected from.
+/// The result equals the spec's formula exactly, since the margin covers every rounding
+/// in Q's interpolation and in k Q.
+fn adaptive_budget(params: &Params, div: &[f64], valid: &[u8], scratch: &mut Vec<u64>) -> f64 {
+    let (delta_b, k) = (params.delta_b, params.budget_scale);
+    let clamp = |q: f64| (k * q).max(delta_b).min(2.0 * delta_b);
+    let n = valid.iter().filter(|&&v| v != 0).count();
+    if n == 0 {
+        return delta_b;
+    }
+    let h = params.budget_quantile * (n - 1) as f64;
+    let (lo, hi) = (h.floor() as usize, h.ceil() as usize);
+    if k > 0.0 && delta_b > 0.0 {
+        let low = delta_b / k * (1.0 - 1e-9);
+        let high = 2.0 * delta_b / k * (1.0 + 1e-9);
+        let (mut below, mut above) = (0usize, 0usize);
+        for (&d, &v) in div.iter().zip(valid) {
+            let v = v != 0;
+            below += (v & (d < low)) as usize;
+            above += (v & (d > high)) as usize;
+        }
+        if hi < below {
+            return delta_b; // x[hi] < low: k Q < delta_b
+        }
+        if lo >= n - above {
+            return 2.0 * delta_b; // x[lo] > high: k Q > 2 delta_b
+        }
+        if lo >= below && hi < n - above {
+            // Both ranks lie inside the window: select among its values only.
+            scratch.clear();
+            scratch.extend(
+                div.iter()
+                    .zip(valid)
+                    .filter(|&(&d, &v)| v != 0 && d >= low && d <= high)
+                    .map(|(&d, _)| d.to_bits()),
+            );
+            return clamp(quantile_ranks(scratch, h, lo - below, hi - below));
+        }
+    }
+    // + 0.0: a given -0.0 becomes +0.0 (equal value, ordered bits).
+    scratch.clear();
+    scratch.extend(
+        div.iter()
+            .zip(valid)
+            .filter(|&(_, &v)| v != 0)
+            .map(|(&d, _)| (d + 0.0).to_bits()),
+    );
+    clamp(quantile_linear(scratch, params.budget_quantile))
 }
 
 /// Computes one row of the mask (and the optional outputs). `row` seeds the shuffled
@@ -301,8 +359,6 @@ pub fn compute_row<T: Widen>(
     // budget's quantile.
     let div = sized(&mut scratch.divergence, n);
     let toward = sized(&mut scratch.toward_mu, n);
-    let sel = &mut scratch.selection;
-    sel.clear();
     let report = |c: usize, field: Field, value: f64| BadValue {
         row,
         column: first + c,
@@ -330,9 +386,6 @@ pub fn compute_row<T: Widen>(
                 let d: f64 = $d(c, p, q)?;
                 div[c] = d;
                 toward[c] = (a * (p - q) <= 0.0) as u8;
-                if params.adaptive_budget {
-                    sel.push((d + 0.0).to_bits()); // + 0.0: a given -0.0 becomes +0.0
-                }
             }
         };
     }
@@ -353,13 +406,11 @@ pub fn compute_row<T: Widen>(
     }
 
     // Per-row budget (Eq. 22).
-    let mut budget = params.delta_b;
-    if params.adaptive_budget && !sel.is_empty() {
-        let q = quantile_linear(sel, params.budget_quantile);
-        budget = (params.budget_scale * q)
-            .max(params.delta_b)
-            .min(2.0 * params.delta_b);
-    }
+    let budget = if params.adaptive_budget {
+        adaptive_budget(params, &div[..n], valid, &mut scratch.selection)
+    } else {
+        params.delta_b
+    };
 
     // v_t * w_t (Eq. 9): 0 at holes, so they add nothing to W; the shuffled ablation
     // permutes the weights among the row's valid positions.
