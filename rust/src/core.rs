@@ -302,15 +302,15 @@ fn adaptive_budget(params: &Params, div: &[f64], valid: &[u8], scratch: &mut Vec
             return 2.0 * delta_b; // x[lo] > high: k Q > 2 delta_b
         }
         if lo >= below && hi < n - above {
-            // Both ranks lie inside the window: select among its values only.
-            scratch.clear();
-            scratch.extend(
-                div.iter()
-                    .zip(valid)
-                    .filter(|&(&d, &v)| v != 0 && d >= low && d <= high)
-                    .map(|(&d, _)| d.to_bits()),
-            );
-            return clamp(quantile_ranks(scratch, h, lo - below, hi - below));
+            // Both ranks lie inside the window: select among its values only, compacted
+            // without branches (the window holds a data-dependent mix).
+            let bits = sized(scratch, div.len());
+            let mut m = 0;
+            for (&d, &v) in div.iter().zip(valid) {
+                bits[m] = d.to_bits();
+                m += ((v != 0) & (d >= low) & (d <= high)) as usize;
+            }
+            return clamp(quantile_ranks(&mut bits[..m], h, lo - below, hi - below));
         }
     }
     // + 0.0: a given -0.0 becomes +0.0 (equal value, ordered bits).
