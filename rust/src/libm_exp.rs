@@ -20,6 +20,9 @@ extern "C" fn std_exp(x: f64) -> f64 {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn lookup() -> Option<ExpFn> {
     use std::ffi::{c_char, c_void};
+    // dlvsym lives in libdl before glibc 2.34 (a stub library since): link it explicitly
+    // so that builds on older manylinux images resolve it too.
+    #[link(name = "dl")]
     extern "C" {
         fn dlvsym(
             handle: *mut c_void,
