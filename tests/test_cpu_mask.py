@@ -391,3 +391,33 @@ def test_adaptive_budget_near_the_clamp_edges(seed, delta_b, scale, q, n):
     ref = cppo_mask_reference(lp, lq, np.ones(3), valid, **kw)
     np.testing.assert_array_equal(info.row_budget, ref.row_budget)
     np.testing.assert_array_equal(info.reason, ref.reason)
+
+
+class _Producer:
+    """A minimal third-party DLPack producer (no .dtype, no .shape)."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def __dlpack__(self, **kwargs):
+        return self._array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
+
+
+def test_any_cpu_dlpack_producer():
+    rng = np.random.default_rng(11)
+    lp, lq = -rng.exponential(0.3, (3, 7)), -rng.exponential(0.3, (3, 7))
+    adv, valid = rng.normal(size=3), rng.random((3, 7)) < 0.8
+    want = cppo_mask(lp, lq, adv, valid, **KNOBS, adaptive_budget=True)
+    got = cppo_mask(_Producer(lp), _Producer(lq), _Producer(adv), _Producer(valid), **KNOBS, adaptive_budget=True)
+    assert isinstance(got, np.ndarray)  # other producers get NumPy back (itself a DLPack producer)
+    np.testing.assert_array_equal(got, want)
+    # bfloat16, which NumPy cannot hold, is read through torch.
+    t = torch.from_numpy(lp).bfloat16()
+    got = cppo_mask(_Producer(t), _Producer(t), _Producer(torch.from_numpy(adv)), None, **KNOBS)
+    np.testing.assert_array_equal(got, cppo_mask(t, t, torch.from_numpy(adv), None, **KNOBS).numpy())
+    cu = _Producer(np.array([0, 4, 7]))
+    packed = cppo_mask(_Producer(lp[0]), _Producer(lq[0]), _Producer(adv[:2]), None, **KNOBS, cu_seqlens=cu)
+    np.testing.assert_array_equal(packed, cppo_mask(lp[0], lq[0], adv[:2], None, **KNOBS, cu_seqlens=np.array([0, 4, 7])))

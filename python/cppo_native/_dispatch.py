@@ -124,6 +124,30 @@ def from_numpy(arr: np.ndarray, source: Source) -> Any:
     return arr
 
 
+def _adopt(x: Any, source: Source, name: str) -> Any:
+    """A generic DLPack producer as an array of a framework we know (zero-copy): NumPy on
+    CPU, CuPy on CUDA, or a torch tensor where those cannot hold the dtype (bfloat16).
+    NumPy, torch and CuPy inputs pass through unchanged."""
+    if source.framework != "dlpack":
+        return x
+    if source.device == "cpu":
+        try:
+            return np.from_dlpack(x)
+        except Exception as exc:  # e.g. bfloat16, which NumPy cannot hold
+            if _torch() is None:
+                raise TypeError(f"{name}: NumPy cannot import this DLPack array ({exc}); install torch for bfloat16") from exc
+            return _torch().from_dlpack(x)
+    from . import _cuda
+
+    cupy = _cuda._require_cupy()
+    try:
+        return cupy.from_dlpack(x)
+    except Exception as exc:
+        if _torch() is None:
+            raise TypeError(f"{name}: CuPy cannot import this DLPack array ({exc}); install torch for bfloat16") from exc
+        return _torch().from_dlpack(x)
+
+
 # ---------------------------------------------------------------------------------------
 # Shape and dtype rules, shared by every backend.
 
@@ -177,6 +201,8 @@ def prepare(
             raise ValueError(
                 f"all arrays must be on one device: log_probs is on {src.describe()}, {name} is on {s.describe()}"
             )
+    named = [(name, _adopt(x, sources[name], name)) for name, x in named]
+    advantages, response_mask = named[2][1], dict(named).get("response_mask")
 
     if convert is None:
         if src.device == "cpu":
@@ -215,6 +241,7 @@ def prepare(
             raise ValueError(
                 f"all arrays must be on one device: log_probs is on {src.describe()}, cu_seqlens is on {cu_src.describe()}"
             )
+        cu_seqlens = _adopt(cu_seqlens, cu_src, "cu_seqlens")
         cu_dt = dtype_name(cu_seqlens)
         if not cu_dt.startswith(("int", "uint")):
             raise TypeError(f"cu_seqlens: dtype {cu_dt} is not supported; use an integer dtype")
