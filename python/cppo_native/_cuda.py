@@ -190,13 +190,22 @@ def to_cupy(x: Any, name: str):
     if isinstance(x, cupy.ndarray):
         return x.view(cupy.int16) if str(x.dtype) == "bfloat16" else x
     if hasattr(x, "__dlpack__"):
-        try:
-            return cupy.from_dlpack(x)
-        except Exception as exc:  # e.g. bfloat16, which CuPy cannot describe
-            if torch is not None:
-                return to_cupy(torch.from_dlpack(x), name)
-            raise TypeError(f"{name}: CuPy cannot import this DLPack array ({exc}); install torch for bfloat16") from exc
+        arr = import_dlpack(x, name)
+        return arr if isinstance(arr, cupy.ndarray) else to_cupy(arr, name)
     raise TypeError(f"{name}: expected a CUDA array (torch, CuPy or a DLPack producer), got {type(x).__name__}")
+
+
+def import_dlpack(x: Any, name: str):
+    """A CUDA DLPack producer as a CuPy array, or a torch tensor for dtypes CuPy cannot
+    describe (bfloat16)."""
+    cupy = _require_cupy()
+    try:
+        return cupy.from_dlpack(x)
+    except Exception as exc:  # e.g. bfloat16
+        torch = _torch()
+        if torch is None:
+            raise TypeError(f"{name}: CuPy cannot import this DLPack array ({exc}); install torch for bfloat16") from exc
+        return torch.from_dlpack(x)
 
 
 def from_cupy(arr: Any, source: Source) -> Any:

@@ -103,13 +103,9 @@ def to_numpy(x: Any, name: str) -> np.ndarray:
             return t.view(_torch().int16).numpy()
         arr = t.numpy()
     elif hasattr(x, "__dlpack__"):
-        try:
-            arr = np.from_dlpack(x)
-        except Exception as exc:  # e.g. bfloat16, which NumPy cannot hold
-            t = _torch()
-            if t is None:
-                raise TypeError(f"{name}: cannot read this DLPack array on CPU ({exc}); install torch for bfloat16") from exc
-            return to_numpy(t.from_dlpack(x), name)
+        arr = _import_dlpack_cpu(x, name)
+        if _is_torch(arr):  # bfloat16, read through torch
+            return to_numpy(arr, name)
     else:
         arr = np.asarray(x)
     if not arr.dtype.isnative:
@@ -131,20 +127,20 @@ def _adopt(x: Any, source: Source, name: str) -> Any:
     if source.framework != "dlpack":
         return x
     if source.device == "cpu":
-        try:
-            return np.from_dlpack(x)
-        except Exception as exc:  # e.g. bfloat16, which NumPy cannot hold
-            if _torch() is None:
-                raise TypeError(f"{name}: NumPy cannot import this DLPack array ({exc}); install torch for bfloat16") from exc
-            return _torch().from_dlpack(x)
+        return _import_dlpack_cpu(x, name)
     from . import _cuda
 
-    cupy = _cuda._require_cupy()
+    return _cuda.import_dlpack(x, name)
+
+
+def _import_dlpack_cpu(x: Any, name: str) -> Any:
+    """A CPU DLPack producer as a NumPy array, or a torch tensor for dtypes NumPy lacks
+    (bfloat16)."""
     try:
-        return cupy.from_dlpack(x)
-    except Exception as exc:
+        return np.from_dlpack(x)
+    except Exception as exc:  # e.g. bfloat16, which NumPy cannot hold
         if _torch() is None:
-            raise TypeError(f"{name}: CuPy cannot import this DLPack array ({exc}); install torch for bfloat16") from exc
+            raise TypeError(f"{name}: NumPy cannot import this DLPack array ({exc}); install torch for bfloat16") from exc
         return _torch().from_dlpack(x)
 
 
