@@ -643,6 +643,7 @@ mod tests {
         }
     }
 
+    /// The worked-example setting: lp = -1, lq = -1.1 (away from mu for adv > 0).
     fn run(
         p: &Params,
         adv: f64,
@@ -650,27 +651,15 @@ mod tests {
         valid: &[u8],
     ) -> (Vec<bool>, Vec<i8>, Vec<f64>, RowSummary) {
         let n = d.len();
-        let window = valid_window(valid);
-        let lp = vec![-1.0; window.len()];
-        let lq = vec![-1.1; window.len()];
-        let advantages = vec![adv; window.len()];
-        let input = RowInput {
+        let (m, r, t, _, s) = eval_row(
+            p,
+            &vec![-1.0; n],
+            &vec![-1.1; n],
+            &vec![adv; n],
             valid,
-            window: window.clone(),
-            log_probs: &lp,
-            old_log_probs: &lq,
-            advantages: &advantages,
-            divergence: Some(&d[window]),
-        };
-        let (mut m, mut r, mut t, mut g) =
-            (vec![false; n], vec![0i8; n], vec![0.0; n], vec![0.0; n]);
-        let out = RowOutput {
-            mask: &mut m,
-            reason: Some(&mut r),
-            threshold: Some(&mut t),
-            gate: Some(&mut g),
-        };
-        let s = compute_row(p, 0, &input, &mut Scratch::default(), out).unwrap();
+            Some(d),
+        )
+        .unwrap();
         (m, r, t, s)
     }
 
@@ -736,14 +725,16 @@ mod tests {
         assert_eq!(s.budget, 0.02);
     }
 
-    fn full_row(
+    /// Every output of one row: (mask, reason, threshold, gate, summary).
+    #[allow(clippy::type_complexity)]
+    fn eval_row(
         p: &Params,
         lp: &[f64],
         lq: &[f64],
         adv: &[f64],
         valid: &[u8],
         d: Option<&[f64]>,
-    ) -> Result<(Vec<i8>, Vec<f64>, Vec<f64>, RowSummary), BadValue> {
+    ) -> Result<(Vec<bool>, Vec<i8>, Vec<f64>, Vec<f64>, RowSummary), BadValue> {
         let n = valid.len();
         let window = valid_window(valid);
         let w = window.clone();
@@ -764,7 +755,19 @@ mod tests {
             gate: Some(&mut g),
         };
         let s = compute_row(p, 0, &input, &mut Scratch::default(), out)?;
-        Ok((r, t, g, s))
+        Ok((m, r, t, g, s))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn full_row(
+        p: &Params,
+        lp: &[f64],
+        lq: &[f64],
+        adv: &[f64],
+        valid: &[u8],
+        d: Option<&[f64]>,
+    ) -> Result<(Vec<i8>, Vec<f64>, Vec<f64>, RowSummary), BadValue> {
+        eval_row(p, lp, lq, adv, valid, d).map(|(_, r, t, g, s)| (r, t, g, s))
     }
 
     #[test]
