@@ -50,36 +50,27 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def _horizon(value: str) -> Any:
-    if value == "sequence":
-        return value
-    try:
-        h = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'sequence' or an integer >= 1, got {value!r}") from None
-    if h < 1:
-        raise argparse.ArgumentTypeError(f"must be 'sequence' or an integer >= 1, got {value!r}")
-    return h
+def _int_at_least(minimum: int, also: tuple = ()):
+    """An argparse type: an integer >= ``minimum`` (or one of the words in ``also``)."""
+    words = "".join(f"{w!r} or " for w in also)
+
+    def parse(value: str) -> Any:
+        if value in also:
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            n = None
+        if n is None or n < minimum:
+            raise argparse.ArgumentTypeError(f"must be {words}an integer >= {minimum}, got {value!r}")
+        return n
+
+    return parse
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}")
-    return n
-
-
-def _nonneg_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value!r}")
-    return n
+_horizon = _int_at_least(1, also=("sequence",))
+_positive_int = _int_at_least(1)
+_nonneg_int = _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
