@@ -41,9 +41,9 @@ def check_offsets(cu: np.ndarray, total: int) -> np.ndarray:
     return cu
 
 
-def compute(prep: Prepared, params: MaskParams, return_info: bool, num_threads: int):
+def compute(prep: Prepared, params: MaskParams, return_info: bool, num_threads: int, want_gate: bool = True):
     """Returns (mask, reason, threshold, gate, row_budget, counts) as NumPy arrays;
-    the info arrays are None unless ``return_info``."""
+    the info arrays are None unless ``return_info`` (and the gate unless ``want_gate``)."""
     native = native_module()
     token_shape = tuple(prep.log_probs.shape)
     cu = None
@@ -59,7 +59,7 @@ def compute(prep: Prepared, params: MaskParams, return_info: bool, num_threads: 
     if return_info:
         reason = np.empty(token_shape, dtype=np.int8)
         threshold = np.empty(token_shape, dtype=np.float64)
-        gate = np.empty(token_shape, dtype=np.float64)
+        gate = np.empty(token_shape, dtype=np.float64) if want_gate else None
         row_budget = np.empty(prep.num_rows, dtype=np.float64)
     counts, bad = native.cppo_mask_into(
         prep.log_probs,

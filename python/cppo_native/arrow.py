@@ -43,7 +43,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import numpy as np
 
 from ._params import make_params
-from .mask import cppo_mask
+from .mask import _numpy_mask_info
 
 try:
     import pyarrow as pa
@@ -154,9 +154,11 @@ class ArrowMaskResult:
     reason_counts: np.ndarray  # int64 [5]
     # Flat NumPy views of the outputs and the row offsets (for summaries and plots).
     offsets: np.ndarray  # int64 [rows + 1]
+    nulls: Optional[np.ndarray]  # bool [rows] where the lists are null, or None
     reason_values: np.ndarray  # int8 [tokens]
     threshold_values: np.ndarray  # float64 [tokens]
     row_budget_values: np.ndarray  # float64 [rows]
+    gate_values: Optional[np.ndarray]  # float64 [tokens] with include_gate
     # The flat NumPy inputs handed to cppo_mask (views of the batch's buffers).
     inputs: dict
 
@@ -443,15 +445,15 @@ def compute_batch(
     lp_values = _float_values(cols["log_probs"])
     lq_values = _float_values(cols["old_log_probs"])
     try:
-        mask, info = cppo_mask(
+        mask, reason, threshold, gate, row_budget, counts = _numpy_mask_info(
             lp_values,
             lq_values,
             advantages,
             valid,
+            gate=include_gate,
             divergence=divergence,
             cu_seqlens=lp.offsets,
             per_row_advantages=per_row,
-            return_info=True,
             **knobs,
         )
     except ValueError as exc:
@@ -471,18 +473,20 @@ def compute_batch(
         child = _from_np(values, value_type)
         return pa.Array.from_buffers(list_type(value_type), rows, [validity, off_buf], children=[child])
 
-    budget = _from_np(info.row_budget, pa.float64(), lp.nulls)
+    budget = _from_np(row_budget, pa.float64(), lp.nulls)
     return ArrowMaskResult(
         mask=as_list(mask, pa.bool_()),
-        reason=as_list(info.reason, pa.int8()),
-        threshold=as_list(info.threshold, pa.float64()),
+        reason=as_list(reason, pa.int8()),
+        threshold=as_list(threshold, pa.float64()),
         row_budget=budget,
-        gate=as_list(info.gate, pa.float64()) if include_gate else None,
-        reason_counts=np.asarray(info.reason_counts, dtype=np.int64),
+        gate=as_list(gate, pa.float64()) if include_gate else None,
+        reason_counts=counts,
         offsets=offsets,
-        reason_values=info.reason,
-        threshold_values=info.threshold,
-        row_budget_values=info.row_budget,
+        nulls=lp.nulls,
+        reason_values=reason,
+        threshold_values=threshold,
+        row_budget_values=row_budget,
+        gate_values=gate,
         inputs=dict(
             log_probs=lp_values,
             old_log_probs=lq_values,

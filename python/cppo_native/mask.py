@@ -116,29 +116,13 @@ def cppo_mask(
         ValueError/TypeError naming the offending (row, column) and value, or the
         shapes/dtypes/devices/parameters received. Inputs are never written.
     """
-    if divergence is None or isinstance(divergence, str):
-        mode, div_array = divergence or "binary_tv", None
-    else:
-        mode, div_array = "given", divergence
-    params = make_params(
-        delta=delta,
-        delta_b=delta_b,
-        w_min=w_min,
-        horizon=horizon,
-        adaptive_budget=adaptive_budget,
-        budget_quantile=budget_quantile,
-        budget_scale=budget_scale,
-        position_weight=position_weight,
-        shuffle_seed=shuffle_seed,
-        prefix_budget=prefix_budget,
-        divergence=mode,
+    params, prep = _prepare(
+        log_probs, old_log_probs, advantages, response_mask, delta=delta, delta_b=delta_b, w_min=w_min,
+        horizon=horizon, adaptive_budget=adaptive_budget, budget_quantile=budget_quantile,
+        budget_scale=budget_scale, position_weight=position_weight, shuffle_seed=shuffle_seed,
+        prefix_budget=prefix_budget, divergence=divergence, cu_seqlens=cu_seqlens,
+        per_row_advantages=per_row_advantages, num_threads=num_threads,
     )
-    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
-        raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
-    prep = _dispatch.prepare(
-        log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens, per_row_advantages
-    )
-
     if prep.source.device == "cpu":
         from . import _cpu
 
@@ -164,3 +148,33 @@ def cppo_mask(
         reason_counts=wrap(counts, src),
     )
     return mask, info
+
+
+def _prepare(log_probs, old_log_probs, advantages, response_mask, *, divergence=None, cu_seqlens=None,
+             per_row_advantages=None, num_threads=None, **knobs):
+    """Checked parameters and inputs of a :func:`cppo_mask` call."""
+    if divergence is None or isinstance(divergence, str):
+        mode, div_array = divergence or "binary_tv", None
+    else:
+        mode, div_array = "given", divergence
+    params = make_params(divergence=mode, **knobs)
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
+        raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
+    prep = _dispatch.prepare(
+        log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens, per_row_advantages
+    )
+    return params, prep
+
+
+def _numpy_mask_info(log_probs, old_log_probs, advantages, response_mask=None, *, gate: bool,
+                     num_threads: Optional[int] = None, **kwargs):
+    """:func:`cppo_mask` with ``return_info=True`` for NumPy inputs, as NumPy arrays
+    ``(mask, reason, threshold, gate, row_budget, counts)``; the soft gate (None) is not
+    computed unless ``gate``. For the Arrow layer, which writes only what it keeps."""
+    from . import _cpu
+
+    params, prep = _prepare(log_probs, old_log_probs, advantages, response_mask, num_threads=num_threads,
+                            **kwargs)
+    if prep.source.device != "cpu":  # pragma: no cover - the Arrow layer hands NumPy arrays
+        raise TypeError("expected CPU arrays")
+    return _cpu.compute(prep, params, True, num_threads or 0, want_gate=gate)

@@ -125,7 +125,8 @@ pub fn valid_window(valid: &[u8]) -> std::ops::Range<usize> {
     }
 }
 
-/// One row's outputs; reason, threshold and gate are all present or all absent.
+/// One row's outputs; reason and threshold are both present or both absent, and the
+/// soft gate may only be asked for with them.
 pub struct RowOutput<'a> {
     pub mask: &'a mut [bool],
     pub reason: Option<&'a mut [i8]>,
@@ -464,15 +465,15 @@ pub fn compute_row<T: Widen>(
     mask[..first].fill(false);
     mask[window.end..].fill(false);
     let mut counts = [0u64; 5];
-    match (reason, threshold, gate) {
-        (Some(reason), Some(threshold), Some(gate)) => {
-            let (reason, threshold, gate) =
-                (&mut reason[..len], &mut threshold[..len], &mut gate[..len]);
+    match (reason, threshold) {
+        (Some(reason), Some(threshold)) => {
+            let (reason, threshold) = (&mut reason[..len], &mut threshold[..len]);
+            let mut gate = gate.map(|g| &mut g[..len]);
             let (s_end, w_end) = scan.full(
                 &mut mask[window.clone()],
                 &mut reason[window.clone()],
                 &mut threshold[window.clone()],
-                &mut gate[window.clone()],
+                gate.as_mut().map(|g| &mut g[window.clone()]),
                 sized(&mut scratch.prefix_weight, n),
                 &mut counts,
             );
@@ -484,12 +485,14 @@ pub fn compute_row<T: Widen>(
             ] {
                 counts[INVALID as usize] += range.len() as u64;
                 reason[range.clone()].fill(INVALID);
-                gate[range.clone()].fill(0.0);
+                if let Some(g) = gate.as_mut() {
+                    g[range.clone()].fill(0.0);
+                }
                 threshold[range].fill(c_t);
             }
         }
-        (None, None, None) => scan.mask_only(&mut mask[window]),
-        _ => panic!("compute_row: reason, threshold and gate are all present or all absent"),
+        (None, None) if gate.is_none() => scan.mask_only(&mut mask[window]),
+        _ => panic!("compute_row: reason and threshold come together, and the gate needs both"),
     }
     Ok(RowSummary { budget, counts })
 }
@@ -550,7 +553,8 @@ impl Scan<'_> {
         }
     }
 
-    /// All outputs; returns the final (S, W). `w_prev` is row-sized scratch.
+    /// Mask, reasons, thresholds and (if asked) the soft gate; returns the final (S, W).
+    /// `w_prev` is row-sized scratch.
     ///
     /// The sequential scan writes the mask, reasons and thresholds and stashes S_t (in
     /// `gate`) and W_{t-1}; the soft gate's divisions then run in a separate loop with
@@ -560,19 +564,36 @@ impl Scan<'_> {
         mask: &mut [bool],
         reason: &mut [i8],
         threshold: &mut [f64],
-        gate: &mut [f64],
+        gate: Option<&mut [f64]>,
         w_prev: &mut [f64],
         counts: &mut [u64; 5],
+    ) -> (f64, f64) {
+        let (s_sum, w_sum) = match gate {
+            Some(gate) => self.scan_codes::<true>(mask, reason, threshold, gate, w_prev),
+            None => self.scan_codes::<false>(mask, reason, threshold, &mut [], &mut []),
+        };
+        self.count_codes(&reason[..mask.len()], counts);
+        (s_sum, w_sum)
+    }
+
+    #[inline(always)]
+    fn scan_codes<const GATE: bool>(
+        &self,
+        mask: &mut [bool],
+        reason: &mut [i8],
+        threshold: &mut [f64],
+        gate: &mut [f64],
+        w_prev: &mut [f64],
     ) -> (f64, f64) {
         let n = mask.len();
         let (valid, div, weight) = (&self.valid[..n], &self.divergence[..n], &self.weight[..n]);
         let toward = &self.toward_mu[..n];
-        let (reason, threshold, gate, w_prev) = (
-            &mut reason[..n],
-            &mut threshold[..n],
-            &mut gate[..n],
-            &mut w_prev[..n],
-        );
+        let (reason, threshold) = (&mut reason[..n], &mut threshold[..n]);
+        let (gate, w_prev) = if GATE {
+            (&mut gate[..n], &mut w_prev[..n])
+        } else {
+            (gate, w_prev)
+        };
         let delta = self.delta;
         let mut s_sum = 0.0f64; // S_{t-1}
         let mut w_sum = 0.0f64; // W_{t-1}
@@ -585,19 +606,21 @@ impl Scan<'_> {
             let over_token = z > delta;
             // within implies !over_token (c_t <= delta), so this is 2, 3 or 4.
             let away_code = 4 - over_token as i8 - 2 * within as i8;
-            let code = if valid[c] == 0 {
-                INVALID
-            } else if toward[c] != 0 {
-                KEPT_TOWARD_MU
-            } else {
-                away_code
-            };
+            // Branch-free (the direction is a coin flip): 0 invalid, 1 toward mu, else
+            // away_code; valid and toward are 0 or 1.
+            let (v, t) = ((valid[c] != 0) as i8, (toward[c] != 0) as i8);
+            let code = v * (t + (1 - t) * away_code);
             reason[c] = code;
-            mask[c] = code == KEPT_TOWARD_MU || code == KEPT_WITHIN;
-            w_prev[c] = w_sum;
+            mask[c] = (code as u8).wrapping_sub(1) < 2; // 1 or 2: kept
             s_sum += z;
-            gate[c] = s_sum; // S_t, consumed below
+            if GATE {
+                w_prev[c] = w_sum;
+                gate[c] = s_sum; // S_t, consumed below
+            }
             w_sum += w;
+        }
+        if !GATE {
+            return (s_sum, w_sum);
         }
         // Soft gate: x = max(Z/delta, S_t / (delta + delta_b_row W_{t-1})), g = min(1, 1/x);
         // 1 toward mu, 0 at invalid positions.
@@ -616,10 +639,14 @@ impl Scan<'_> {
                 g
             };
         }
+        (s_sum, w_sum)
+    }
+
+    /// Adds the number of positions with each code to `counts` (one pass).
+    fn count_codes(&self, reason: &[i8], counts: &mut [u64; 5]) {
         for (code, count) in counts.iter_mut().enumerate() {
             *count += reason.iter().filter(|&&r| r == code as i8).count() as u64;
         }
-        (s_sum, w_sum)
     }
 }
 
@@ -889,5 +916,40 @@ mod tests {
         )
         .unwrap();
         assert_eq!(g, [1.0; 3]);
+    }
+
+    /// Reasons and thresholds without the soft gate equal those computed with it, on
+    /// rows with holes, padding on both sides and every outcome.
+    #[test]
+    fn outputs_without_the_gate_match() {
+        let p = params();
+        // Valid 1..=8 but 3: within, token threshold, toward (A = 0), prefix budget,
+        // toward, away, away, away.
+        let lp = [-0.1, -0.1, -0.05, -2.0, -0.2, -0.01, -4.0, -0.1, -0.1, -0.2];
+        let lq = [-0.2, -0.2, -0.1, -0.1, -0.3, -2.0, -0.2, -0.3, -0.3, -0.2];
+        let adv = [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, -1.0];
+        let valid = [0u8, 1, 1, 0, 1, 1, 1, 1, 1, 0];
+        let d = [0.0, 0.01, 0.2, 0.5, 0.16, 0.05, 0.1, 0.14, 0.001, 0.3];
+        let (m, r, t, _, s) = eval_row(&p, &lp, &lq, &adv, &valid, Some(&d)).unwrap();
+        let n = valid.len();
+        let window = valid_window(&valid);
+        let input = RowInput {
+            valid: &valid,
+            window: window.clone(),
+            log_probs: &lp[window.clone()],
+            old_log_probs: &lq[window.clone()],
+            advantages: &adv[window.clone()],
+            divergence: Some(&d[window.clone()]),
+        };
+        let (mut m2, mut r2, mut t2) = (vec![true; n], vec![9i8; n], vec![9.0; n]);
+        let out = RowOutput {
+            mask: &mut m2,
+            reason: Some(&mut r2),
+            threshold: Some(&mut t2),
+            gate: None,
+        };
+        let s2 = compute_row(&p, 0, &input, &mut Scratch::default(), out).unwrap();
+        assert_eq!((m, r, t, s), (m2, r2, t2, s2));
+        assert!(s.counts.iter().all(|&c| c > 0), "every outcome occurs: {:?}", s.counts);
     }
 }
