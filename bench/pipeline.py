@@ -11,6 +11,9 @@ temporary Parquet file, then times, best of ``--repeats`` with the modes interle
   ``ParquetFile.iter_batches``, the CLI's read path, and ``read_table``), in process;
 - ``cli_full``: ``cppo-mask IN --out OUT`` (all input columns + the CPPO columns),
   a fresh process, end to end: interpreter start, read, mask, summary, write, rename;
+  the default append writer (input column chunks copied, CPPO columns appended);
+- ``cli_full_arrow_writer``: the same with ``--parquet-writer arrow`` (every column
+  re-encoded by pyarrow's writer, the alternative a user has without cppo-native's);
 - ``cli_sidecar``: the same with ``--copy-columns uid`` (only the key + CPPO columns);
 - ``cli_summary``: the same without ``--out`` (read, mask, summary).
 
@@ -83,25 +86,37 @@ def time_floor_table(path: str) -> float:
 
 
 def time_components(src: str, out: str, batch_rows: int) -> dict:
-    """Where the CLI's time goes, stage by stage in one process (no overlap): read,
-    the mask alone (one packed call per batch, as the CLI makes), and the write."""
-    from cppo_native import cli
-    from cppo_native.arrow import Columns, compute_batch, output_schema
+    """Where the CLI's time goes, stage by stage in one process (no overlap), on the
+    CLI's default path: read (each row group's mask inputs), the mask (one packed call
+    per batch, as the CLI makes: reasons and thresholds, no gate) and the append write
+    (copy the input's column chunks, encode and compress the CPPO columns, footer)."""
+    from cppo_native import _parquet
+    from cppo_native.arrow import compute_batch, output_schema
 
+    pf = pq.ParquetFile(src)
+    wanted = ["log_probs", "old_log_probs", "advantages"]
     t0 = time.perf_counter()
-    batches = list(pq.ParquetFile(src).iter_batches(batch_size=batch_rows, use_threads=True))
+    groups = [list(pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=wanted, use_threads=True))
+              for i in range(pf.metadata.num_row_groups)]
     read = time.perf_counter() - t0
     t0 = time.perf_counter()
-    results = [compute_batch(b, delta=0.15, delta_b=0.02) for b in batches]
+    results = [[compute_batch(b, delta=0.15, delta_b=0.02) for b in g] for g in groups]
     mask = time.perf_counter() - t0
-    schema = output_schema(batches[0].schema)
-    opts = cli._writer_options(argparse.Namespace(compression="snappy"), schema, Columns())
+    schema = output_schema(pf.schema_arrow)
+    added = [("cppo_mask", "mask"), ("cppo_reason", "reason"), ("cppo_threshold", "threshold"),
+             ("cppo_row_budget", "row_budget")]
+    if os.path.exists(out):
+        os.unlink(out)
     t0 = time.perf_counter()
-    with pq.ParquetWriter(out, schema, **opts) as writer:
-        for b, r in zip(batches, results):
-            writer.write_batch(cli._output_batch(b, r, schema, None))
+    writer = _parquet.AppendWriter(src, out, schema, None, added, "snappy")
+    for g in results:
+        for r in g:
+            writer.add(r.offsets, r.nulls, {"reason": r.reason_values, "threshold": r.threshold_values,
+                                            "row_budget": r.row_budget_values})
+        writer.end_row_group()
+    writer.close()
     write = time.perf_counter() - t0
-    return {"read_iter_batches": read, "mask_compute_batch": mask, "write_full_output": write}
+    return {"read_row_groups": read, "mask_compute_batch": mask, "write_append": write}
 
 
 def run_cli(args: list, env: dict) -> float:
@@ -150,6 +165,8 @@ def main() -> None:
             "floor_iter_batches": lambda: time_floor_iter(src, args.batch_rows),
             "floor_read_table": lambda: time_floor_table(src),
             "cli_full": lambda: run_cli([src, "--out", out, "--force", *common], env),
+            "cli_full_arrow_writer": lambda: run_cli([src, "--out", out, "--force", "--parquet-writer", "arrow",
+                                                      *common], env),
             "cli_sidecar": lambda: run_cli([src, "--out", out, "--force", "--copy-columns", "uid", *common], env),
             "cli_summary": lambda: run_cli([src, *common], env),
         }
@@ -161,6 +178,13 @@ def main() -> None:
                     out_mb = os.path.getsize(out) / 1e6
             print(f"  repeat {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
         startup = min(run_cli(["--help"], env) for _ in range(3))
+        # The timed output must be the table pyarrow's writer gives (same rows, types, values).
+        out_arrow = os.path.join(tmp, "masked_arrow.parquet")
+        run_cli([src, "--out", out, "--force", *common], env)
+        run_cli([src, "--out", out_arrow, "--parquet-writer", "arrow", *common], env)
+        outputs_equal = pq.read_table(out).equals(pq.read_table(out_arrow))
+        os.unlink(out_arrow)
+        assert outputs_equal, "append and arrow writers disagree"
         components = time_components(src, out, args.batch_rows)
 
     best = {name: min(ts) for name, ts in times.items()}
@@ -181,6 +205,7 @@ def main() -> None:
         "file": {"rows": gen["rows"], "tokens": gen["tokens"], "mb": mb, "max_length": args.length,
                  "generate_seconds": gen["seconds"]},
         "output_mb_cli_full": out_mb,
+        "outputs_equal_append_vs_arrow_writer": outputs_equal,
         "floor": floor_name,
         "results": results,
         "cli_startup_seconds": startup,

@@ -105,7 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rows per processing batch (default 2048); memory grows with it")
     io.add_argument("--compression", default="snappy",
                     choices=("snappy", "zstd", "lz4", "gzip", "brotli", "none"),
-                    help="Parquet compression of the output (default snappy)")
+                    help="Parquet compression of the added columns (default snappy); with "
+                         "--parquet-writer arrow, of every column")
+    io.add_argument("--parquet-writer", choices=("auto", "append", "arrow"), default="auto",
+                    help="how a Parquet input's columns reach --out: 'append' copies the input's column "
+                         "chunks byte for byte (same encoding and compression, row groups kept) and "
+                         "appends the CPPO columns, encoded by cppo-native; 'arrow' re-encodes every "
+                         "column with pyarrow's writer; 'auto' (default) is 'append' for Parquet input "
+                         "and 'arrow' for JSON Lines and --sample. Both give the same table")
     io.add_argument("--summary-json", metavar="PATH", help="also write the summary as JSON")
     io.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
                     help="always show the progress bar (default: on a terminal, after 1 s)")
@@ -185,11 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Input:
-    def __init__(self, schema, total_rows: Optional[int], batches: Iterator, total_bytes: Optional[int]):
+    def __init__(self, schema, total_rows: Optional[int], batches: Iterator, total_bytes: Optional[int],
+                 row_groups: Optional[int] = None):
         self.schema = schema
         self.total_rows = total_rows
         self.batches = batches
         self.total_bytes = total_bytes
+        # Append writer: the number of input row groups; `batches` then ends each row
+        # group with _ROW_GROUP_END and holds only the columns the mask reads.
+        self.row_groups = row_groups
 
 
 def _detect_format(path: str, fmt: str) -> str:
@@ -218,7 +229,7 @@ def _float_lists_for_json(table, names):
     return table
 
 
-def _open_input(args, columns) -> _Input:
+def _open_input(args, columns, append: bool = False) -> _Input:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -248,6 +259,10 @@ def _open_input(args, columns) -> _Input:
             schema = pf.schema_arrow
         except (pa.ArrowException, OSError) as exc:
             raise CliError(f"cannot read {path!r} as Parquet: {_one_line(exc)}") from None
+        if append:
+            batches = _row_group_batches(pf, schema, columns, args)
+            return _Input(schema, pf.metadata.num_rows, _guard_read(batches, path, "Parquet"), size,
+                          row_groups=pf.metadata.num_row_groups)
         batches = pf.iter_batches(batch_size=args.batch_rows, use_threads=True)
         return _Input(schema, pf.metadata.num_rows, _guard_read(batches, path, "Parquet"), size)
     import pyarrow.json as pajson
@@ -261,6 +276,17 @@ def _open_input(args, columns) -> _Input:
         names.append(columns.divergence)
     table = _float_lists_for_json(table, names)
     return _Input(table.schema, table.num_rows, iter(table.to_batches(max_chunksize=args.batch_rows)), size)
+
+
+def _row_group_batches(pf, schema, columns, args):
+    """Batches of each row group in turn, each row group followed by _ROW_GROUP_END;
+    only the columns the mask reads are decoded (the append writer copies the rest)."""
+    names = [columns.log_probs, columns.old_log_probs, columns.advantages,
+             columns.resolved_response_mask(schema.names), columns.divergence]
+    wanted = [n for n in dict.fromkeys(names) if n is not None and n in schema.names]
+    for i in range(pf.metadata.num_row_groups):
+        yield from pf.iter_batches(batch_size=args.batch_rows, row_groups=[i], columns=wanted, use_threads=True)
+        yield _ROW_GROUP_END
 
 
 def _guard_read(batches, path, kind):
@@ -424,9 +450,8 @@ def _columns_from(args):
 def run(args) -> dict:
     """Run the CLI for parsed ``args``; returns the summary dict. Raises CliError."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from . import arrow
+    from . import _parquet, arrow
 
     knobs = _knobs_from(args)
     if args.divergence is not None and args.divergence_column is not None:
@@ -449,7 +474,8 @@ def run(args) -> dict:
                 and os.path.samefile(args.input, args.out)):
             raise CliError("--out must differ from the input file")
 
-    src = _open_input(args, columns)
+    append = _use_append_writer(args)
+    src = _open_input(args, columns, append)
     _check_columns(src.schema, columns, args)
     if args.plot_row is not None and args.plot is not None and src.total_rows is not None \
             and args.plot_row >= src.total_rows:
@@ -493,19 +519,28 @@ def run(args) -> dict:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp's 0600 is not what a user expects
-            writer = pq.ParquetWriter(tmp_path, out_schema, **_writer_options(args, out_schema, columns))
+            writer = _open_writer(args, src, tmp_path, out_schema, copy_idx, columns)
         row_offset = 0
         for batch in _prefetch(src.batches, read_pool):
+            if batch is _ROW_GROUP_END:
+                if pending is not None:
+                    pending.result()
+                pending = write_pool.submit(writer.end_row_group)
+                continue
             try:
                 res = arrow.compute_batch(batch, columns=columns, null_rows=args.null_rows,
                                           include_gate=args.gate, row_offset=row_offset, **knobs)
             except (KeyError, TypeError, ValueError) as exc:
                 raise CliError(_one_line(exc.args[0] if isinstance(exc, KeyError) else exc)) from None
             if writer is not None:
-                out_batch = _output_batch(batch, res, out_schema, copy_idx)
                 if pending is not None:
                     pending.result()
-                pending = write_pool.submit(writer.write_batch, out_batch)
+                if isinstance(writer, _parquet.AppendWriter):
+                    values = {"reason": res.reason_values, "threshold": res.threshold_values,
+                              "row_budget": res.row_budget_values, "gate": res.gate_values}
+                    pending = write_pool.submit(writer.add, res.offsets, res.nulls, values)
+                else:
+                    pending = write_pool.submit(writer.write_batch, _output_batch(batch, res, out_schema, copy_idx))
             summary.update(res)
             if plot_stats is not None:
                 plot_stats.update(res.offsets, res.reason_values, res.threshold_values)
@@ -518,6 +553,10 @@ def run(args) -> dict:
         if writer is not None:
             writer.close()
             writer = None
+            if os.path.lexists(args.out):
+                # Unlink first: on ext4, renaming over an existing file forces the new
+                # file's data to disk first (auto_da_alloc), ~1 s per GB.
+                os.unlink(args.out)
             os.replace(tmp_path, args.out)
             tmp_path = None
     finally:
@@ -531,7 +570,7 @@ def run(args) -> dict:
         write_pool.shutdown(wait=True)
         if writer is not None:
             try:
-                writer.close()
+                writer.abort() if isinstance(writer, _parquet.AppendWriter) else writer.close()
             except Exception:  # noqa: BLE001
                 pass
         if tmp_path is not None and os.path.exists(tmp_path):
@@ -555,6 +594,35 @@ def run(args) -> dict:
 
 
 _END = object()
+_ROW_GROUP_END = object()  # in the batch stream of the append writer: a row group is complete
+
+
+def _use_append_writer(args) -> bool:
+    if args.out is None or args.parquet_writer == "arrow":
+        return False
+    parquet_input = args.sample is None and args.input is not None and \
+        _detect_format(args.input, args.format) == "parquet"
+    if args.parquet_writer == "append" and not parquet_input:
+        raise CliError("--parquet-writer append needs a Parquet input (JSON Lines and --sample use 'arrow')")
+    return parquet_input
+
+
+def _open_writer(args, src, tmp_path, out_schema, copy_idx, columns):
+    """The append writer for Parquet input (see cppo_native._parquet), else pyarrow's."""
+    import pyarrow.parquet as pq
+
+    from . import _parquet
+
+    if src.row_groups is not None:
+        added = [(columns.mask, "mask"), (columns.reason, "reason"), (columns.threshold, "threshold"),
+                 (columns.row_budget, "row_budget")]
+        if args.gate:
+            added.append((columns.gate, "gate"))
+        try:
+            return _parquet.AppendWriter(args.input, tmp_path, out_schema, copy_idx, added, args.compression)
+        except _parquet.Unsupported as exc:  # e.g. an encrypted file: pyarrow could not read it either
+            raise CliError(f"cannot append to {args.input!r} ({exc}); use --parquet-writer arrow") from None
+    return pq.ParquetWriter(tmp_path, out_schema, **_writer_options(args, out_schema, columns))
 
 
 def _copy_columns(spec: str, schema) -> Optional[list]:

@@ -7,6 +7,8 @@
 pub mod batch;
 pub mod core;
 pub mod libm_exp;
+/// Parquet data pages of the added columns (levels as runs).
+pub mod parquet;
 /// Token divergences (Top-K reduced, Binary) over positions.
 pub mod topk;
 
@@ -14,3 +16,5 @@ pub mod topk;
 mod python;
 #[cfg(feature = "python")]
 mod python_divergence;
+#[cfg(feature = "python")]
+mod python_parquet;

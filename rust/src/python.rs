@@ -265,6 +265,7 @@ fn cppo_mask_into<'py>(
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cppo_mask_into, m)?)?;
     crate::python_divergence::register(m)?;
+    crate::python_parquet::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

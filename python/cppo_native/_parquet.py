@@ -1,0 +1,472 @@
+"""Writes ``cppo-mask``'s Parquet output by appending the CPPO columns to the input's
+row groups instead of re-encoding the whole table.
+
+The input's column chunks are copied byte for byte (``os.copy_file_range``: no
+decompression, no decoding), so copied columns keep their encoding, compression and
+statistics; the added columns are encoded by the Rust core (levels written as runs, in
+O(rows)) and compressed with pyarrow's codecs; the footer is the input's, edited: the
+new columns' schema elements and column chunks appended, offsets shifted, Arrow's
+schema (``ARROW:schema``) replaced by the output's. The output row groups are the
+input's. Page indexes and Bloom filters of copied columns are not carried over (they
+hold absolute offsets); everything else in the footer is.
+
+Readers see the same table as pyarrow's writer would produce (tested in
+``tests/test_parquet_append.py``); ``cppo-mask --parquet-writer arrow`` re-encodes
+everything with pyarrow instead.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from . import _thrift as T
+from ._cpu import native_module
+
+# parquet.thrift enums and field ids used here.
+_PLAIN, _RLE, _RLE_DICTIONARY = 0, 3, 8
+_DATA_PAGE, _DICTIONARY_PAGE = 0, 2
+_REQUIRED, _OPTIONAL, _REPEATED = 0, 1, 2
+_CODECS = {"none": 0, "snappy": 1, "gzip": 2, "brotli": 4, "zstd": 6, "lz4": 7}  # lz4 = LZ4_RAW
+_PYARROW_CODEC = {"snappy": "snappy", "gzip": "gzip", "brotli": "brotli", "zstd": "zstd", "lz4": "lz4_raw"}
+# Level entries per data page (pages end at row boundaries; a longer row gets its own).
+PAGE_VALUES = 1 << 20
+# Encoded bytes of one row group's added columns kept in memory before spilling to a
+# temporary file.
+SPILL_BYTES = 256 << 20
+
+
+class Unsupported(Exception):
+    """The input cannot be appended to (the caller uses pyarrow's writer instead)."""
+
+
+def read_footer(fh) -> T.Struct:
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    if size < 12:
+        raise Unsupported("not a Parquet file")
+    fh.seek(size - 8)
+    tail = fh.read(8)
+    if tail[4:] == b"PARE":
+        raise Unsupported("encrypted Parquet footer")
+    if tail[4:] != b"PAR1":
+        raise Unsupported("not a Parquet file")
+    n = int.from_bytes(tail[:4], "little")
+    if n <= 0 or n > size - 12:
+        raise Unsupported("bad footer length")
+    fh.seek(size - 8 - n)
+    meta, _ = T.loads(fh.read(n))
+    return meta
+
+
+def _subtrees(schema: list) -> list:
+    """[(first element, end, [leaf numbers])] for each top-level field."""
+    out = []
+    leaf = 0
+
+    def walk(i: int) -> tuple:
+        nonlocal leaf
+        kids = schema[i].get_value(5, 0) or 0
+        if kids == 0:
+            leaf += 1
+            return i + 1
+        j = i + 1
+        for _ in range(kids):
+            j = walk(j)
+        return j
+
+    i = 1
+    for _ in range(schema[0].get_value(5, 0) or 0):
+        first_leaf = leaf
+        end = walk(i)
+        out.append((i, end, list(range(first_leaf, leaf))))
+        i = end
+    if i != len(schema):
+        raise Unsupported("malformed Parquet schema")
+    return out
+
+
+def _footer_of(arrow_schema) -> T.Struct:
+    """The footer pyarrow writes for an empty table of ``arrow_schema``."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(arrow_schema.empty_table(), buf)
+    data = buf.getvalue()
+    n = int.from_bytes(data[-8:-4], "little")
+    meta, _ = T.loads(data[-8 - n:-8])
+    return meta
+
+
+@dataclass
+class _NewColumn:
+    name: str
+    kind: str  # "keep", "codes" or "f64"
+    source: str  # "reason", "threshold", "row_budget" or "gate"
+    ptype: int
+    path: list
+    is_list: bool
+    max_rep: int
+    max_def: int
+    def_null: int
+    def_empty: int
+    def_present: int
+    spool: "_Spool" = field(default=None)
+    num_values: int = 0
+    uncompressed: int = 0
+    dict_bytes: int = 0
+
+
+def _new_column(elements: list, name: str, kind: str, source: str) -> _NewColumn:
+    """Levels of an added column from its schema elements (as pyarrow writes them)."""
+    top = elements[0]
+    leaf = elements[-1]
+    optional = [e.get_value(3) != _REQUIRED for e in elements]
+    repeated = [e.get_value(3) == _REPEATED for e in elements]
+    max_def = sum(optional)
+    max_rep = sum(repeated)
+    top_opt = top.get_value(3) == _OPTIONAL
+    if len(elements) == 3 and repeated == [False, True, False]:
+        def_empty = int(top_opt)  # the list is defined, its repeated group absent
+        is_list = True
+    elif len(elements) == 1 and not any(repeated):
+        def_empty = 0
+        is_list = False
+    else:  # pragma: no cover - pyarrow's layout for list<primitive> / primitive
+        raise Unsupported(f"unexpected Parquet layout for {name!r}")
+    if leaf.get_value(3) == _REPEATED:  # pragma: no cover
+        raise Unsupported(f"unexpected Parquet layout for {name!r}")
+    return _NewColumn(
+        name=name, kind=kind, source=source, ptype=leaf.get_value(1), path=[e.get_value(4) for e in elements],
+        is_list=is_list, max_rep=max_rep, max_def=max_def, def_null=0, def_empty=def_empty,
+        def_present=max_def,
+    )
+
+
+class _Spool:
+    """Bytes of one column chunk: in memory, moved to a temporary file past a size."""
+
+    def __init__(self, directory: str) -> None:
+        self.parts: list = []
+        self.size = 0
+        self.file = None
+        self.directory = directory
+
+    def write(self, data) -> None:
+        self.size += len(data)
+        if self.file is None and self.size > SPILL_BYTES:
+            self.file = tempfile.TemporaryFile(dir=self.directory)
+            for p in self.parts:
+                self.file.write(p)
+            self.parts = []
+        if self.file is not None:
+            self.file.write(data)
+        else:
+            self.parts.append(data)
+
+    def write_to(self, fd: int) -> None:
+        if self.file is None:
+            for p in self.parts:
+                _write_all(fd, p)
+            return
+        self.file.flush()
+        _copy(self.file.fileno(), fd, 0, self.size)
+        self.file.close()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _copy(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Appends ``count`` bytes of ``src_fd`` from ``offset`` at ``dst_fd``'s position
+    (in the kernel where it can: copy_file_range)."""
+    use_cfr = hasattr(os, "copy_file_range")
+    while count > 0:
+        n = 0
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), offset)
+            except OSError:
+                use_cfr = False
+                continue
+        else:
+            data = os.pread(src_fd, min(count, 16 << 20), offset)
+            if data:
+                _write_all(dst_fd, data)
+            n = len(data)
+        if n <= 0:
+            raise OSError(f"unexpected end of the input file at byte {offset}")
+        offset += n
+        count -= n
+
+
+class AppendWriter:
+    """Writes ``out_path``: the input's row groups (columns ``copy_fields``, None =
+    all) with the CPPO columns appended. Feed it ``add(result)`` for consecutive
+    batches of the input and ``end_row_group()`` after each input row group's last
+    batch; then ``close()``.
+    """
+
+    def __init__(self, src_path: str, out_path: str, out_arrow_schema, copy_fields: Optional[list],
+                 added: list, compression: str) -> None:
+        """``added``: [(column name, source)] in output order, source one of "mask",
+        "reason", "threshold", "row_budget", "gate"."""
+        if compression not in _CODECS:
+            raise ValueError(f"unsupported compression {compression!r}")
+        self.codec = _CODECS[compression]
+        self.pa_codec = _PYARROW_CODEC.get(compression)
+        self.src = open(src_path, "rb")
+        try:
+            self.meta = read_footer(self.src)
+        except Exception:
+            self.src.close()
+            raise
+        meta = self.meta
+        if 8 in meta or 9 in meta:
+            self._fail("encrypted Parquet file")
+        schema = meta.get_value(2).values
+        subtrees = _subtrees(schema)
+        n_fields = len(subtrees)
+        n_out = len(out_arrow_schema)
+        n_copied = n_out - len(added)
+        if copy_fields is None:
+            copy_fields = list(range(n_fields))
+        if len(copy_fields) != n_copied:
+            self._fail("schema mismatch")
+        for i, fi in enumerate(copy_fields):
+            if fi >= n_fields or schema[subtrees[fi][0]].get_value(4) != out_arrow_schema.field(i).name.encode():
+                self._fail("the Arrow schema does not follow the Parquet schema")
+        for rg in meta.get_value(4).values:
+            for cc in rg.get_value(1).values:
+                if cc.get_value(1) is not None or 8 in cc or 9 in cc:
+                    self._fail("column chunks in other files or encrypted")
+        self.copy_leaves = [leaf for fi in copy_fields for leaf in subtrees[fi][2]]
+        self.all_copied = copy_fields == list(range(n_fields))
+
+        # Schema elements, column orders and key-value metadata of the output.
+        import pyarrow as pa
+
+        added_schema = pa.schema([out_arrow_schema.field(n_copied + i) for i in range(len(added))])
+        added_meta = _footer_of(added_schema)
+        added_elements = added_meta.get_value(2).values[1:]
+        root = T.Struct(schema[0])
+        elements = [root]
+        for fi in copy_fields:
+            a, b, _ = subtrees[fi]
+            elements.extend(schema[a:b])
+        elements.extend(added_elements)
+        root.set(5, T.I32, n_copied + len(added))
+        self.new_columns = []
+        for (a, b, _), (name, source) in zip(_subtrees([added_meta.get_value(2).values[0]] + added_elements), added):
+            kind = {"mask": "keep", "reason": "codes"}.get(source, "f64")
+            self.new_columns.append(_new_column(added_elements[a - 1:b - 1], name, kind, source))
+        full_meta = _footer_of(out_arrow_schema)
+        kv = list(full_meta.get_value(5, T.List(T.STRUCT, [])).values)
+        from . import __version__
+
+        note = {"writer": f"cppo-native {__version__}", "appended_columns": [c.name for c in self.new_columns],
+                "copied_from": meta.get_value(6, b"").decode("utf-8", "replace")}
+        kv.append(T.Struct().set(1, T.BINARY, b"cppo_native").set(2, T.BINARY, json.dumps(note).encode()))
+
+        out = T.Struct()
+        out.set(1, T.I32, meta.get_value(1, 1))
+        out.set(2, T.LIST, T.List(T.STRUCT, elements))
+        out.set(5, T.LIST, T.List(T.STRUCT, kv))
+        if 6 in meta:
+            out[6] = meta[6]
+        if 7 in meta:
+            orders = meta.get_value(7).values
+            new_orders = added_meta.get_value(7, T.List(T.STRUCT, [])).values
+            if len(new_orders) == len(self.new_columns):
+                out.set(7, T.LIST, T.List(T.STRUCT, [orders[i] for i in self.copy_leaves] + list(new_orders)))
+        self.footer = out
+        self.row_groups: list = []
+        self.src_groups = meta.get_value(4).values
+        self.rg_index = 0
+        self.rows = 0
+
+        self.out_dir = os.path.dirname(os.path.abspath(out_path))
+        # No O_TRUNC on an empty file: on ext4, truncating makes close() wait for the
+        # data to be allocated on disk (auto_da_alloc), which costs ~0.2 s per GB.
+        self.fd = os.open(out_path, os.O_WRONLY | os.O_CREAT, 0o666)
+        if os.fstat(self.fd).st_size:
+            os.ftruncate(self.fd, 0)
+        _write_all(self.fd, b"PAR1")
+        self.pos = 4
+        self._new_spools()
+
+    def _fail(self, why: str):
+        self.src.close()
+        raise Unsupported(why)
+
+    def _new_spools(self) -> None:
+        for c in self.new_columns:
+            c.spool = _Spool(self.out_dir)
+            c.num_values = c.uncompressed = 0
+            if c.kind == "codes":
+                # Dictionary page: INT32 PLAIN [0, 1, 2, 3, 4]; index = reason code.
+                self._page(c, np.arange(5, dtype="<i4").tobytes(), dictionary=5)
+
+    def _page(self, c: _NewColumn, raw, *, dictionary: int = 0, num_values: int = 0) -> None:
+        data = raw if self.pa_codec is None else self._compress(raw)
+        head = T.Struct()
+        head.set(1, T.I32, _DICTIONARY_PAGE if dictionary else _DATA_PAGE)
+        head.set(2, T.I32, len(raw))
+        head.set(3, T.I32, len(data))
+        if dictionary:
+            head.set(7, T.STRUCT, T.Struct().set(1, T.I32, dictionary).set(2, T.I32, _PLAIN))
+        else:
+            dph = T.Struct().set(1, T.I32, num_values)
+            dph.set(2, T.I32, _RLE_DICTIONARY if c.kind == "codes" else _PLAIN)
+            dph.set(3, T.I32, _RLE).set(4, T.I32, _RLE)
+            head.set(5, T.STRUCT, dph)
+            c.num_values += num_values
+        header = T.dumps(head)
+        c.spool.write(header)
+        c.spool.write(data)
+        c.uncompressed += len(header) + len(raw)
+        if dictionary:
+            c.dict_bytes = len(header) + len(data)
+
+    def _compress(self, raw):
+        import pyarrow as pa
+
+        return pa.compress(raw, codec=self.pa_codec, asbytes=False)
+
+    def add(self, offsets: np.ndarray, nulls: Optional[np.ndarray], values: dict) -> None:
+        """One batch: ``offsets`` int64 [rows + 1] of the (non-null) token lists,
+        ``nulls`` bool [rows] or None, ``values``: "reason" int8 and "threshold",
+        "row_budget", "gate" float64 arrays (the present values only)."""
+        native = native_module()
+        rows = offsets.shape[0] - 1
+        nulls = None if nulls is None or not nulls.any() else np.ascontiguousarray(nulls, dtype=np.bool_)
+        for c in self.new_columns:
+            src = "reason" if c.source == "mask" else c.source
+            arr = values[src]
+            if not c.is_list and nulls is not None:
+                arr = arr[~nulls]
+            codes = np.ascontiguousarray(arr) if c.kind != "f64" else None
+            floats = np.ascontiguousarray(arr, dtype=np.float64) if c.kind == "f64" else None
+            buf, ends, stats = native.encode_parquet_pages(
+                c.kind, rows, offsets if c.is_list else None, nulls, codes, floats,
+                c.max_rep, c.max_def, c.def_null, c.def_empty, c.def_present, PAGE_VALUES,
+            )
+            start = 0
+            mv = memoryview(buf)
+            for p, end in enumerate(ends.tolist()):
+                self._page(c, mv[start:end], num_values=int(stats[3 * p]))
+                start = end
+        self.rows += rows
+
+    def end_row_group(self) -> None:
+        """Writes the current input row group's copied chunks and the added columns."""
+        src_rg = self.src_groups[self.rg_index]
+        num_rows = src_rg.get_value(3)
+        if self.rows != num_rows:
+            raise ValueError(f"row group {self.rg_index} has {num_rows} rows, {self.rows} were added")
+        self.rg_index += 1
+        if num_rows == 0:  # nothing to copy or add: the output has no such row group
+            self._new_spools()
+            return
+        rg_start = self.pos
+        chunks = []
+        total_unc = total_comp = 0
+        src_fd = self.src.fileno()
+        for leaf in self.copy_leaves:
+            cc = T.Struct(src_rg.get_value(1).values[leaf])
+            md = T.Struct(cc.get_value(3))
+            starts = [md.get_value(9)]
+            for fid in (10, 11):
+                v = md.get_value(fid)
+                if v is not None and v > 0:
+                    starts.append(v)
+            start = min(starts)
+            length = md.get_value(7)
+            _copy(src_fd, self.fd, start, length)
+            delta = self.pos - start
+            for fid in (9, 10, 11):
+                if md.get_value(fid) is not None and md.get_value(fid) > 0:
+                    md.set(fid, T.I64, md.get_value(fid) + delta)
+            md.pop(14, None)  # Bloom filter: not copied
+            md.pop(15, None)
+            for fid in (4, 5, 6, 7):  # page indexes: not copied
+                cc.pop(fid, None)
+            if cc.get_value(2):
+                cc.set(2, T.I64, cc.get_value(2) + delta)
+            cc.set(3, T.STRUCT, md)
+            chunks.append(cc)
+            self.pos += length
+            total_unc += md.get_value(6)
+            total_comp += length
+        for c in self.new_columns:
+            start = self.pos
+            c.spool.write_to(self.fd)
+            size = c.spool.size
+            self.pos += size
+            md = T.Struct()
+            md.set(1, T.I32, c.ptype)
+            encodings = [_PLAIN, _RLE, _RLE_DICTIONARY] if c.kind == "codes" else [_PLAIN, _RLE]
+            md.set(2, T.LIST, T.List(T.I32, encodings))
+            md.set(3, T.LIST, T.List(T.BINARY, list(c.path)))
+            md.set(4, T.I32, self.codec)
+            md.set(5, T.I64, c.num_values)
+            md.set(6, T.I64, c.uncompressed)
+            md.set(7, T.I64, size)
+            if c.kind == "codes":
+                md.set(11, T.I64, start)
+                md.set(9, T.I64, start + c.dict_bytes)
+            else:
+                md.set(9, T.I64, start)
+            chunks.append(T.Struct().set(2, T.I64, 0).set(3, T.STRUCT, md))
+            total_unc += c.uncompressed
+            total_comp += size
+            c.spool.close()
+        rg = T.Struct()
+        rg.set(1, T.LIST, T.List(T.STRUCT, chunks))
+        rg.set(2, T.I64, total_unc)
+        rg.set(3, T.I64, num_rows)
+        if self.all_copied and 4 in src_rg:
+            rg[4] = src_rg[4]
+        rg.set(5, T.I64, rg_start)
+        rg.set(6, T.I64, total_comp)
+        rg.set(7, T.I16, len(self.row_groups))
+        self.row_groups.append(rg)
+        self.rows = 0
+        self._new_spools()
+
+    @property
+    def expected_row_groups(self) -> int:
+        return len(self.src_groups)
+
+    def close(self) -> None:
+        """Writes the footer and closes the files."""
+        if self.rg_index != len(self.src_groups):
+            raise ValueError(f"{self.rg_index} of {len(self.src_groups)} row groups written")
+        self.footer.set(3, T.I64, sum(rg.get_value(3) for rg in self.row_groups))
+        self.footer.set(4, T.LIST, T.List(T.STRUCT, self.row_groups))
+        data = T.dumps(self.footer)
+        _write_all(self.fd, data + len(data).to_bytes(4, "little") + b"PAR1")
+        self.abort()
+
+    def abort(self) -> None:
+        for c in self.new_columns:
+            if c.spool is not None:
+                c.spool.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.src.close()
