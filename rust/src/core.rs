@@ -595,29 +595,33 @@ impl Scan<'_> {
             (gate, w_prev)
         };
         let delta = self.delta;
+        // Pass 1, sequential: the prefix sums and c_t (and for the gate S_t, W_{t-1}).
+        // Only the two running sums carry from one token to the next.
         let mut s_sum = 0.0f64; // S_{t-1}
         let mut w_sum = 0.0f64; // W_{t-1}
         for c in 0..n {
             let w = weight[c];
             let z = w * div[c];
-            let c_t = self.threshold(s_sum, w_sum);
-            threshold[c] = c_t;
-            let within = z <= c_t;
-            let over_token = z > delta;
-            // within implies !over_token (c_t <= delta), so this is 2, 3 or 4.
-            let away_code = 4 - over_token as i8 - 2 * within as i8;
-            // Branch-free (the direction is a coin flip): 0 invalid, 1 toward mu, else
-            // away_code; valid and toward are 0 or 1.
-            let (v, t) = ((valid[c] != 0) as i8, (toward[c] != 0) as i8);
-            let code = v * (t + (1 - t) * away_code);
-            reason[c] = code;
-            mask[c] = (code as u8).wrapping_sub(1) < 2; // 1 or 2: kept
+            threshold[c] = self.threshold(s_sum, w_sum);
             s_sum += z;
             if GATE {
                 w_prev[c] = w_sum;
                 gate[c] = s_sum; // S_t, consumed below
             }
             w_sum += w;
+        }
+        // Pass 2, independent per token (it vectorises): reason codes and the mask.
+        for c in 0..n {
+            let z = weight[c] * div[c];
+            let within = z <= threshold[c];
+            let over_token = z > delta;
+            // within implies !over_token (c_t <= delta), so this is 2, 3 or 4.
+            let away_code = 4 - over_token as i8 - 2 * within as i8;
+            // 0 invalid, 1 toward mu, else away_code; valid and toward are 0 or 1.
+            let (v, t) = ((valid[c] != 0) as i8, (toward[c] != 0) as i8);
+            let code = v * (t + (1 - t) * away_code);
+            reason[c] = code;
+            mask[c] = (code as u8).wrapping_sub(1) < 2; // 1 or 2: kept
         }
         if !GATE {
             return (s_sum, w_sum);
@@ -644,8 +648,11 @@ impl Scan<'_> {
 
     /// Adds the number of positions with each code to `counts` (one pass).
     fn count_codes(&self, reason: &[i8], counts: &mut [u64; 5]) {
-        for (code, count) in counts.iter_mut().enumerate() {
-            *count += reason.iter().filter(|&&r| r == code as i8).count() as u64;
+        // u32 lanes per chunk vectorise; u64 per element would not.
+        for chunk in reason.chunks(1 << 24) {
+            for (code, count) in counts.iter_mut().enumerate() {
+                *count += chunk.iter().map(|&r| (r == code as i8) as u32).sum::<u32>() as u64;
+            }
         }
     }
 }
