@@ -45,8 +45,28 @@ import cppo_native  # noqa: E402
 from cppo_native.arrow import sample_batches  # noqa: E402
 
 
-def generate(path: str, size_mb: float, length: int, seed: int) -> dict:
-    """Write sample rollouts until the file reaches ``size_mb``."""
+WORDS = np.array("the of and to a in is that for it as with was on be by this are or at from but not have an "
+                 "which they you one all were can there we has more if will its than so no when what do up "
+                 "solve find let compute answer step total each number value equation".split())
+
+
+def with_text_columns(batch: "pa.RecordBatch", seed: int) -> "pa.RecordBatch":
+    """Adds what real rollout dumps carry besides the CPPO inputs: the prompt text and
+    the response's token ids (list<int32>, the log-probs' row structure)."""
+    rng = np.random.default_rng(seed)
+    lp = batch.column(1)
+    ids = pa.array(rng.integers(0, 151_936, len(lp.values), dtype=np.int32))
+    response_ids = pa.ListArray.from_arrays(lp.offsets, ids)
+    words = WORDS[rng.integers(0, len(WORDS), batch.num_rows * 96)].reshape(batch.num_rows, 96)
+    lengths = rng.integers(24, 96, batch.num_rows)
+    prompts = pa.array([" ".join(w[:k]) for w, k in zip(words, lengths)], pa.string())
+    return pa.RecordBatch.from_arrays(list(batch.columns) + [prompts, response_ids],
+                                      names=batch.schema.names + ["prompt", "response_ids"])
+
+
+def generate(path: str, size_mb: float, length: int, seed: int, text: bool = False) -> dict:
+    """Write sample rollouts until the file reaches ``size_mb`` (``text``: with the
+    prompt and response-ids columns)."""
     t0 = time.perf_counter()
     target = size_mb * 1e6
     writer = None
@@ -57,6 +77,8 @@ def generate(path: str, size_mb: float, length: int, seed: int) -> dict:
         # One chunk of rows per seed so the file does not depend on how far we go.
         batch = next(sample_batches(chunk, length, seed=seed * 1_000_003 + k, chunk_rows=chunk, drift=0.03))
         batch = batch.set_column(0, "uid", pa.array(np.arange(rows, rows + chunk, dtype=np.int64)))
+        if text:
+            batch = with_text_columns(batch, seed * 1_000_003 + k)
         if writer is None:
             writer = pq.ParquetWriter(path, batch.schema)
         writer.write_batch(batch)
@@ -66,7 +88,8 @@ def generate(path: str, size_mb: float, length: int, seed: int) -> dict:
         if os.path.getsize(path) >= target:
             break
     writer.close()
-    return {"rows": rows, "tokens": tokens, "bytes": os.path.getsize(path), "seconds": time.perf_counter() - t0}
+    return {"rows": rows, "tokens": tokens, "bytes": os.path.getsize(path), "seconds": time.perf_counter() - t0,
+            "columns": batch.schema.names}
 
 
 def time_floor_iter(path: str, batch_rows: int) -> float:
@@ -87,7 +110,7 @@ def time_floor_table(path: str) -> float:
 
 def time_components(src: str, out: str, batch_rows: int) -> dict:
     """Where the CLI's time goes, stage by stage in one process (no overlap), on the
-    CLI's default path: read (each row group's mask inputs), the mask (one packed call
+    CLI's default path: read (each row group's mask inputs, memory-mapped, one thread), the mask (one packed call
     per batch, as the CLI makes: reasons and thresholds, no gate) and the append write
     (copy the input's column chunks, encode and compress the CPPO columns, footer)."""
     from cppo_native import _parquet
@@ -151,6 +174,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per mode, best taken (default 3)")
     ap.add_argument("--batch-rows", type=int, default=2048, help="cppo-mask --batch-rows (default 2048)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dataset", choices=("minimal", "with-text"), default="minimal",
+                    help="'minimal': uid, log_probs, old_log_probs, advantages (the CPPO inputs only: the "
+                         "worst case for cppo-mask, which must decode nearly all of it); 'with-text': also "
+                         "the prompt text and response token ids, as rollout dumps carry (default minimal)")
     ap.add_argument("--tmp", default=None, help="directory for the temporary files (default: system temp)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "pipeline.json"))
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine quiet or not)")
@@ -164,7 +191,7 @@ def main() -> None:
         out = os.path.join(tmp, "masked.parquet")
         summary = os.path.join(tmp, "summary.json")
         print(f"generating ~{args.size_mb:g} MB of rollouts ...", flush=True)
-        gen = generate(src, args.size_mb, args.length, args.seed)
+        gen = generate(src, args.size_mb, args.length, args.seed, text=args.dataset == "with-text")
         mb = gen["bytes"] / 1e6
         print(f"  {gen['rows']:,} rows, {gen['tokens']:,} tokens, {mb:.0f} MB in {gen['seconds']:.1f} s", flush=True)
 
@@ -220,7 +247,8 @@ def main() -> None:
     load_after = os.getloadavg()
     doc = {
         "benchmark": "cppo-mask end-to-end vs pyarrow read (I/O floor)",
-        "file": {"rows": gen["rows"], "tokens": gen["tokens"], "mb": mb, "max_length": args.length,
+        "file": {"dataset": args.dataset, "columns": gen["columns"],
+                 "rows": gen["rows"], "tokens": gen["tokens"], "mb": mb, "max_length": args.length,
                  "generate_seconds": gen["seconds"]},
         "output_mb_cli_full": out_mb,
         "outputs_equal_append_vs_arrow_writer": outputs_equal,

@@ -184,6 +184,24 @@ class _Spool:
             self.file.close()
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _varint_len(buf) -> int:
+    """Bytes taken by the varint at the start of ``buf``."""
+    view = memoryview(buf)
+    i = 0
+    while view[i] & 0x80:
+        i += 1
+    return i + 1
+
+
 def _write_all(fd: int, data) -> None:
     view = memoryview(data).cast("B")
     while view:
@@ -319,14 +337,16 @@ class AppendWriter:
             c.num_values = c.uncompressed = 0
             if c.kind == "codes":
                 # Dictionary page: INT32 PLAIN [0, 1, 2, 3, 4]; index = reason code.
-                self._page(c, np.arange(5, dtype="<i4").tobytes(), dictionary=5)
+                self._page(c, [np.arange(5, dtype="<i4").tobytes()], dictionary=5)
 
-    def _page(self, c: _NewColumn, raw, *, dictionary: int = 0, num_values: int = 0) -> None:
-        data = raw if self.pa_codec is None else self._compress(raw)
+    def _page(self, c: _NewColumn, parts: list, *, dictionary: int = 0, num_values: int = 0) -> None:
+        """One page whose uncompressed body is the concatenation of ``parts``."""
+        raw_size = sum(len(p) for p in parts)
+        data = self._compress(parts, raw_size)
         head = T.Struct()
         head.set(1, T.I32, _DICTIONARY_PAGE if dictionary else _DATA_PAGE)
-        head.set(2, T.I32, len(raw))
-        head.set(3, T.I32, len(data))
+        head.set(2, T.I32, raw_size)
+        head.set(3, T.I32, sum(len(p) for p in data))
         if dictionary:
             head.set(7, T.STRUCT, T.Struct().set(1, T.I32, dictionary).set(2, T.I32, _PLAIN))
         else:
@@ -337,15 +357,35 @@ class AppendWriter:
             c.num_values += num_values
         header = T.dumps(head)
         c.spool.write(header)
-        c.spool.write(data)
-        c.uncompressed += len(header) + len(raw)
+        for p in data:
+            c.spool.write(p)
+        c.uncompressed += len(header) + raw_size
         if dictionary:
-            c.dict_bytes = len(header) + len(data)
+            c.dict_bytes = len(header) + sum(len(p) for p in data)
 
-    def _compress(self, raw):
+    def _compress(self, parts: list, raw_size: int) -> list:
+        """The compressed page body, as a list of buffers.
+
+        Snappy's raw format is a varint of the uncompressed size followed by elements
+        whose back-references are relative and never reach before their own part, so
+        the compressed parts are concatenated under one size header: the values are
+        compressed straight from the mask's output array, without a copy into the page."""
         import pyarrow as pa
 
-        return pa.compress(raw, codec=self.pa_codec, asbytes=False)
+        # (Buffer.slice: the buffer protocol of compress()'s resizable result exposes
+        # its capacity, not its size.)
+        if self.pa_codec is None:
+            return parts
+        if self.pa_codec == "snappy":
+            out = [_varint(raw_size)]
+            for p in parts:
+                if len(p):
+                    body = pa.compress(p, codec="snappy", asbytes=False)
+                    out.append(body.slice(_varint_len(body.slice(0, min(10, body.size)))))
+            return out
+        joined = parts[0] if len(parts) == 1 else b"".join(parts)
+        body = pa.compress(joined, codec=self.pa_codec, asbytes=False)
+        return [body.slice(0, body.size)]
 
     def add(self, offsets: np.ndarray, nulls: Optional[np.ndarray], values: dict) -> None:
         """One batch: ``offsets`` int64 [rows + 1] of the (non-null) token lists,
@@ -361,14 +401,23 @@ class AppendWriter:
                 arr = arr[~nulls]
             codes = np.ascontiguousarray(arr) if c.kind != "f64" else None
             floats = np.ascontiguousarray(arr, dtype=np.float64) if c.kind == "f64" else None
+            # Doubles stay in their array: pages hold the levels, the values are appended
+            # (or compressed) from `floats` directly.
+            kind = "f64_levels" if c.kind == "f64" else c.kind
             buf, ends, stats = native.encode_parquet_pages(
-                c.kind, rows, offsets if c.is_list else None, nulls, codes, floats,
+                kind, rows, offsets if c.is_list else None, nulls, codes, floats,
                 c.max_rep, c.max_def, c.def_null, c.def_empty, c.def_present, PAGE_VALUES,
             )
-            start = 0
+            start = value = 0
             mv = memoryview(buf)
+            values_bytes = memoryview(floats).cast("B") if floats is not None else None
             for p, end in enumerate(ends.tolist()):
-                self._page(c, mv[start:end], num_values=int(stats[3 * p]))
+                parts = [mv[start:end]]
+                if values_bytes is not None:
+                    present = int(stats[3 * p + 2])
+                    parts.append(values_bytes[8 * value:8 * (value + present)])
+                    value += present
+                self._page(c, parts, num_values=int(stats[3 * p]))
                 start = end
         self.rows += rows
 

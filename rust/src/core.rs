@@ -957,6 +957,10 @@ mod tests {
         };
         let s2 = compute_row(&p, 0, &input, &mut Scratch::default(), out).unwrap();
         assert_eq!((m, r, t, s), (m2, r2, t2, s2));
-        assert!(s.counts.iter().all(|&c| c > 0), "every outcome occurs: {:?}", s.counts);
+        assert!(
+            s.counts.iter().all(|&c| c > 0),
+            "every outcome occurs: {:?}",
+            s.counts
+        );
     }
 }

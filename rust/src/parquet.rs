@@ -19,13 +19,16 @@ pub enum Values<'a> {
     Codes(&'a [i8]),
     /// DOUBLE, PLAIN.
     F64(&'a [f64]),
+    /// DOUBLE, PLAIN, but the values are left out of the output: the caller appends
+    /// each page's values from its own array (no copy). Pages hold levels only.
+    F64Levels(&'a [f64]),
 }
 
 impl Values<'_> {
     fn len(&self) -> usize {
         match self {
             Values::KeepFromCodes(v) | Values::Codes(v) => v.len(),
-            Values::F64(v) => v.len(),
+            Values::F64(v) | Values::F64Levels(v) => v.len(),
         }
     }
 }
@@ -235,6 +238,7 @@ fn values_section(out: &mut Vec<u8>, values: Values, range: std::ops::Range<usiz
             }
         }
         Values::F64(v) => put_f64(out, &v[range]),
+        Values::F64Levels(_) => {}
     }
 }
 
@@ -295,6 +299,7 @@ pub fn encode_pages(
         Values::KeepFromCodes(_) => total / 8,
         Values::Codes(_) => 3 * total / 8,
         Values::F64(_) => 8 * total,
+        Values::F64Levels(_) => 0,
     };
     out.reserve(value_bytes + 24 * rows + 64);
     let mut pages = Vec::new();
@@ -465,6 +470,27 @@ mod tests {
         assert_eq!(
             values,
             [0.5f64.to_le_bytes(), 0.25f64.to_le_bytes()].concat()
+        );
+    }
+
+    #[test]
+    fn levels_only_pages_leave_the_values_out() {
+        let offsets = [0i64, 2, 5];
+        let v = [1.0, 2.0, 3.0, 4.0, 5.0];
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let pa = encode_pages(&list_levels(&offsets, None), Values::F64(&v), 100, &mut a).unwrap();
+        let pb = encode_pages(
+            &list_levels(&offsets, None),
+            Values::F64Levels(&v),
+            100,
+            &mut b,
+        )
+        .unwrap();
+        assert_eq!(a.len(), b.len() + 40);
+        assert_eq!(a[..b.len()], b[..]);
+        assert_eq!(
+            (pa[0].num_values, pa[0].num_present),
+            (pb[0].num_values, pb[0].num_present)
         );
     }
 

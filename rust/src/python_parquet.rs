@@ -17,7 +17,8 @@ type Encoded<'py> = (
 );
 
 /// Encodes one column of a batch as uncompressed v1 data pages. `kind`: "keep" (BOOLEAN
-/// from the reason codes), "codes" (dictionary indices of the reason codes) or "f64".
+/// from the reason codes), "codes" (dictionary indices of the reason codes), "f64" or
+/// "f64_levels" (the levels only; the caller appends each page's values).
 /// Returns (bytes, page ends, page stats `[pages, 3]` flattened: level entries, rows,
 /// present values).
 #[pyfunction]
@@ -63,9 +64,10 @@ fn encode_parquet_pages<'py>(
         ("keep", Some(c), None) => Values::KeepFromCodes(c),
         ("codes", Some(c), None) => Values::Codes(c),
         ("f64", None, Some(v)) => Values::F64(v),
+        ("f64_levels", None, Some(v)) => Values::F64Levels(v),
         _ => {
             return Err(PyValueError::new_err(format!(
-                "encode_parquet_pages: kind {kind:?} needs codes (keep, codes) or values (f64)"
+                "encode_parquet_pages: kind {kind:?} needs codes (keep, codes) or values (f64, f64_levels)"
             )))
         }
     };
