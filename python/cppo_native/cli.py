@@ -265,7 +265,9 @@ def _open_input(args, columns, append: bool = False) -> _Input:
             batches = _row_group_batches(pf, schema, columns, args)
             return _Input(schema, pf.metadata.num_rows, _guard_read(batches, path, "Parquet"), size,
                           row_groups=pf.metadata.num_row_groups)
-        batches = pf.iter_batches(batch_size=args.batch_rows, use_threads=True)
+        # Without --out only the mask's inputs are needed: the other columns are not decoded.
+        wanted = _mask_input_columns(schema, columns) if args.out is None else None
+        batches = pf.iter_batches(batch_size=args.batch_rows, columns=wanted, use_threads=True)
         return _Input(schema, pf.metadata.num_rows, _guard_read(batches, path, "Parquet"), size)
     import pyarrow.json as pajson
 
@@ -280,12 +282,17 @@ def _open_input(args, columns, append: bool = False) -> _Input:
     return _Input(table.schema, table.num_rows, iter(table.to_batches(max_chunksize=args.batch_rows)), size)
 
 
+def _mask_input_columns(schema, columns) -> list:
+    """The input columns the mask reads (those present; missing ones are reported later)."""
+    names = [columns.log_probs, columns.old_log_probs, columns.advantages,
+             columns.resolved_response_mask(schema.names), columns.divergence]
+    return [n for n in dict.fromkeys(names) if n is not None and n in schema.names]
+
+
 def _row_group_batches(pf, schema, columns, args):
     """Batches of each row group in turn, each row group followed by _ROW_GROUP_END;
     only the columns the mask reads are decoded (the append writer copies the rest)."""
-    names = [columns.log_probs, columns.old_log_probs, columns.advantages,
-             columns.resolved_response_mask(schema.names), columns.divergence]
-    wanted = [n for n in dict.fromkeys(names) if n is not None and n in schema.names]
+    wanted = _mask_input_columns(schema, columns)
     for i in range(pf.metadata.num_row_groups):
         # One decoding thread: reading overlaps the mask and the write already, and
         # Arrow's column threads would only add CPU (1.37 vs 1.53 core-s per GB).
