@@ -137,7 +137,8 @@ def test_thrift_values():
     dict(row_group_size=50, compression="zstd", write_page_index=True, data_page_size=512),
     dict(row_group_size=1000, data_page_version="2.0", compression="gzip"),
     dict(row_group_size=29, use_dictionary=False, compression="none", write_statistics=False,
-         column_encoding={"log_probs": "BYTE_STREAM_SPLIT", "old_log_probs": "BYTE_STREAM_SPLIT"}),
+         column_encoding={"log_probs.list.element": "BYTE_STREAM_SPLIT",
+                          "old_log_probs.list.element": "BYTE_STREAM_SPLIT"}),
 ])
 def test_rich_input_equals_pyarrow_writer(tmp_path, write_opts):
     src, out = tmp_path / "in.parquet", tmp_path / "out.parquet"

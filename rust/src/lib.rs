@@ -9,6 +9,8 @@ pub mod core;
 pub mod libm_exp;
 /// Parquet data pages of the added columns (levels as runs).
 pub mod parquet;
+/// Decoding the mask's input columns from Parquet pages (levels as runs).
+pub mod parquet_read;
 /// Token divergences (Top-K reduced, Binary) over positions.
 pub mod topk;
 

@@ -9,6 +9,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::parquet::{encode_pages, EncodeError, Levels, Values};
+use crate::parquet_read::{decode_chunk, ColumnShape, PageIn};
 
 type Encoded<'py> = (
     Bound<'py, PyArray1<u8>>,
@@ -98,7 +99,82 @@ fn encode_parquet_pages<'py>(
     ))
 }
 
+type Decoded<'py> = (
+    Option<Bound<'py, PyArray1<u8>>>,
+    Option<Bound<'py, PyArray1<i64>>>,
+    Option<String>,
+);
+
+/// Decodes one column chunk's decompressed pages (`kinds`: 0 dictionary, 1 data v1,
+/// 2 data v2; `reps`/`defs` are the v2 level bytes, empty otherwise). Returns (values
+/// as little-endian bytes, row offsets, None), or (None, None, why) when the chunk uses
+/// something this reader does not handle (the caller then uses pyarrow).
+#[pyfunction]
+#[pyo3(signature = (kinds, num_values, encodings, reps, defs, bodies, max_rep, max_def, def_present, def_empty, width))]
+#[allow(clippy::too_many_arguments)]
+fn decode_parquet_chunk<'py>(
+    py: Python<'py>,
+    kinds: Vec<u8>,
+    num_values: Vec<usize>,
+    encodings: Vec<i32>,
+    reps: Vec<PyReadonlyArray1<'py, u8>>,
+    defs: Vec<PyReadonlyArray1<'py, u8>>,
+    bodies: Vec<PyReadonlyArray1<'py, u8>>,
+    max_rep: u8,
+    max_def: u8,
+    def_present: u8,
+    def_empty: u8,
+    width: usize,
+) -> PyResult<Decoded<'py>> {
+    let n = kinds.len();
+    if [
+        num_values.len(),
+        encodings.len(),
+        reps.len(),
+        defs.len(),
+        bodies.len(),
+    ]
+    .iter()
+    .any(|&l| l != n)
+    {
+        return Err(PyValueError::new_err(
+            "decode_parquet_chunk: one entry per page in every list",
+        ));
+    }
+    fn slice<'a>(a: &'a PyReadonlyArray1<'_, u8>) -> PyResult<&'a [u8]> {
+        a.as_slice()
+            .map_err(|_| PyValueError::new_err("page buffers must be contiguous"))
+    }
+    let mut pages = Vec::with_capacity(n);
+    for i in 0..n {
+        pages.push(PageIn {
+            kind: kinds[i],
+            num_values: num_values[i],
+            encoding: encodings[i],
+            rep: slice(&reps[i])?,
+            def: slice(&defs[i])?,
+            body: slice(&bodies[i])?,
+        });
+    }
+    let shape = ColumnShape {
+        max_rep,
+        max_def,
+        def_present,
+        def_empty,
+        width,
+    };
+    Ok(match py.detach(|| decode_chunk(&shape, &pages)) {
+        Ok(out) => (
+            Some(out.values.into_pyarray(py)),
+            Some(out.offsets.into_pyarray(py)),
+            None,
+        ),
+        Err(why) => (None, None, Some(why.0)),
+    })
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_parquet_pages, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_parquet_chunk, m)?)?;
     Ok(())
 }

@@ -1,0 +1,219 @@
+"""Reads the mask's input columns of a Parquet row group with cppo-native's page decoder
+(``rust/src/parquet_read.rs``) instead of pyarrow's.
+
+pyarrow materialises a repetition and a definition level per token and derives the
+offsets and validity bitmaps from them; on a file of only log-probs that is most of the
+CLI's read time. Here page headers are parsed with the Thrift codec, pages are
+decompressed with pyarrow's codecs straight from a memory map, and the Rust decoder walks
+the levels as runs and copies (or dictionary-decodes) the values once.
+
+It handles what rollout files hold: list<float>/list<double> (or large lists) and
+float/double columns, PLAIN or dictionary-encoded, v1 or v2 data pages, any codec
+pyarrow has but Hadoop-framed LZ4, and no nulls (empty lists are fine). For anything
+else — a null, another type or encoding, a row group too large to decode whole —
+:meth:`FastReader.read` returns None and the caller reads that row group with pyarrow:
+the same table, decoded by pyarrow (``tests/test_parquet_read.py`` checks both agree).
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Optional
+
+import numpy as np
+
+from . import _thrift as T
+from ._cpu import native_module
+from ._parquet import Unsupported, _subtrees, read_footer
+
+_CODEC_NAMES = {1: "snappy", 2: "gzip", 4: "brotli", 6: "zstd", 7: "lz4_raw"}
+_FLOAT, _DOUBLE = 4, 5
+_REQUIRED, _OPTIONAL, _REPEATED = 0, 1, 2
+_RLE = 3
+# Largest column chunk decoded whole (level entries); larger row groups stream via pyarrow.
+MAX_CHUNK_VALUES = 1 << 26
+_EMPTY = np.zeros(0, np.uint8)
+
+
+class _Column:
+    def __init__(self, name: str, leaf: int, elements: list, arrow_type) -> None:
+        import pyarrow as pa
+
+        self.name = name
+        self.leaf = leaf
+        self.arrow_type = arrow_type
+        leaf_el = elements[-1]
+        ptype = leaf_el.get_value(1)
+        if ptype not in (_FLOAT, _DOUBLE):
+            raise Unsupported(f"{name}: physical type {ptype}")
+        self.width = 4 if ptype == _FLOAT else 8
+        reps = [e.get_value(3) for e in elements]
+        self.max_def = sum(r != _REQUIRED for r in reps)
+        self.max_rep = sum(r == _REPEATED for r in reps)
+        if len(elements) == 3 and reps[1] == _REPEATED and reps[2] != _REPEATED:
+            self.is_list = True
+            self.def_empty = int(reps[0] == _OPTIONAL)
+            if not (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)):
+                raise Unsupported(f"{name}: Arrow type {arrow_type}")
+            value_type = arrow_type.value_type
+        elif len(elements) == 1 and reps[0] != _REPEATED:
+            self.is_list = False
+            self.def_empty = 0
+            value_type = arrow_type
+        else:
+            raise Unsupported(f"{name}: nesting")
+        want = pa.float32() if self.width == 4 else pa.float64()
+        if value_type != want:
+            raise Unsupported(f"{name}: Arrow type {arrow_type}")
+        self.value_type = want
+        self.dtype = np.dtype("<f4" if self.width == 4 else "<f8")
+
+
+class FastReader:
+    """``read(i)``: row group ``i``'s columns ``names`` as a RecordBatch, or None."""
+
+    def __init__(self, path: str, arrow_schema, names: list) -> None:
+        import pyarrow as pa
+
+        self.fh = open(path, "rb")
+        try:
+            self.meta = read_footer(self.fh)
+            schema = self.meta.get_value(2).values
+            top = _subtrees(schema)
+            by_name = {schema[a].get_value(4).decode("utf-8", "replace"): (a, b, leaves) for a, b, leaves in top}
+            self.columns = []
+            for name in names:
+                if name not in by_name:
+                    raise Unsupported(f"column {name!r} not found")
+                a, b, leaves = by_name[name]
+                if len(leaves) != 1:
+                    raise Unsupported(f"{name}: several leaves")
+                self.columns.append(_Column(name, leaves[0], schema[a:b], arrow_schema.field(name).type))
+            self.schema = pa.schema([arrow_schema.field(name) for name in names])
+            self.map = mmap.mmap(self.fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            self.fh.close()
+            raise
+        self.view = memoryview(self.map)
+        self.groups = self.meta.get_value(4).values
+        self.native = native_module()
+
+    @classmethod
+    def open(cls, path: str, arrow_schema, names: list) -> Optional["FastReader"]:
+        """A reader, or None when these columns are not decodable here."""
+        try:
+            return cls(path, arrow_schema, names)
+        except (Unsupported, T.ThriftError, OSError, ValueError, KeyError):
+            return None
+
+    def close(self) -> None:
+        self.view.release()
+        self.map.close()
+        self.fh.close()
+
+    def read(self, index: int):
+        """Row group ``index`` as a RecordBatch of the columns, or None (use pyarrow)."""
+        try:
+            return self._read(index)
+        except (Unsupported, T.ThriftError, ValueError, KeyError, IndexError, OSError):
+            return None
+
+    def _read(self, index: int):
+        import pyarrow as pa
+
+        rg = self.groups[index]
+        rows = rg.get_value(3)
+        chunks = rg.get_value(1).values
+        arrays = []
+        for col in self.columns:
+            md = chunks[col.leaf].get_value(3)
+            if md is None:
+                raise Unsupported("no column metadata")
+            if md.get_value(5) > MAX_CHUNK_VALUES:
+                raise Unsupported("row group too large to decode whole")
+            values, offsets = self._decode(col, md)
+            n = offsets.shape[0] - 1
+            if n != rows:
+                raise Unsupported(f"{col.name}: {n} rows, the row group has {rows}")
+            child = pa.Array.from_buffers(col.value_type, values.shape[0], [None, pa.py_buffer(values)])
+            if col.is_list:
+                large = pa.types.is_large_list(col.arrow_type)
+                if not large and offsets[-1] > np.iinfo(np.int32).max:
+                    raise Unsupported("offsets overflow int32")
+                off = offsets if large else offsets.astype(np.int32)
+                arrays.append(pa.Array.from_buffers(col.arrow_type, rows, [None, pa.py_buffer(off)], children=[child]))
+            else:
+                arrays.append(child)
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+    def _decode(self, col: _Column, md: T.Struct):
+        import pyarrow as pa
+
+        codec = md.get_value(4)
+        if codec != 0 and codec not in _CODEC_NAMES:
+            raise Unsupported(f"codec {codec}")
+        name = _CODEC_NAMES.get(codec)
+        starts = [md.get_value(9)] + [md.get_value(f) for f in (10, 11) if (md.get_value(f) or 0) > 0]
+        pos = min(starts)
+        end = pos + md.get_value(7)
+        if end > len(self.view):
+            raise Unsupported("column chunk past the end of the file")
+        total = md.get_value(5)
+        kinds, counts, encodings, reps, defs, bodies = [], [], [], [], [], []
+        seen = 0
+
+        def inflate(data, size):
+            if name is None:
+                return np.frombuffer(data, np.uint8)
+            out = pa.decompress(data, decompressed_size=size, codec=name, asbytes=False)
+            return np.frombuffer(out, np.uint8, count=size)
+
+        while seen < total:
+            if pos >= end:
+                raise Unsupported("column chunk ends early")
+            head, used = T.loads(self.view[pos:min(end, pos + (1 << 16))])
+            ptype, usize, csize = head.get_value(1), head.get_value(2), head.get_value(3)
+            body = self.view[pos + used:pos + used + csize]
+            pos += used + csize
+            if ptype == 2:  # dictionary page
+                dph = head.get_value(7)
+                kinds.append(0)
+                counts.append(dph.get_value(1))
+                encodings.append(dph.get_value(2))
+                reps.append(_EMPTY)
+                defs.append(_EMPTY)
+                bodies.append(inflate(body, usize))
+            elif ptype == 0:  # data page v1
+                dph = head.get_value(5)
+                if (col.max_def and dph.get_value(3) != _RLE) or (col.max_rep and dph.get_value(4) != _RLE):
+                    raise Unsupported("level encoding")
+                kinds.append(1)
+                counts.append(dph.get_value(1))
+                encodings.append(dph.get_value(2))
+                reps.append(_EMPTY)
+                defs.append(_EMPTY)
+                bodies.append(inflate(body, usize))
+                seen += dph.get_value(1)
+            elif ptype == 3:  # data page v2: levels uncompressed, then the values
+                h = head.get_value(8)  # (num_nulls counts empty lists too: the levels decide)
+                dl, rl = h.get_value(5), h.get_value(6)
+                values = body[rl + dl:]
+                kinds.append(2)
+                counts.append(h.get_value(1))
+                encodings.append(h.get_value(4))
+                reps.append(np.frombuffer(body[:rl], np.uint8))
+                defs.append(np.frombuffer(body[rl:rl + dl], np.uint8))
+                compressed = h.get_value(7, True) and name is not None
+                bodies.append(inflate(values, usize - rl - dl) if compressed else np.frombuffer(values, np.uint8))
+                seen += h.get_value(1)
+            elif ptype == 1:  # index page: nothing to read
+                continue
+            else:
+                raise Unsupported(f"page type {ptype}")
+        values, offsets, why = self.native.decode_parquet_chunk(
+            kinds, counts, encodings, reps, defs, bodies, col.max_rep, col.max_def, col.max_def, col.def_empty,
+            col.width,
+        )
+        if why is not None:
+            raise Unsupported(why)
+        return values.view(col.dtype), offsets
