@@ -47,7 +47,14 @@ def _zigzag(n: int) -> int:
     return (n << 1) if n >= 0 else ((-n) << 1) - 1
 
 
+class Raw(bytes):
+    """An already encoded struct: written as is (see :func:`dumps`)."""
+
+
 class _Reader:
+    """Reads from ``buf``; running past its end raises IndexError, which :func:`loads`
+    reports as truncated data (no bounds test per byte)."""
+
     __slots__ = ("buf", "pos")
 
     def __init__(self, buf: bytes) -> None:
@@ -55,18 +62,24 @@ class _Reader:
         self.pos = 0
 
     def byte(self) -> int:
-        if self.pos >= len(self.buf):
-            raise ThriftError("truncated Thrift data")
         b = self.buf[self.pos]
         self.pos += 1
         return b
 
     def varint(self) -> int:
-        shift = result = 0
+        buf, pos = self.buf, self.pos
+        b = buf[pos]
+        pos += 1
+        if b < 0x80:
+            self.pos = pos
+            return b
+        result, shift = b & 0x7F, 7
         while True:
-            b = self.byte()
+            b = buf[pos]
+            pos += 1
             result |= (b & 0x7F) << shift
             if b < 0x80:
+                self.pos = pos
                 return result
             shift += 7
             if shift > 70:
@@ -84,23 +97,25 @@ class _Reader:
         return out
 
     def value(self, ctype: int) -> Any:
-        if ctype in (TRUE, FALSE):  # inside a collection: one byte
-            return self.byte() == TRUE
-        if ctype == BYTE:
-            b = self.byte()
-            return b - 256 if b > 127 else b
-        if ctype in (I16, I32, I64):
+        if ctype == I32 or ctype == I64 or ctype == I16:
             return self.zigzag()
-        if ctype == DOUBLE:
-            return struct.unpack("<d", self.take(8))[0]
+        if ctype == STRUCT:
+            return self.struct()
         if ctype == BINARY:
             return self.take(self.varint())
-        if ctype in (LIST, SET):
+        if ctype == LIST or ctype == SET:
             head = self.byte()
             size, etype = head >> 4, head & 0x0F
             if size == 15:
                 size = self.varint()
             return List(etype, [self.value(etype) for _ in range(size)])
+        if ctype == TRUE or ctype == FALSE:  # inside a collection: one byte
+            return self.byte() == TRUE
+        if ctype == BYTE:
+            b = self.byte()
+            return b - 256 if b > 127 else b
+        if ctype == DOUBLE:
+            return struct.unpack("<d", self.take(8))[0]
         if ctype == MAP:
             size = self.varint()
             if size == 0:
@@ -108,20 +123,20 @@ class _Reader:
             kv = self.byte()
             kt, vt = kv >> 4, kv & 0x0F
             return Map(kt, vt, [(self.value(kt), self.value(vt)) for _ in range(size)])
-        if ctype == STRUCT:
-            return self.struct()
         raise ThriftError(f"unknown Thrift compact type {ctype}")
 
     def struct(self) -> Struct:
         out = Struct()
         last = 0
+        buf = self.buf
         while True:
-            head = self.byte()
+            head = buf[self.pos]
+            self.pos += 1
             if head == STOP:
                 return out
             delta, ctype = head >> 4, head & 0x0F
             fid = last + delta if delta else self.zigzag()
-            if ctype in (TRUE, FALSE):
+            if ctype == TRUE or ctype == FALSE:
                 out[fid] = (TRUE, ctype == TRUE)
             else:
                 out[fid] = (ctype, self.value(ctype))
@@ -131,7 +146,10 @@ class _Reader:
 def loads(buf: bytes) -> tuple:
     """Decodes one struct from the start of ``buf``; returns (struct, bytes used)."""
     r = _Reader(buf)
-    s = r.struct()
+    try:
+        s = r.struct()
+    except IndexError:
+        raise ThriftError("truncated Thrift data") from None
     return s, r.pos
 
 
@@ -174,7 +192,10 @@ def _write_value(out: bytearray, ctype: int, value: Any) -> None:
                 _write_value(out, kt, k)
                 _write_value(out, vt, v)
     elif ctype == STRUCT:
-        _write_struct(out, value)
+        if isinstance(value, Raw):
+            out += value
+        else:
+            _write_struct(out, value)
     else:
         raise ThriftError(f"unknown Thrift compact type {ctype}")
 
@@ -197,6 +218,7 @@ def _write_struct(out: bytearray, s: Struct) -> None:
 
 
 def dumps(s: Struct) -> bytes:
+    """Encodes ``s``; a :class:`Raw` value inside it is copied as is."""
     out = bytearray()
     _write_struct(out, s)
     return bytes(out)

@@ -198,8 +198,9 @@ class _Input:
         self.total_rows = total_rows
         self.batches = batches
         self.total_bytes = total_bytes
-        # Append writer: the number of input row groups; `batches` then ends each row
-        # group with _ROW_GROUP_END and holds only the columns the mask reads.
+        # Parquet read row group by row group (append writer, or no output): the number
+        # of row groups; `batches` then ends each row group with _ROW_GROUP_END and
+        # holds only the columns the mask reads.
         self.row_groups = row_groups
 
 
@@ -261,13 +262,12 @@ def _open_input(args, columns, append: bool = False) -> _Input:
             schema = pf.schema_arrow
         except (pa.ArrowException, OSError) as exc:
             raise CliError(f"cannot read {path!r} as Parquet: {_one_line(exc)}") from None
-        if append:
+        if append or args.out is None:
+            # Only the mask's inputs are decoded (the append writer copies the rest).
             batches = _row_group_batches(pf, schema, columns, args)
             return _Input(schema, pf.metadata.num_rows, _guard_read(batches, path, "Parquet"), size,
                           row_groups=pf.metadata.num_row_groups)
-        # Without --out only the mask's inputs are needed: the other columns are not decoded.
-        wanted = _mask_input_columns(schema, columns) if args.out is None else None
-        batches = pf.iter_batches(batch_size=args.batch_rows, columns=wanted, use_threads=True)
+        batches = pf.iter_batches(batch_size=args.batch_rows, use_threads=True)
         return _Input(schema, pf.metadata.num_rows, _guard_read(batches, path, "Parquet"), size)
     import pyarrow.json as pajson
 
@@ -548,7 +548,8 @@ def run(args) -> dict:
         row_offset = 0
         for batch in _prefetch(src.batches, read_pool, _IN_FLIGHT):
             if batch is _ROW_GROUP_END:
-                pending.submit(writer.end_row_group)
+                if writer is not None:
+                    pending.submit(writer.end_row_group)
                 continue
             try:
                 res = arrow.compute_batch(batch, columns=columns, null_rows=args.null_rows,
