@@ -110,17 +110,24 @@ def time_floor_table(path: str) -> float:
 
 def time_components(src: str, out: str, batch_rows: int) -> dict:
     """Where the CLI's time goes, stage by stage in one process (no overlap), on the
-    CLI's default path: read (each row group's mask inputs, memory-mapped, one thread), the mask (one packed call
-    per batch, as the CLI makes: reasons and thresholds, no gate) and the append write
+    CLI's default path: read (each row group's mask inputs, with cppo-native's page
+    decoder where it applies, else pyarrow), the mask (one packed call per batch, as
+    the CLI makes: reasons and thresholds, no gate) and the append write
     (copy the input's column chunks, encode and compress the CPPO columns, footer)."""
     from cppo_native import _parquet
     from cppo_native.arrow import compute_batch, output_schema
 
+    from cppo_native._parquet_read import FastReader
+
     pf = pq.ParquetFile(src, memory_map=True)
     wanted = ["log_probs", "old_log_probs", "advantages"]
     t0 = time.perf_counter()
-    groups = [list(pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=wanted, use_threads=False))
-              for i in range(pf.metadata.num_row_groups)]
+    reader = FastReader.open(src, pf.schema_arrow, wanted)
+    groups = []
+    for i in range(pf.metadata.num_row_groups):
+        batch = reader.read(i) if reader is not None else None
+        groups.append([batch] if batch is not None else
+                      list(pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=wanted, use_threads=False)))
     read = time.perf_counter() - t0
     t0 = time.perf_counter()
     results = [[compute_batch(b, delta=0.15, delta_b=0.02) for b in g] for g in groups]

@@ -526,11 +526,14 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm import tqdm
+    if args.progress is False or (args.progress is None and not sys.stderr.isatty()):
+        bar = _NoBar()  # (tqdm would be disabled: skip importing it)
+    else:
+        from tqdm import tqdm
 
-    bar = tqdm(total=src.total_rows, unit="rows", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
-               disable=(not args.progress) if args.progress is not None else None,
-               delay=0.0 if args.progress else 1.0, desc="cppo-mask")
+        bar = tqdm(total=src.total_rows, unit="rows", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
+                   disable=(not args.progress) if args.progress is not None else None,
+                   delay=0.0 if args.progress else 1.0, desc="cppo-mask")
     # Three stages overlap: batches are read ahead and written behind (in Arrow's and
     # cppo-native's native code, outside the GIL) while this thread computes the mask;
     # a few batches in flight each way absorb the stages' jitter.
@@ -610,6 +613,14 @@ def run(args) -> dict:
 
 
 _END = object()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 _ROW_GROUP_END = object()  # in the batch stream of the append writer: a row group is complete
 
 
