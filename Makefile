@@ -47,6 +47,7 @@ bench: build-dev
 SIZE_MB ?= 1024
 bench-pipeline: build-dev
 	$(PY) bench/pipeline.py --size-mb $(SIZE_MB)
+	$(PY) bench/pipeline.py --size-mb $(SIZE_MB) --dataset with-text --out bench/results/pipeline_with_text.json
 
 # On a CUDA machine with CuPy installed (pip install -e '.[cuda12]' or '.[cuda13]').
 bench-gpu: build-dev
