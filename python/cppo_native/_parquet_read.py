@@ -162,6 +162,14 @@ class FastReader:
         kinds, counts, encodings, reps, defs, bodies = [], [], [], [], [], []
         seen = 0
 
+        def page(kind, count, encoding, body, rep=_EMPTY, deflevels=_EMPTY):
+            kinds.append(kind)
+            counts.append(count)
+            encodings.append(encoding)
+            reps.append(rep)
+            defs.append(deflevels)
+            bodies.append(body)
+
         def inflate(data, size):
             if name is None:
                 return np.frombuffer(data, np.uint8)
@@ -177,34 +185,21 @@ class FastReader:
             pos += used + csize
             if ptype == 2:  # dictionary page
                 dph = head.get_value(7)
-                kinds.append(0)
-                counts.append(dph.get_value(1))
-                encodings.append(dph.get_value(2))
-                reps.append(_EMPTY)
-                defs.append(_EMPTY)
-                bodies.append(inflate(body, usize))
+                page(0, dph.get_value(1), dph.get_value(2), inflate(body, usize))
             elif ptype == 0:  # data page v1
                 dph = head.get_value(5)
                 if (col.max_def and dph.get_value(3) != _RLE) or (col.max_rep and dph.get_value(4) != _RLE):
                     raise Unsupported("level encoding")
-                kinds.append(1)
-                counts.append(dph.get_value(1))
-                encodings.append(dph.get_value(2))
-                reps.append(_EMPTY)
-                defs.append(_EMPTY)
-                bodies.append(inflate(body, usize))
+                page(1, dph.get_value(1), dph.get_value(2), inflate(body, usize))
                 seen += dph.get_value(1)
             elif ptype == 3:  # data page v2: levels uncompressed, then the values
                 h = head.get_value(8)  # (num_nulls counts empty lists too: the levels decide)
                 dl, rl = h.get_value(5), h.get_value(6)
                 values = body[rl + dl:]
-                kinds.append(2)
-                counts.append(h.get_value(1))
-                encodings.append(h.get_value(4))
-                reps.append(np.frombuffer(body[:rl], np.uint8))
-                defs.append(np.frombuffer(body[rl:rl + dl], np.uint8))
                 compressed = h.get_value(7, True) and name is not None
-                bodies.append(inflate(values, usize - rl - dl) if compressed else np.frombuffer(values, np.uint8))
+                page(2, h.get_value(1), h.get_value(4),
+                     inflate(values, usize - rl - dl) if compressed else np.frombuffer(values, np.uint8),
+                     np.frombuffer(body[:rl], np.uint8), np.frombuffer(body[rl:rl + dl], np.uint8))
                 seen += h.get_value(1)
             elif ptype == 1:  # index page: nothing to read
                 continue

@@ -795,6 +795,25 @@ mod tests {
         assert_eq!(s.budget, 0.02);
     }
 
+    /// The row's inputs cut to its valid window, as the batch layer hands them over.
+    fn windowed<'a>(
+        valid: &'a [u8],
+        lp: &'a [f64],
+        lq: &'a [f64],
+        adv: &'a [f64],
+        d: Option<&'a [f64]>,
+    ) -> RowInput<'a> {
+        let w = valid_window(valid);
+        RowInput {
+            valid,
+            window: w.clone(),
+            log_probs: &lp[w.clone()],
+            old_log_probs: &lq[w.clone()],
+            advantages: &adv[w.clone()],
+            divergence: d.map(|d| &d[w.clone()]),
+        }
+    }
+
     /// Every output of one row: (mask, reason, threshold, gate, summary).
     #[allow(clippy::type_complexity)]
     fn eval_row(
@@ -806,16 +825,7 @@ mod tests {
         d: Option<&[f64]>,
     ) -> Result<(Vec<bool>, Vec<i8>, Vec<f64>, Vec<f64>, RowSummary), BadValue> {
         let n = valid.len();
-        let window = valid_window(valid);
-        let w = window.clone();
-        let input = RowInput {
-            valid,
-            window,
-            log_probs: &lp[w.clone()],
-            old_log_probs: &lq[w.clone()],
-            advantages: &adv[w.clone()],
-            divergence: d.map(|d| &d[w.clone()]),
-        };
+        let input = windowed(valid, lp, lq, adv, d);
         let (mut m, mut r, mut t, mut g) =
             (vec![false; n], vec![0i8; n], vec![0.0; n], vec![0.0; n]);
         let out = RowOutput {
@@ -975,15 +985,7 @@ mod tests {
         let d = [0.0, 0.01, 0.2, 0.5, 0.16, 0.05, 0.1, 0.14, 0.001, 0.3];
         let (m, r, t, _, s) = eval_row(&p, &lp, &lq, &adv, &valid, Some(&d)).unwrap();
         let n = valid.len();
-        let window = valid_window(&valid);
-        let input = RowInput {
-            valid: &valid,
-            window: window.clone(),
-            log_probs: &lp[window.clone()],
-            old_log_probs: &lq[window.clone()],
-            advantages: &adv[window.clone()],
-            divergence: Some(&d[window.clone()]),
-        };
+        let input = windowed(&valid, &lp, &lq, &adv, Some(&d));
         let (mut m2, mut r2, mut t2) = (vec![true; n], vec![9i8; n], vec![9.0; n]);
         let out = RowOutput {
             mask: &mut m2,
@@ -1026,14 +1028,15 @@ mod tests {
                 PositionWeight::Shuffled,
             ][case % 3];
             p.horizon = if case % 5 == 0 { 512 } else { 0 };
-            let window = valid_window(&valid);
-            let input = RowInput {
-                valid: &valid,
-                window: window.clone(),
-                log_probs: &lp[window.clone()],
-                old_log_probs: &lq[window.clone()],
-                advantages: &adv[window.clone()],
-                divergence: None,
+            let input = windowed(&valid, &lp, &lq, &adv, None);
+            let call = |dispatch: bool, out: RowOutput| {
+                let mut scratch = Scratch::default();
+                if dispatch {
+                    compute_row(&p, case, &input, &mut scratch, out)
+                } else {
+                    compute_row_impl(&p, case, &input, &mut scratch, out)
+                }
+                .unwrap()
             };
             let run = |dispatch: bool, gate: bool| {
                 let (mut m, mut r, mut t, mut g) =
@@ -1044,13 +1047,7 @@ mod tests {
                     threshold: Some(&mut t),
                     gate: if gate { Some(&mut g) } else { None },
                 };
-                let mut scratch = Scratch::default();
-                let s = if dispatch {
-                    compute_row(&p, case, &input, &mut scratch, out)
-                } else {
-                    compute_row_impl(&p, case, &input, &mut scratch, out)
-                }
-                .unwrap();
+                let s = call(dispatch, out);
                 let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 (m, r, bits(&t), bits(&g), s.budget.to_bits(), s.counts)
             };
@@ -1065,13 +1062,7 @@ mod tests {
                     threshold: None,
                     gate: None,
                 };
-                let mut scratch = Scratch::default();
-                let s = if dispatch {
-                    compute_row(&p, case, &input, &mut scratch, out)
-                } else {
-                    compute_row_impl(&p, case, &input, &mut scratch, out)
-                }
-                .unwrap();
+                let s = call(dispatch, out);
                 (m, s.budget.to_bits())
             };
             assert_eq!(mask_only(true), mask_only(false), "case {case}");

@@ -337,7 +337,7 @@ pub fn encode_pages(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Decodes an RLE / bit-packed hybrid stream of `n` values (test oracle).
@@ -386,7 +386,8 @@ mod tests {
         (&data[4..4 + len], &data[4 + len..])
     }
 
-    fn list_levels<'a>(offsets: &'a [i64], nulls: Option<&'a [bool]>) -> Levels<'a> {
+    /// Levels of a nullable list<nullable element> column (as pyarrow writes list<T>).
+    pub(crate) fn list_levels<'a>(offsets: &'a [i64], nulls: Option<&'a [bool]>) -> Levels<'a> {
         Levels {
             offsets: Some(offsets),
             nulls,

@@ -409,7 +409,8 @@ pub fn decode_chunk(shape: &ColumnShape, pages: &[PageIn]) -> Result<ChunkOut, U
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parquet::{encode_pages, Levels, Values};
+    use crate::parquet::tests::list_levels;
+    use crate::parquet::{encode_pages, Values};
 
     fn list_shape(width: usize) -> ColumnShape {
         ColumnShape {
@@ -426,16 +427,7 @@ mod tests {
         // Rows of lengths 3, 0, 1, 5 (one empty row), doubles, PLAIN, two pages.
         let offsets = [0i64, 3, 3, 4, 9];
         let vals: Vec<f64> = (0..9).map(|i| i as f64 * 0.5).collect();
-        let levels = Levels {
-            offsets: Some(&offsets),
-            nulls: None,
-            rows: 4,
-            max_rep: 1,
-            max_def: 3,
-            def_null: 0,
-            def_empty: 1,
-            def_present: 3,
-        };
+        let levels = list_levels(&offsets, None);
         let mut buf = Vec::new();
         let pages = encode_pages(&levels, Values::F64(&vals), 4, &mut buf).unwrap();
         let mut start = 0;
@@ -505,16 +497,7 @@ mod tests {
     #[test]
     fn nulls_are_unsupported() {
         let offsets = [0i64, 2, 2];
-        let levels = Levels {
-            offsets: Some(&offsets),
-            nulls: Some(&[false, true]),
-            rows: 2,
-            max_rep: 1,
-            max_def: 3,
-            def_null: 0,
-            def_empty: 1,
-            def_present: 3,
-        };
+        let levels = list_levels(&offsets, Some(&[false, true]));
         let mut buf = Vec::new();
         let p = encode_pages(&levels, Values::F64(&[1.0, 2.0]), 100, &mut buf).unwrap();
         let ins = [PageIn {
