@@ -343,3 +343,17 @@ def test_new_column_levels_follow_arrows_layout():
     assert (x.max_rep, x.max_def, x.def_empty, x.def_present, x.is_list) == (1, 3, 1, 3, True)
     y = _parquet._new_column(elements[4:5], "y", "f64", "row_budget")
     assert (y.max_rep, y.max_def, y.def_present, y.is_list) == (0, 1, 1, False)
+
+
+def test_copy_without_copy_file_range(tmp_path, monkeypatch):
+    """Where copy_file_range is missing or refused (other OSes, some file systems), the
+    chunks are copied with pread/write: same output."""
+    def refuse(*a, **k):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    src, out = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    pq.write_table(rich_table(50), src, row_group_size=20)
+    assert_tables_equal(append(src, out), expected(src))
+    monkeypatch.delattr(os, "copy_file_range")
+    assert_tables_equal(append(src, tmp_path / "out2.parquet"), expected(src))
