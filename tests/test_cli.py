@@ -398,3 +398,20 @@ def test_parquet_writer_choice(tmp_path, capsys):
     jsonl.write_text(json.dumps({"log_probs": [-0.1], "old_log_probs": [-0.2], "advantages": 1.0}) + "\n")
     _expect_error([jsonl, "--out", tmp_path / "j.parquet", "--parquet-writer", "append"], capsys,
                   "--parquet-writer append needs a Parquet input", tmp_path / "j.parquet")
+
+
+def test_summary_json_counts_rows(tmp_path, capsys):
+    table = sample_table(150, 48, seed=9, drift=0.08)
+    table = table.set_column(1, "log_probs", pa.array(
+        [r if i % 7 else [] for i, r in enumerate(table.column("log_probs").to_pylist())], pa.list_(pa.float32())))
+    table = table.set_column(2, "old_log_probs", pa.array(
+        [r if i % 7 else [] for i, r in enumerate(table.column("old_log_probs").to_pylist())], pa.list_(pa.float32())))
+    src, summ = tmp_path / "in.parquet", tmp_path / "s.json"
+    pq.write_table(table, src, row_group_size=40)
+    code, _, err = run_cli([src, "-q", "--summary-json", summ], capsys)
+    assert code == 0, err
+    got = json.loads(summ.read_text())
+    reasons = mask_table(table, **KNOBS).column("cppo_reason").to_pylist()
+    assert got["rows"] == 150
+    assert got["rows_with_masked_token"] == sum(any(c >= 3 for c in r) for r in reasons) > 0
+    assert got["tokens"] == sum(len(r) for r in reasons)

@@ -368,9 +368,11 @@ class _Summary:
         if not nonempty.any():
             return
         starts = off[:-1][nonempty]
-        # Per row: any masked token, any valid token (reduceat over non-empty rows only).
-        any_masked = np.logical_or.reduceat(r >= 3, starts)
-        any_valid = np.logical_or.reduceat(r != 0, starts)
+        # Per row, from the largest code (one reduceat over non-empty rows): any masked
+        # token (3 or 4), any valid token (not 0).
+        top = np.maximum.reduceat(r, starts)
+        any_masked = top >= 3
+        any_valid = top != 0
         self.rows_masked += int(any_masked.sum())
         self.rows_with_valid += int(any_valid.sum())
         self.budget_sum += float(res.row_budget_values[nonempty][any_valid].sum())
