@@ -7,8 +7,9 @@ CLI's read time. Here page headers are parsed with the Thrift codec, pages are
 decompressed with pyarrow's codecs straight from a memory map, and the Rust decoder walks
 the levels as runs and copies (or dictionary-decodes) the values once.
 
-It handles what rollout files hold: list<float>/list<double> (or large lists) and
-float/double columns, PLAIN or dictionary-encoded, v1 or v2 data pages, any codec
+It handles what rollout files hold: lists (or large lists) of floats, doubles or
+integers (response masks as 0/1 integers) and such numbers per row, PLAIN or
+dictionary-encoded, v1 or v2 data pages, any codec
 pyarrow has but Hadoop-framed LZ4, and no nulls (empty lists are fine). For anything
 else — a null, another type or encoding, a row group too large to decode whole —
 :meth:`FastReader.read` returns None and the caller reads that row group with pyarrow:
@@ -27,11 +28,12 @@ from ._cpu import native_module
 from ._parquet import Unsupported, _subtrees, read_footer
 
 _CODEC_NAMES = {1: "snappy", 2: "gzip", 4: "brotli", 6: "zstd", 7: "lz4_raw"}
-_FLOAT, _DOUBLE = 4, 5
+_INT32, _INT64, _FLOAT, _DOUBLE = 1, 2, 4, 5
 _REQUIRED, _OPTIONAL, _REPEATED = 0, 1, 2
 _RLE = 3
-# Largest column chunk decoded whole (level entries); larger row groups stream via pyarrow.
-MAX_CHUNK_VALUES = 1 << 26
+# Largest column chunk decoded whole (level entries): with three row groups in flight,
+# about 1 GB at most; larger row groups stream through pyarrow in --batch-rows batches.
+MAX_CHUNK_VALUES = 1 << 24
 _EMPTY = np.zeros(0, np.uint8)
 
 
@@ -44,9 +46,9 @@ class _Column:
         self.arrow_type = arrow_type
         leaf_el = elements[-1]
         ptype = leaf_el.get_value(1)
-        if ptype not in (_FLOAT, _DOUBLE):
+        if ptype not in (_INT32, _INT64, _FLOAT, _DOUBLE):
             raise Unsupported(f"{name}: physical type {ptype}")
-        self.width = 4 if ptype == _FLOAT else 8
+        self.width = 4 if ptype in (_INT32, _FLOAT) else 8
         reps = [e.get_value(3) for e in elements]
         self.max_def = sum(r != _REQUIRED for r in reps)
         self.max_rep = sum(r == _REPEATED for r in reps)
@@ -62,11 +64,19 @@ class _Column:
             value_type = arrow_type
         else:
             raise Unsupported(f"{name}: nesting")
-        want = pa.float32() if self.width == 4 else pa.float64()
-        if value_type != want:
+        kinds = {  # Arrow value type -> (physical type, stored as, NumPy type of the Arrow array)
+            pa.float32(): (_FLOAT, "<f4", "<f4"), pa.float64(): (_DOUBLE, "<f8", "<f8"),
+            pa.int32(): (_INT32, "<i4", "<i4"), pa.int64(): (_INT64, "<i8", "<i8"),
+            pa.uint32(): (_INT32, "<u4", "<u4"), pa.uint64(): (_INT64, "<u8", "<u8"),
+            pa.int8(): (_INT32, "<i4", "i1"), pa.int16(): (_INT32, "<i4", "<i2"),
+            pa.uint8(): (_INT32, "<i4", "u1"), pa.uint16(): (_INT32, "<i4", "<u2"),
+        }
+        kind = kinds.get(value_type)
+        if kind is None or kind[0] != ptype:
             raise Unsupported(f"{name}: Arrow type {arrow_type}")
-        self.value_type = want
-        self.dtype = np.dtype("<f4" if self.width == 4 else "<f8")
+        self.value_type = value_type
+        self.dtype = np.dtype(kind[1])  # as stored (PLAIN bytes)
+        self.arrow_dtype = np.dtype(kind[2])  # narrower integers are cast down
 
 
 class FastReader:
@@ -132,6 +142,8 @@ class FastReader:
             if md.get_value(5) > MAX_CHUNK_VALUES:
                 raise Unsupported("row group too large to decode whole")
             values, offsets = self._decode(col, md)
+            if col.arrow_dtype != col.dtype:
+                values = values.astype(col.arrow_dtype)
             n = offsets.shape[0] - 1
             if n != rows:
                 raise Unsupported(f"{col.name}: {n} rows, the row group has {rows}")

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--batch-rows", type=_positive_int, default=2048, metavar="N",
                     help="rows per batch where pyarrow decodes the input (default 2048; memory grows "
                          "with it); cppo-native's Parquet page decoder takes a row group at a time "
-                         "(at most 2^26 values per column, larger ones go to pyarrow)")
+                         "(at most 2^24 values per column, larger ones go to pyarrow)")
     io.add_argument("--compression", default="snappy",
                     choices=("snappy", "zstd", "lz4", "gzip", "brotli", "none"),
                     help="Parquet compression of the added columns (default snappy); with "
