@@ -322,7 +322,9 @@ def _cpu_error(*args, **kwargs) -> str:
 @given(cases(max_rows=4, max_len=200), st.data())
 def test_bad_values_report_like_cpu(case: Case, data):
     arrays = {"log_probs": case.log_probs.copy(), "old_log_probs": case.old_log_probs.copy()}
-    if case.advantages.shape == case.log_probs.shape:
+    # Per-token advantages only: a packed batch with as many rows as tokens has per-row
+    # advantages of the log-probs' shape, and a row's entry is not a token's.
+    if case.advantages.shape == case.log_probs.shape and not case.per_row:
         arrays["advantages"] = case.advantages.copy()
     if isinstance(case.divergence, np.ndarray):
         arrays["divergence"] = case.divergence.copy()
@@ -330,9 +332,15 @@ def test_bad_values_report_like_cpu(case: Case, data):
     flat_valid = np.flatnonzero(valid.reshape(-1))
     if flat_valid.size == 0:
         return
+    per_row = "advantages" not in arrays
+    if per_row:
+        arrays["advantages"] = case.advantages.copy()  # one per row: corrupt a valid token's row
     for _ in range(data.draw(st.integers(1, 3))):
         name = data.draw(st.sampled_from(sorted(arrays)))
         where = int(data.draw(st.sampled_from(flat_valid.tolist())))
+        if name == "advantages" and per_row:
+            where = (int(np.searchsorted(case.cu_seqlens, where, side="right")) - 1 if case.cu_seqlens is not None
+                     else where // case.log_probs.shape[1])
         bad = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 0.5] if name != "advantages" else [np.nan, np.inf]))
         if name == "divergence" and bad == 0.5:
             bad = -0.5
