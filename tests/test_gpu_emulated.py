@@ -125,8 +125,8 @@ def test_strided_inputs_and_mask_dtypes(case: Case, mask_dtype, layout):
 def test_packed_offsets_dtypes_and_leading_one(case: Case, cu_dtype):
     cu = case.cu_seqlens.astype(cu_dtype)
     lead = lambda a: a[None, :] if isinstance(a, np.ndarray) and a.shape == case.log_probs.shape else a  # noqa: E731
-    adv = case.advantages
-    one = Case(lead(case.log_probs), lead(case.old_log_probs), lead(adv), lead(case.response_mask),
+    adv = case.advantages if case.per_row else lead(case.advantages)  # per-row ones stay [B]
+    one = Case(lead(case.log_probs), lead(case.old_log_probs), adv, lead(case.response_mask),
                lead(case.divergence), cu, case.knobs, case.per_row)
     mask, info = emulated_mask(*one.args(), **one.kwargs(), return_info=True)
     ref = cppo_mask_reference(*case.args(), **case.kwargs())
