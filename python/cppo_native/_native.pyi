@@ -1,4 +1,5 @@
-"""The Rust extension (private). Called only by ``cppo_native._cpu``.
+"""The Rust extension (private). Called by ``cppo_native._cpu`` and ``divergence`` (the
+mask and divergences) and by ``_parquet`` / ``_parquet_read`` (Parquet pages).
 
 Inputs are NumPy arrays of native byte order: float64/float32/float16, or int16 holding
 bfloat16 bit patterns, for the float inputs; bool/uint8/int8/int32/int64/float32/float64
@@ -6,7 +7,7 @@ for ``valid``. Outputs are fresh C-contiguous arrays that the call fills. Parame
 validated by ``cppo_native._params``. The GIL is released while computing.
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -71,3 +72,38 @@ def binary_divergence_into(
     *,
     num_threads: int,
 ) -> Optional[Tuple[int, int, int, float]]: ...
+
+def encode_parquet_pages(
+    kind: str,  # "keep" | "codes" | "f64" | "f64_levels"
+    rows: int,
+    offsets: Optional[np.ndarray],  # int64 [rows + 1] from 0, or None: one value per row
+    nulls: Optional[np.ndarray],  # bool [rows]
+    codes: Optional[np.ndarray],  # int8 reason codes (keep, codes)
+    values: Optional[np.ndarray],  # float64 (f64, f64_levels)
+    max_rep: int,
+    max_def: int,
+    def_null: int,
+    def_empty: int,
+    def_present: int,
+    page_values: int,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(uncompressed v1 page bytes uint8, page ends int64, [pages * 3] int64: level
+    entries, rows, present values per page). Raises ValueError on inconsistent shapes."""
+    ...
+
+def decode_parquet_chunk(
+    kinds: List[int],  # 0 dictionary, 1 data v1, 2 data v2
+    num_values: List[int],
+    encodings: List[int],
+    reps: List[np.ndarray],  # uint8 (v2 repetition levels; empty otherwise)
+    defs: List[np.ndarray],  # uint8 (v2 definition levels; empty otherwise)
+    bodies: List[np.ndarray],  # uint8, decompressed
+    max_rep: int,
+    max_def: int,
+    def_present: int,
+    def_empty: int,
+    width: int,  # 4 or 8 bytes per value
+) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[str]]:
+    """(values as little-endian bytes uint8, row offsets int64 [rows + 1], None), or
+    (None, None, why) when the chunk needs something this decoder does not handle."""
+    ...
