@@ -98,10 +98,7 @@ def _footer_of(arrow_schema) -> T.Struct:
 
     buf = io.BytesIO()
     pq.ParquetWriter(buf, arrow_schema).close()  # (pq.write_table would import pandas: 0.2 s)
-    data = buf.getvalue()
-    n = int.from_bytes(data[-8:-4], "little")
-    meta, _ = T.loads(data[-8 - n:-8])
-    return meta
+    return read_footer(io.BytesIO(buf.getvalue()))
 
 
 @dataclass
@@ -123,27 +120,33 @@ class _NewColumn:
     dict_bytes: int = 0
 
 
+def column_levels(elements: list, name: str) -> tuple:
+    """(is_list, max_rep, max_def, def_empty) of a top-level field's schema elements: a
+    3-level list of a primitive (optional or required group, repeated group, leaf) or a
+    primitive; anything else is Unsupported. A present value is at max_def; an empty
+    list has its group defined and its repeated group absent."""
+    reps = [e.get_value(3) for e in elements]
+    max_def = sum(r != _REQUIRED for r in reps)
+    max_rep = sum(r == _REPEATED for r in reps)
+    if len(elements) == 3 and reps[1] == _REPEATED and reps[2] != _REPEATED:
+        return True, max_rep, max_def, int(reps[0] == _OPTIONAL)
+    if len(elements) == 1 and reps[0] != _REPEATED:
+        return False, max_rep, max_def, 0
+    raise Unsupported(f"{name}: nesting")
+
+
+def chunk_range(md: T.Struct) -> tuple:
+    """(first byte, length) of a column chunk from its ColumnMetaData: its first page is
+    the dictionary (or index) page when there is one, else the first data page."""
+    starts = [md.get_value(9)] + [md.get_value(f) for f in (10, 11) if (md.get_value(f) or 0) > 0]
+    return min(starts), md.get_value(7)
+
+
 def _new_column(elements: list, name: str, kind: str, source: str) -> _NewColumn:
     """Levels of an added column from its schema elements (as pyarrow writes them)."""
-    top = elements[0]
-    leaf = elements[-1]
-    optional = [e.get_value(3) != _REQUIRED for e in elements]
-    repeated = [e.get_value(3) == _REPEATED for e in elements]
-    max_def = sum(optional)
-    max_rep = sum(repeated)
-    top_opt = top.get_value(3) == _OPTIONAL
-    if len(elements) == 3 and repeated == [False, True, False]:
-        def_empty = int(top_opt)  # the list is defined, its repeated group absent
-        is_list = True
-    elif len(elements) == 1 and not any(repeated):
-        def_empty = 0
-        is_list = False
-    else:  # pragma: no cover - pyarrow's layout for list<primitive> / primitive
-        raise Unsupported(f"unexpected Parquet layout for {name!r}")
-    if leaf.get_value(3) == _REPEATED:  # pragma: no cover
-        raise Unsupported(f"unexpected Parquet layout for {name!r}")
+    is_list, max_rep, max_def, def_empty = column_levels(elements, name)
     return _NewColumn(
-        name=name, kind=kind, source=source, ptype=leaf.get_value(1), path=[e.get_value(4) for e in elements],
+        name=name, kind=kind, source=source, ptype=elements[-1].get_value(1), path=[e.get_value(4) for e in elements],
         is_list=is_list, max_rep=max_rep, max_def=max_def, def_null=0, def_empty=def_empty,
         def_present=max_def,
     )
@@ -182,24 +185,6 @@ class _Spool:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _varint_len(buf) -> int:
-    """Bytes taken by the varint at the start of ``buf``."""
-    view = memoryview(buf)
-    i = 0
-    while view[i] & 0x80:
-        i += 1
-    return i + 1
 
 
 def _write_all(fd: int, data) -> None:
@@ -275,12 +260,14 @@ class AppendWriter:
         self.copy_leaves = [leaf for fi in copy_fields for leaf in subtrees[fi][2]]
         self.all_copied = copy_fields == list(range(n_fields))
 
-        # Schema elements, column orders and key-value metadata of the output.
-        import pyarrow as pa
-
-        added_schema = pa.schema([out_arrow_schema.field(n_copied + i) for i in range(len(added))])
-        added_meta = _footer_of(added_schema)
-        added_elements = added_meta.get_value(2).values[1:]
+        # Schema elements, column orders and key-value metadata of the output, from the
+        # footer pyarrow writes for the output schema (the added columns are its last
+        # fields; its key-value metadata holds ARROW:schema).
+        full_meta = _footer_of(out_arrow_schema)
+        full_schema = full_meta.get_value(2).values
+        added_fields = _subtrees(full_schema)[n_copied:]
+        added_elements = full_schema[added_fields[0][0]:] if added_fields else []
+        added_leaves = sum(len(leaves) for _, _, leaves in added_fields)
         root = T.Struct(schema[0])
         elements = [root]
         for fi in copy_fields:
@@ -289,10 +276,9 @@ class AppendWriter:
         elements.extend(added_elements)
         root.set(5, T.I32, n_copied + len(added))
         self.new_columns = []
-        for (a, b, _), (name, source) in zip(_subtrees([added_meta.get_value(2).values[0]] + added_elements), added):
+        for (a, b, _), (name, source) in zip(added_fields, added):
             kind = {"mask": "keep", "reason": "codes"}.get(source, "f64")
-            self.new_columns.append(_new_column(added_elements[a - 1:b - 1], name, kind, source))
-        full_meta = _footer_of(out_arrow_schema)
+            self.new_columns.append(_new_column(full_schema[a:b], name, kind, source))
         kv = list(full_meta.get_value(5, T.List(T.STRUCT, [])).values)
         from . import __version__
 
@@ -308,7 +294,8 @@ class AppendWriter:
             out[6] = meta[6]
         if 7 in meta:
             orders = meta.get_value(7).values
-            new_orders = added_meta.get_value(7, T.List(T.STRUCT, [])).values
+            all_orders = full_meta.get_value(7, T.List(T.STRUCT, [])).values
+            new_orders = all_orders[len(all_orders) - added_leaves:] if added_leaves <= len(all_orders) else []
             if len(new_orders) == len(self.new_columns):
                 out.set(7, T.LIST, T.List(T.STRUCT, [orders[i] for i in self.copy_leaves] + list(new_orders)))
         self.footer = out
@@ -377,11 +364,11 @@ class AppendWriter:
         if self.pa_codec is None:
             return parts
         if self.pa_codec == "snappy":
-            out = [_varint(raw_size)]
+            out = [T.varint(raw_size)]
             for p in parts:
                 if len(p):
                     body = pa.compress(p, codec="snappy", asbytes=False)
-                    out.append(body.slice(_varint_len(body.slice(0, min(10, body.size)))))
+                    out.append(body.slice(T.varint_length(body.slice(0, min(10, body.size)))))
             return out
         joined = parts[0] if len(parts) == 1 else b"".join(parts)
         body = pa.compress(joined, codec=self.pa_codec, asbytes=False)
@@ -438,13 +425,7 @@ class AppendWriter:
         for leaf in self.copy_leaves:
             cc = T.Struct(src_rg.get_value(1).values[leaf])
             md = T.Struct(cc.get_value(3))
-            starts = [md.get_value(9)]
-            for fid in (10, 11):
-                v = md.get_value(fid)
-                if v is not None and v > 0:
-                    starts.append(v)
-            start = min(starts)
-            length = md.get_value(7)
+            start, length = chunk_range(md)
             _copy(src_fd, self.fd, start, length)
             delta = self.pos - start
             for fid in (9, 10, 11):
@@ -496,10 +477,6 @@ class AppendWriter:
         self.row_groups.append(rg)
         self.rows = 0
         self._new_spools()
-
-    @property
-    def expected_row_groups(self) -> int:
-        return len(self.src_groups)
 
     def close(self) -> None:
         """Writes the footer and closes the files."""

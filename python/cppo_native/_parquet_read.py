@@ -25,11 +25,10 @@ import numpy as np
 
 from . import _thrift as T
 from ._cpu import native_module
-from ._parquet import Unsupported, _subtrees, read_footer
+from ._parquet import Unsupported, _subtrees, chunk_range, column_levels, read_footer
 
 _CODEC_NAMES = {1: "snappy", 2: "gzip", 4: "brotli", 6: "zstd", 7: "lz4_raw"}
 _INT32, _INT64, _FLOAT, _DOUBLE = 1, 2, 4, 5
-_REQUIRED, _OPTIONAL, _REPEATED = 0, 1, 2
 _RLE = 3
 # Largest column chunk decoded whole (level entries): with three row groups in flight,
 # about 1 GB at most; larger row groups stream through pyarrow in --batch-rows batches.
@@ -49,21 +48,10 @@ class _Column:
         if ptype not in (_INT32, _INT64, _FLOAT, _DOUBLE):
             raise Unsupported(f"{name}: physical type {ptype}")
         self.width = 4 if ptype in (_INT32, _FLOAT) else 8
-        reps = [e.get_value(3) for e in elements]
-        self.max_def = sum(r != _REQUIRED for r in reps)
-        self.max_rep = sum(r == _REPEATED for r in reps)
-        if len(elements) == 3 and reps[1] == _REPEATED and reps[2] != _REPEATED:
-            self.is_list = True
-            self.def_empty = int(reps[0] == _OPTIONAL)
-            if not (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)):
-                raise Unsupported(f"{name}: Arrow type {arrow_type}")
-            value_type = arrow_type.value_type
-        elif len(elements) == 1 and reps[0] != _REPEATED:
-            self.is_list = False
-            self.def_empty = 0
-            value_type = arrow_type
-        else:
-            raise Unsupported(f"{name}: nesting")
+        self.is_list, self.max_rep, self.max_def, self.def_empty = column_levels(elements, name)
+        if self.is_list and not (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)):
+            raise Unsupported(f"{name}: Arrow type {arrow_type}")
+        value_type = arrow_type.value_type if self.is_list else arrow_type
         kinds = {  # Arrow value type -> (physical type, stored as, NumPy type of the Arrow array)
             pa.float32(): (_FLOAT, "<f4", "<f4"), pa.float64(): (_DOUBLE, "<f8", "<f8"),
             pa.int32(): (_INT32, "<i4", "<i4"), pa.int64(): (_INT64, "<i8", "<i8"),
@@ -165,9 +153,8 @@ class FastReader:
         if codec != 0 and codec not in _CODEC_NAMES:
             raise Unsupported(f"codec {codec}")
         name = _CODEC_NAMES.get(codec)
-        starts = [md.get_value(9)] + [md.get_value(f) for f in (10, 11) if (md.get_value(f) or 0) > 0]
-        pos = min(starts)
-        end = pos + md.get_value(7)
+        pos, length = chunk_range(md)
+        end = pos + length
         if end > len(self.view):
             raise Unsupported("column chunk past the end of the file")
         total = md.get_value(5)

@@ -58,7 +58,7 @@ class _Reader:
     __slots__ = ("buf", "pos")
 
     def __init__(self, buf: bytes) -> None:
-        self.buf = memoryview(buf)
+        self.buf = memoryview(buf).cast("B")  # unsigned bytes (pyarrow buffers export "b")
         self.pos = 0
 
     def byte(self) -> int:
@@ -151,6 +151,23 @@ def loads(buf: bytes) -> tuple:
     except IndexError:
         raise ThriftError("truncated Thrift data") from None
     return s, r.pos
+
+
+def varint(n: int) -> bytes:
+    """An unsigned LEB128 varint (the compact protocol's, and Snappy's length header)."""
+    out = bytearray()
+    _write_varint(out, n)
+    return bytes(out)
+
+
+def varint_length(buf) -> int:
+    """Bytes taken by the varint at the start of ``buf``."""
+    r = _Reader(buf)
+    try:
+        r.varint()
+    except IndexError:
+        raise ThriftError("truncated varint") from None
+    return r.pos
 
 
 def _write_varint(out: bytearray, n: int) -> None:
