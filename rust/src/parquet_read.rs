@@ -9,6 +9,8 @@
 //! reported as unsupported so the caller reads the row group with pyarrow instead.
 //! Page headers and decompression are the caller's (`cppo_native._parquet_read`).
 
+use crate::parquet::bit_width;
+
 /// One page's decompressed parts.
 pub struct PageIn<'a> {
     /// 0: dictionary page, 1: data page v1 (`body` = levels with length prefixes +
@@ -167,12 +169,8 @@ impl<'a> Hybrid<'a> {
     }
 }
 
-fn bit_width(max: u8) -> u8 {
-    (8 - max.leading_zeros()) as u8
-}
-
-/// Reads one data page's levels; returns (rows started, present values, and for each
-/// new row its start relative to the page's first value) by pushing into `offsets`.
+/// Walks one data page's levels: pushes the start of each row that begins in the page
+/// (`base` + values before it in the page) into `offsets`; returns the present values.
 fn walk_levels(
     shape: &ColumnShape,
     rep: &[u8],
@@ -181,8 +179,8 @@ fn walk_levels(
     base: i64,
     offsets: &mut Vec<i64>,
 ) -> Result<usize, Unsupported> {
-    let mut reps = Hybrid::new(rep, bit_width(shape.max_rep), n);
-    let mut defs = Hybrid::new(def, bit_width(shape.max_def), n);
+    let mut reps = Hybrid::new(rep, bit_width(shape.max_rep as u32), n);
+    let mut defs = Hybrid::new(def, bit_width(shape.max_def as u32), n);
     let mut present = 0usize;
     let (mut r_run, mut d_run) = ((0u32, 0usize), (0u32, 0usize));
     let mut done = 0usize;
