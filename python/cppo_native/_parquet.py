@@ -225,16 +225,17 @@ class AppendWriter:
     """
 
     def __init__(self, src_path: str, out_path: str, out_arrow_schema, copy_fields: Optional[list],
-                 added: list, compression: str) -> None:
+                 added: list, compression: str, meta: Optional[T.Struct] = None) -> None:
         """``added``: [(column name, source)] in output order, source one of "mask",
-        "reason", "threshold", "row_budget", "gate"."""
+        "reason", "threshold", "row_budget", "gate". ``meta``: the input's footer if
+        already parsed (it is only read)."""
         if compression not in _CODECS:
             raise ValueError(f"unsupported compression {compression!r}")
         self.codec = _CODECS[compression]
         self.pa_codec = _PYARROW_CODEC.get(compression)
         self.src = open(src_path, "rb")
         try:
-            self.meta = read_footer(self.src)
+            self.meta = meta if meta is not None else read_footer(self.src)
         except Exception:
             self.src.close()
             raise

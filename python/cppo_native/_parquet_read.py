@@ -70,12 +70,13 @@ class _Column:
 class FastReader:
     """``read(i)``: row group ``i``'s columns ``names`` as a RecordBatch, or None."""
 
-    def __init__(self, path: str, arrow_schema, names: list) -> None:
+    def __init__(self, path: str, arrow_schema, names: list, meta: Optional[T.Struct] = None) -> None:
+        """``meta``: the file's footer if already parsed (it is only read)."""
         import pyarrow as pa
 
         self.fh = open(path, "rb")
         try:
-            self.meta = read_footer(self.fh)
+            self.meta = meta if meta is not None else read_footer(self.fh)
             schema = self.meta.get_value(2).values
             top = _subtrees(schema)
             by_name = {schema[a].get_value(4).decode("utf-8", "replace"): (a, b, leaves) for a, b, leaves in top}
@@ -97,10 +98,10 @@ class FastReader:
         self.native = native_module()
 
     @classmethod
-    def open(cls, path: str, arrow_schema, names: list) -> Optional["FastReader"]:
+    def open(cls, path: str, arrow_schema, names: list, meta: Optional[T.Struct] = None) -> Optional["FastReader"]:
         """A reader, or None when these columns are not decodable here."""
         try:
-            return cls(path, arrow_schema, names)
+            return cls(path, arrow_schema, names, meta)
         except (Unsupported, T.ThriftError, OSError, ValueError, KeyError):
             return None
 

@@ -195,15 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _Input:
     def __init__(self, schema, total_rows: Optional[int], batches: Iterator, total_bytes: Optional[int],
-                 row_groups: Optional[int] = None):
+                 footer=None):
         self.schema = schema
         self.total_rows = total_rows
         self.batches = batches
         self.total_bytes = total_bytes
-        # Parquet read row group by row group (append writer, or no output): the number
-        # of row groups; `batches` then ends each row group with _ROW_GROUP_END and
-        # holds only the columns the mask reads.
-        self.row_groups = row_groups
+        # Parquet read row group by row group (append writer, or no output): its parsed
+        # footer, shared with the append writer (None if unparsed: each parses its own).
+        self.footer = footer
 
 
 def _detect_format(path: str, fmt: str) -> str:
@@ -265,10 +264,11 @@ def _open_input(args, columns, append: bool = False) -> _Input:
         except (pa.ArrowException, OSError) as exc:
             raise CliError(f"cannot read {path!r} as Parquet: {_one_line(exc)}") from None
         if append or args.out is None:
-            # Only the mask's inputs are decoded (the append writer copies the rest).
-            batches = _row_group_batches(pf, schema, columns, args)
-            return _Input(schema, pf.metadata.num_rows, _guard_read(batches, path, "Parquet"), size,
-                          row_groups=pf.metadata.num_row_groups)
+            # Only the mask's inputs are decoded (the append writer copies the rest); each
+            # row group's batches end with _ROW_GROUP_END.
+            footer = _parquet_footer(path)
+            batches = _row_group_batches(pf, schema, columns, args, footer)
+            return _Input(schema, pf.metadata.num_rows, _guard_read(batches, path, "Parquet"), size, footer)
         batches = pf.iter_batches(batch_size=args.batch_rows, use_threads=True)
         return _Input(schema, pf.metadata.num_rows, _guard_read(batches, path, "Parquet"), size)
     import pyarrow.json as pajson
@@ -291,13 +291,25 @@ def _mask_input_columns(schema, columns) -> list:
     return [n for n in dict.fromkeys(names) if n is not None and n in schema.names]
 
 
-def _row_group_batches(pf, schema, columns, args):
+def _parquet_footer(path: str):
+    """The file's footer as cppo-native's Parquet code reads it, or None (then the page
+    decoder is not used and the append writer reports why)."""
+    from . import _parquet, _thrift
+
+    try:
+        with open(path, "rb") as fh:
+            return _parquet.read_footer(fh)
+    except (_parquet.Unsupported, _thrift.ThriftError, OSError):
+        return None
+
+
+def _row_group_batches(pf, schema, columns, args, footer):
     """Batches of each row group in turn, each row group followed by _ROW_GROUP_END;
     only the columns the mask reads are decoded (the append writer copies the rest)."""
     from . import _parquet_read
 
     wanted = _mask_input_columns(schema, columns)
-    fast = _parquet_read.FastReader.open(args.input, schema, wanted)
+    fast = _parquet_read.FastReader.open(args.input, schema, wanted, footer) if footer is not None else None
     try:
         for i in range(pf.metadata.num_row_groups):
             # cppo-native's page decoder where it can (see _parquet_read), else pyarrow's.
@@ -551,7 +563,7 @@ def run(args) -> dict:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp's 0600 is not what a user expects
-            writer = _open_writer(args, src, tmp_path, out_schema, copy_idx, columns)
+            writer = _open_writer(args, append, src, tmp_path, out_schema, copy_idx, columns)
         row_offset = 0
         for batch in _prefetch(src.batches, read_pool, _IN_FLIGHT):
             if batch is _ROW_GROUP_END:
@@ -617,6 +629,7 @@ def run(args) -> dict:
 
 
 _END = object()
+_ROW_GROUP_END = object()  # in a row-group batch stream: a row group is complete
 
 
 class _NoBar:
@@ -625,7 +638,6 @@ class _NoBar:
 
     def close(self) -> None:
         pass
-_ROW_GROUP_END = object()  # in the batch stream of the append writer: a row group is complete
 
 
 def _use_append_writer(args) -> bool:
@@ -638,19 +650,20 @@ def _use_append_writer(args) -> bool:
     return parquet_input
 
 
-def _open_writer(args, src, tmp_path, out_schema, copy_idx, columns):
+def _open_writer(args, append: bool, src, tmp_path, out_schema, copy_idx, columns):
     """The append writer for Parquet input (see cppo_native._parquet), else pyarrow's."""
     import pyarrow.parquet as pq
 
     from . import _parquet
 
-    if src.row_groups is not None:
+    if append:
         added = [(columns.mask, "mask"), (columns.reason, "reason"), (columns.threshold, "threshold"),
                  (columns.row_budget, "row_budget")]
         if args.gate:
             added.append((columns.gate, "gate"))
         try:
-            return _parquet.AppendWriter(args.input, tmp_path, out_schema, copy_idx, added, args.compression)
+            return _parquet.AppendWriter(args.input, tmp_path, out_schema, copy_idx, added, args.compression,
+                                         meta=src.footer)
         except _parquet.Unsupported as exc:  # e.g. an encrypted file: pyarrow could not read it either
             raise CliError(f"cannot append to {args.input!r} ({exc}); use --parquet-writer arrow") from None
     return pq.ParquetWriter(tmp_path, out_schema, **_writer_options(args, out_schema, columns))
