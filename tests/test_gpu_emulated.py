@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cppo_native
-from cppo_native import _cuda, cppo_mask_reference
+from cppo_native import cppo_mask_reference
+from cppo_native._backends.cuda import mask as _cuda
 from cuda_emulator import PRODUCTION, SMALL, EmuExecutor, build, compiler, emulated_mask
 from gpu_compare import assert_within_tolerance
 from strategies import Case, cases

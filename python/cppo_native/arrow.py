@@ -42,8 +42,9 @@ from typing import Any, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
-from ._params import make_params
-from .mask import _numpy_mask_info
+from ._backends import dispatch
+from ._core.params import KNOB_NAMES, check_num_threads
+from .mask import mask_params
 
 try:
     import pyarrow as pa
@@ -81,21 +82,9 @@ class _Auto:
 
 AUTO: Any = _Auto()
 
-# Keyword arguments of cppo_mask that this module passes through unchanged.
-_KNOBS = (
-    "delta",
-    "delta_b",
-    "w_min",
-    "horizon",
-    "adaptive_budget",
-    "budget_quantile",
-    "budget_scale",
-    "position_weight",
-    "shuffle_seed",
-    "prefix_budget",
-    "divergence",
-    "num_threads",
-)
+# Keyword arguments of cppo_mask that this module passes through: the knob table's, and
+# num_threads.
+_KNOBS = KNOB_NAMES + ("num_threads",)
 
 
 def knob_names() -> tuple:
@@ -365,10 +354,12 @@ def _knobs(knobs: dict) -> dict:
 def validate_knobs(**knobs: Any) -> None:
     """Check the CPPO options up front (same rules and messages as ``cppo_mask``)."""
     knobs = dict(_knobs(knobs))
-    threads = knobs.pop("num_threads", None)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"num_threads must be None or an int >= 1, got {threads!r}")
-    make_params(**{k: v for k, v in knobs.items() if v is not None or k != "divergence"})
+    check_num_threads(knobs.pop("num_threads", None))
+    mask_params(**knobs)
+
+
+def _array_or_none(divergence: Any) -> Any:
+    return None if divergence is None or isinstance(divergence, str) else divergence
 
 
 def compute_batch(
@@ -446,16 +437,12 @@ def compute_batch(
     lp_values = _float_values(cols["log_probs"])
     lq_values = _float_values(cols["old_log_probs"])
     try:
-        mask, reason, threshold, gate, row_budget, counts = _numpy_mask_info(
-            lp_values,
-            lq_values,
-            advantages,
-            valid,
-            gate=include_gate,
-            divergence=divergence,
-            cu_seqlens=lp.offsets,
-            per_row_advantages=per_row,
-            **knobs,
+        threads = check_num_threads(knobs.pop("num_threads", None))
+        params = mask_params(divergence=divergence, **knobs)
+        prep = dispatch.prepare_mask_inputs(lp_values, lq_values, advantages, valid, _array_or_none(divergence),
+                                            lp.offsets, per_row)
+        mask, reason, threshold, gate, row_budget, counts = dispatch.run_mask_numpy(
+            prep, params, num_threads=threads, want_gate=include_gate
         )
     except ValueError as exc:
         raise _rewrite_bad_value(exc, names, row_offset) from None

@@ -28,9 +28,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ._dispatch import Prepared, Source
-from ._errors import bad_value_error
-from ._params import MaskParams
+from ..._core.errors import bad_value_error
+from ..._core.params import MaskParams
+from ..arrays import Prepared, Source, check_offsets
 
 KERNEL_PATH = Path(__file__).with_name("kernels") / "cppo_mask.cu"
 
@@ -403,8 +403,6 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
     if validate:
         bad_key, offsets_flag = (int(v) for v in ex.read_u64(work, ws.error, 2))
         if offsets_flag != _NO_ERROR:
-            from ._cpu import check_offsets
-
             check_offsets(ex.to_host(cu), positions)
             raise ValueError("cu_seqlens must start at 0, be non-decreasing and end at the number of tokens")
         if bad_key != _NO_ERROR:
