@@ -50,8 +50,8 @@ try:
     import pyarrow as pa
 except ImportError as exc:  # pragma: no cover - exercised only without pyarrow
     raise ImportError(
-        "cppo_native.arrow needs pyarrow; install it with `pip install 'cppo-native[arrow]'` "
-        f"(or `pip install pyarrow`): {exc}"
+        "cppo_native.arrow needs pyarrow; install it with `pip install pyarrow` "
+        f"(or, from a cppo-native checkout, `pip install '.[arrow]'`): {exc}"
     ) from exc
 
 from ._io.arrow_columns import (  # noqa: E402 (after the pyarrow check)
