@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXT := python/cppo_native/_native.abi3.so
 
-.PHONY: build-dev venv demo test test-python test-rust build-inplace bench bench-pipeline bench-gpu wheel clean
+.PHONY: build-dev venv demo test test-python test-rust lint-rust build-inplace bench bench-pipeline bench-gpu wheel clean
 
 # A virtual environment with the test/bench dependencies and cppo-native installed
 # (editable: maturin builds the Rust extension in release mode).
@@ -23,7 +23,7 @@ build-dev: venv
 # Build the extension into the source tree (for worktrees that share one venv:
 # run with PYTHONPATH=python).
 build-inplace:
-	cargo build --release --features python
+	cargo build --release -p cppo-py
 	cp target/release/libcppo_native.so $(EXT)
 
 # Main job: mask built-in sample rollouts with the CLI; writes Parquet, a per-reason
@@ -32,8 +32,12 @@ demo: build-dev
 	mkdir -p out
 	$(VENV)/bin/cppo-mask --sample 2000 --out out/sample_masked.parquet --plot out/plots --force
 
+# The core crate's tests (the workspace's default member; the binding has none).
 test-rust:
 	cargo test --release
+
+lint-rust:
+	cargo clippy --workspace --all-targets -- -D warnings
 
 test-python: build-dev
 	$(PY) -m pytest -q

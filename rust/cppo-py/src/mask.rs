@@ -1,111 +1,18 @@
-//! The Python binding: type conversion, GIL release, error mapping. No CPPO logic here.
+//! The mask (`cppo_core::batch`): type conversion, GIL release, error mapping only.
 //!
 //! The contract with `python/cppo_native/_cpu.py`: inputs are NumPy arrays of native
 //! byte order (float64/32/16, or int16 carrying bfloat16 bit patterns for the float
 //! inputs; bool/int/float for the valid mask); outputs are freshly allocated
 //! C-contiguous arrays; parameters are already validated.
 
-use numpy::ndarray::{Dimension, IxDyn};
-use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArray, PyReadonlyArray1, PyReadwriteArrayDyn};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadwriteArrayDyn};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use half::f16;
+use cppo_core::batch::{compute_batch, with_threads, BatchInput, BatchOutput, Layout};
+use cppo_core::core::{Divergence, Params, PositionWeight};
 
-use crate::batch::{
-    compute_batch, with_threads, BatchInput, BatchOutput, FloatView, Layout, MaskView,
-};
-use crate::core::{Divergence, Params, PositionWeight};
-
-/// A float array borrowed from NumPy, of any supported dtype (int16 = bfloat16 bits)
-/// and dimensionality `D`.
-pub(crate) enum FloatArray<'py, D: Dimension = IxDyn> {
-    F64(PyReadonlyArray<'py, f64, D>),
-    F32(PyReadonlyArray<'py, f32, D>),
-    F16(PyReadonlyArray<'py, f16, D>),
-    Bf16(PyReadonlyArray<'py, i16, D>),
-}
-
-fn dims<D: Dimension>() -> String {
-    D::NDIM.map_or(String::new(), |n| format!("{n}-D "))
-}
-
-impl<'py, D: Dimension> FloatArray<'py, D> {
-    pub(crate) fn extract(ob: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
-        macro_rules! try_as {
-            ($t:ty, $v:ident) => {
-                if let Ok(a) = ob.extract::<PyReadonlyArray<'py, $t, D>>() {
-                    return Ok(FloatArray::$v(a));
-                }
-            };
-        }
-        try_as!(f64, F64);
-        try_as!(f32, F32);
-        try_as!(f16, F16);
-        try_as!(i16, Bf16);
-        Err(PyTypeError::new_err(format!(
-            "{name}: expected a {}native-endian float64/float32/float16 array (or int16 bfloat16 bits), got {}",
-            dims::<D>(),
-            ob.get_type().name()?
-        )))
-    }
-
-    pub(crate) fn view(&self) -> FloatView<'_, D> {
-        match self {
-            FloatArray::F64(a) => FloatView::F64(a.as_array()),
-            FloatArray::F32(a) => FloatView::F32(a.as_array()),
-            FloatArray::F16(a) => FloatView::F16(a.as_array()),
-            FloatArray::Bf16(a) => FloatView::Bf16(a.as_array()),
-        }
-    }
-}
-
-/// Valid flags borrowed from NumPy (bool, integer or float; nonzero = valid).
-pub(crate) enum MaskArray<'py, D: Dimension = IxDyn> {
-    Bool(PyReadonlyArray<'py, bool, D>),
-    U8(PyReadonlyArray<'py, u8, D>),
-    I8(PyReadonlyArray<'py, i8, D>),
-    I32(PyReadonlyArray<'py, i32, D>),
-    I64(PyReadonlyArray<'py, i64, D>),
-    F32(PyReadonlyArray<'py, f32, D>),
-    F64(PyReadonlyArray<'py, f64, D>),
-}
-
-impl<'py, D: Dimension> MaskArray<'py, D> {
-    pub(crate) fn extract(ob: &Bound<'py, PyAny>) -> PyResult<Self> {
-        macro_rules! try_as {
-            ($t:ty, $v:ident) => {
-                if let Ok(a) = ob.extract::<PyReadonlyArray<'py, $t, D>>() {
-                    return Ok(MaskArray::$v(a));
-                }
-            };
-        }
-        try_as!(bool, Bool);
-        try_as!(u8, U8);
-        try_as!(i8, I8);
-        try_as!(i32, I32);
-        try_as!(i64, I64);
-        try_as!(f32, F32);
-        try_as!(f64, F64);
-        Err(PyTypeError::new_err(format!(
-            "response_mask: expected a {}bool/uint8/int8/int32/int64/float32/float64 array, got {}",
-            dims::<D>(),
-            ob.get_type().name()?
-        )))
-    }
-
-    pub(crate) fn view(&self) -> MaskView<'_, D> {
-        match self {
-            MaskArray::Bool(a) => MaskView::Bool(a.as_array()),
-            MaskArray::U8(a) => MaskView::U8(a.as_array()),
-            MaskArray::I8(a) => MaskView::I8(a.as_array()),
-            MaskArray::I32(a) => MaskView::I32(a.as_array()),
-            MaskArray::I64(a) => MaskView::I64(a.as_array()),
-            MaskArray::F32(a) => MaskView::F32(a.as_array()),
-            MaskArray::F64(a) => MaskView::F64(a.as_array()),
-        }
-    }
-}
+use crate::arrays::{FloatArray, MaskArray};
 
 fn contiguous<'a, T: numpy::Element>(
     a: &'a mut PyReadwriteArrayDyn<'_, T>,
@@ -261,11 +168,8 @@ fn cppo_mask_into<'py>(
     })
 }
 
-#[pymodule]
-fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+/// Adds the mask's functions to `cppo_native._native`.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cppo_mask_into, m)?)?;
-    crate::python_divergence::register(m)?;
-    crate::python_parquet::register(m)?;
-    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
