@@ -8,8 +8,7 @@ use pyo3::prelude::*;
 
 use half::f16;
 
-use cppo_core::batch::{FloatView, MaskView};
-use cppo_core::topk::{Ids1, Ids2};
+use cppo_core::views::{FloatView, Ids1, Ids2, MaskView};
 
 /// A float array borrowed from NumPy, of any supported dtype (int16 = bfloat16 bits)
 /// and dimensionality `D`.

@@ -10,7 +10,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use cppo_core::batch::{compute_batch, with_threads, BatchInput, BatchOutput, Layout};
-use cppo_core::core::{Divergence, Params, PositionWeight};
+use cppo_core::params::{Divergence, Params, PositionWeight};
 
 use crate::arrays::{FloatArray, MaskArray};
 
