@@ -7,11 +7,17 @@ for ``valid``. Outputs are fresh C-contiguous arrays that the call fills. Parame
 validated by ``cppo_native._params``. The GIL is released while computing.
 """
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 __version__: str
+
+def codes() -> Dict[str, Dict[str, int]]:
+    """Every integer code shared with the extension (defined once in Rust,
+    ``rust/cppo-core/src/codes.rs``): ``{"reason": {"invalid": 0, ...},
+    "position_weight": {...}, "divergence": {...}, "field": {...},
+    "topk_field": {...}, "page_kind": {...}}``."""
 
 def cppo_mask_into(
     log_probs: np.ndarray,

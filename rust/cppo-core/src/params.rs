@@ -1,18 +1,44 @@
 //! The mask's hyper-parameters, validated once on the Python side.
 
+use crate::codes;
+
+/// Position weights w_t (paper Eq. 9) or an ablation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum PositionWeight {
-    Linear,
-    None,
-    Shuffled,
+    Linear = codes::position_weight::LINEAR,
+    /// w_t = 1 everywhere.
+    None = codes::position_weight::NONE,
+    /// The linear weights permuted among a row's valid positions (seeded).
+    Shuffled = codes::position_weight::SHUFFLED,
 }
 
+impl PositionWeight {
+    /// The mode with this code (`codes::position_weight`), if any.
+    pub fn from_code(code: u8) -> Option<Self> {
+        [Self::Linear, Self::None, Self::Shuffled]
+            .into_iter()
+            .find(|m| *m as u8 == code)
+    }
+}
+
+/// The token divergence D_t.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Divergence {
-    BinaryTv,
-    BinaryKl,
+    BinaryTv = codes::divergence::BINARY_TV,
+    BinaryKl = codes::divergence::BINARY_KL,
     /// A caller-supplied array, used as given.
-    Given,
+    Given = codes::divergence::GIVEN,
+}
+
+impl Divergence {
+    /// The mode with this code (`codes::divergence`), if any.
+    pub fn from_code(code: u8) -> Option<Self> {
+        [Self::BinaryTv, Self::BinaryKl, Self::Given]
+            .into_iter()
+            .find(|m| *m as u8 == code)
+    }
 }
 
 /// Validated hyper-parameters (validation happens once, in Python).

@@ -5,18 +5,22 @@
 //! bit-identical results.
 
 use crate::budget::adaptive_budget;
-use crate::codes::INVALID;
+use crate::codes;
+use crate::codes::reason::{
+    INVALID, KEPT_TOWARD_MU, KEPT_WITHIN_THRESHOLD, MASKED_PREFIX_BUDGET, MASKED_TOKEN_THRESHOLD,
+};
 use crate::divergence::{binary_kl, binary_tv_with, LOG_PROB_TOLERANCE};
 use crate::params::{Divergence, Params, PositionWeight};
 use crate::weights::{position_weight, shuffle_permutation};
 
-/// Which input held a bad value (the index matches `FIELDS` in `_errors.py`).
+/// Which input held a bad value (`codes::field`; `FIELDS` in `_errors.py`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Field {
-    LogProbs = 0,
-    OldLogProbs = 1,
-    Advantages = 2,
-    Divergence = 3,
+    LogProbs = codes::field::LOG_PROBS,
+    OldLogProbs = codes::field::OLD_LOG_PROBS,
+    Advantages = codes::field::ADVANTAGES,
+    Divergence = codes::field::DIVERGENCE,
 }
 
 /// The first bad value of a row: its column, which input, and the value.
@@ -342,6 +346,15 @@ fn compute_row_impl<T: Widen>(
     }
     Ok(RowSummary { budget, counts })
 }
+
+// The branchless reason arithmetic in `Scan::scan_codes` relies on these values.
+const _: () = assert!(
+    INVALID == 0
+        && KEPT_TOWARD_MU == 1
+        && KEPT_WITHIN_THRESHOLD == 2
+        && MASKED_TOKEN_THRESHOLD == 3
+        && MASKED_PREFIX_BUDGET == 4
+);
 
 /// The prefix scan (Eq. 8) and the mask (Eq. 10) over a row's window. Weights and
 /// divergences are 0 at holes, so adding them leaves S and W exactly unchanged (both

@@ -21,6 +21,8 @@
 
 use rayon::prelude::*;
 
+use crate::codes::topk_field;
+
 use crate::divergence::{binary_kl, binary_tv, LOG_PROB_TOLERANCE};
 pub use crate::views::{Float1, Float2, Ids1, Ids2, Valid1};
 
@@ -34,15 +36,16 @@ pub enum TopKKind {
     Kl,
 }
 
-/// Which input held a bad value (index matches `TOPK_FIELDS` in `divergence.py`).
+/// Which input held a bad value (`codes::topk_field`; `TOPK_FIELDS` in `divergence.py`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum TopKField {
-    LogProbs = 0,
-    OldLogProbs = 1,
-    SampledIds = 2,
-    TopkIds = 3,
-    TopkOldLogProbs = 4,
-    TopkLogProbs = 5,
+    LogProbs = topk_field::LOG_PROBS,
+    OldLogProbs = topk_field::OLD_LOG_PROBS,
+    SampledIds = topk_field::SAMPLED_IDS,
+    TopkIds = topk_field::TOPK_IDS,
+    TopkOldLogProbs = topk_field::TOPK_OLD_LOG_PROBS,
+    TopkLogProbs = topk_field::TOPK_LOG_PROBS,
 }
 
 /// The first bad value: flat position, input, top-K slot (0 for per-position inputs).

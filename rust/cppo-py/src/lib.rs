@@ -6,6 +6,7 @@
 use pyo3::prelude::*;
 
 mod arrays;
+mod codes;
 mod divergence;
 mod mask;
 mod parquet;
@@ -15,6 +16,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     mask::register(m)?;
     divergence::register(m)?;
     parquet::register(m)?;
+    codes::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

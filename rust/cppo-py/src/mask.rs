@@ -71,28 +71,14 @@ fn cppo_mask_into<'py>(
         adaptive_budget,
         budget_quantile,
         budget_scale,
-        position_weight: match position_weight {
-            0 => PositionWeight::Linear,
-            1 => PositionWeight::None,
-            2 => PositionWeight::Shuffled,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "unknown position_weight code {other}"
-                )))
-            }
-        },
+        position_weight: PositionWeight::from_code(position_weight).ok_or_else(|| {
+            PyValueError::new_err(format!("unknown position_weight code {position_weight}"))
+        })?,
         shuffle_seed,
         prefix_budget,
-        divergence: match divergence_mode {
-            0 => Divergence::BinaryTv,
-            1 => Divergence::BinaryKl,
-            2 => Divergence::Given,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "unknown divergence code {other}"
-                )))
-            }
-        },
+        divergence: Divergence::from_code(divergence_mode).ok_or_else(|| {
+            PyValueError::new_err(format!("unknown divergence code {divergence_mode}"))
+        })?,
     };
     let lp = FloatArray::extract(log_probs, "log_probs")?;
     let lq = FloatArray::extract(old_log_probs, "old_log_probs")?;
