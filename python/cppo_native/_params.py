@@ -31,6 +31,7 @@ class MaskParams:
     adaptive_budget: bool = False
     budget_quantile: float = 0.9
     budget_scale: float = 1.0
+    budget_ceiling: float = 2.0  # m >= 1: the adaptive budget is at most m * delta_b
     position_weight: str = "linear"  # "linear" | "none" | "shuffled"
     shuffle_seed: int = 0
     prefix_budget: bool = True
@@ -63,6 +64,7 @@ def make_params(
     adaptive_budget: Any = False,
     budget_quantile: Any = 0.9,
     budget_scale: Any = 1.0,
+    budget_ceiling: Any = 2.0,
     position_weight: Any = True,
     shuffle_seed: Any = 0,
     prefix_budget: Any = True,
@@ -102,6 +104,9 @@ def make_params(
     budget_scale = _real("budget_scale", budget_scale)
     if budget_scale < 0:
         raise ValueError(f"budget_scale must be >= 0, got {budget_scale!r}")
+    budget_ceiling = _real("budget_ceiling", budget_ceiling)
+    if budget_ceiling < 1:
+        raise ValueError(f"budget_ceiling must be >= 1, got {budget_ceiling!r}")
 
     if position_weight is True:
         pw = "linear"
@@ -132,6 +137,7 @@ def make_params(
         adaptive_budget=bool(adaptive_budget),
         budget_quantile=budget_quantile,
         budget_scale=budget_scale,
+        budget_ceiling=budget_ceiling,
         position_weight=pw,
         shuffle_seed=int(shuffle_seed),
         prefix_budget=bool(prefix_budget),

@@ -122,6 +122,7 @@ def cppo_mask_reference(
     adaptive_budget: bool = False,
     budget_quantile: float = 0.9,
     budget_scale: float = 1.0,
+    budget_ceiling: float = 2.0,
     position_weight: bool | str = True,
     shuffle_seed: int = 0,
     prefix_budget: bool = True,
@@ -144,6 +145,7 @@ def cppo_mask_reference(
         adaptive_budget=adaptive_budget,
         budget_quantile=budget_quantile,
         budget_scale=budget_scale,
+        budget_ceiling=budget_ceiling,
         position_weight=position_weight,
         shuffle_seed=shuffle_seed,
         prefix_budget=prefix_budget,
@@ -237,7 +239,7 @@ def _reference_row(p: MaskParams, r, start, length, lp_f, lq_f, adv_f, per_row_a
     budget = p.delta_b
     if p.adaptive_budget and valid_cols:
         q = quantile_linear(sorted(div[c] for c in valid_cols), p.budget_quantile)
-        budget = min(max(p.budget_scale * q, p.delta_b), 2.0 * p.delta_b)
+        budget = min(max(p.budget_scale * q, p.delta_b), p.budget_ceiling * p.delta_b)
     row_budget[r] = budget
 
     # Prefix scan (Eq. 8) and the mask (Eq. 10); S and W run over every valid token.

@@ -28,8 +28,9 @@ fn quantile_ranks(bits: &mut [u64], h: f64, lo: usize, hi: usize) -> f64 {
     x_lo + (h - h.floor()) * (x_hi - x_lo)
 }
 
-/// delta_b_row = clamp(k Q_q(D), delta_b, 2 delta_b) over the row's valid positions
-/// (paper Eq. 22; delta_b for a row with no valid token).
+/// delta_b_row = clamp(k Q_q(D), delta_b, m delta_b) over the row's valid positions
+/// (paper Eq. 22 with the ceiling m = `budget_ceiling`, 2 in the paper; delta_b for a
+/// row with no valid token).
 ///
 /// Most rows' quantile falls clearly below or above the clamp window, and then the clamp
 /// decides the budget without the exact quantile: one counting pass tells. Otherwise
@@ -43,7 +44,8 @@ pub(crate) fn adaptive_budget(
     scratch: &mut Vec<u64>,
 ) -> f64 {
     let (delta_b, k) = (params.delta_b, params.budget_scale);
-    let clamp = |q: f64| (k * q).max(delta_b).min(2.0 * delta_b);
+    let ceiling = params.budget_ceiling * delta_b;
+    let clamp = |q: f64| (k * q).max(delta_b).min(ceiling);
     let n = valid.iter().filter(|&&v| v != 0).count();
     if n == 0 {
         return delta_b;
@@ -52,7 +54,7 @@ pub(crate) fn adaptive_budget(
     let (lo, hi) = (h.floor() as usize, h.ceil() as usize);
     if k > 0.0 && delta_b > 0.0 {
         let low = delta_b / k * (1.0 - 1e-9);
-        let high = 2.0 * delta_b / k * (1.0 + 1e-9);
+        let high = ceiling / k * (1.0 + 1e-9);
         let (mut below, mut above) = (0usize, 0usize);
         for (&d, &v) in div.iter().zip(valid) {
             let v = v != 0;
@@ -63,7 +65,7 @@ pub(crate) fn adaptive_budget(
             return delta_b; // x[hi] < low: k Q < delta_b
         }
         if lo >= n - above {
-            return 2.0 * delta_b; // x[lo] > high: k Q > 2 delta_b
+            return ceiling; // x[lo] > high: k Q > m delta_b
         }
         if lo >= below && hi < n - above {
             // Both ranks lie inside the window: select among its values only, compacted

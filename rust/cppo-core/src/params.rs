@@ -52,6 +52,8 @@ pub struct Params {
     pub adaptive_budget: bool,
     pub budget_quantile: f64,
     pub budget_scale: f64,
+    /// m >= 1: the adaptive budget is at most m * delta_b (2 in the paper's Eq. 22).
+    pub budget_ceiling: f64,
     pub position_weight: PositionWeight,
     pub shuffle_seed: u64,
     pub prefix_budget: bool,

@@ -25,15 +25,60 @@ fn contiguous<'a, T: numpy::Element>(
 /// The first bad value as `(field, row, column, value)`.
 type BadValueTuple = (u8, usize, usize, f64);
 
+/// The mask's parameters, read from `cppo_native._params.MaskParams` by attribute
+/// (validated there, once); codes as in `cppo_core::codes`.
+#[derive(FromPyObject)]
+struct MaskParams {
+    delta: f64,
+    delta_b: f64,
+    w_min: f64,
+    /// 0: horizon = "sequence".
+    horizon: i64,
+    adaptive_budget: bool,
+    budget_quantile: f64,
+    budget_scale: f64,
+    budget_ceiling: f64,
+    position_weight_code: u8,
+    shuffle_seed: u64,
+    prefix_budget: bool,
+    divergence_code: u8,
+}
+
+impl MaskParams {
+    fn to_core(&self) -> PyResult<Params> {
+        Ok(Params {
+            delta: self.delta,
+            delta_b: self.delta_b,
+            w_min: self.w_min,
+            horizon: self.horizon,
+            adaptive_budget: self.adaptive_budget,
+            budget_quantile: self.budget_quantile,
+            budget_scale: self.budget_scale,
+            budget_ceiling: self.budget_ceiling,
+            position_weight: PositionWeight::from_code(self.position_weight_code).ok_or_else(
+                || {
+                    PyValueError::new_err(format!(
+                        "unknown position_weight code {}",
+                        self.position_weight_code
+                    ))
+                },
+            )?,
+            shuffle_seed: self.shuffle_seed,
+            prefix_budget: self.prefix_budget,
+            divergence: Divergence::from_code(self.divergence_code).ok_or_else(|| {
+                PyValueError::new_err(format!("unknown divergence code {}", self.divergence_code))
+            })?,
+        })
+    }
+}
+
 /// Computes the CPPO mask into the given output arrays. Returns
 /// `(counts, bad)`: the number of positions per reason code, and `None` or the first
 /// bad value as `(field, row, column, value)`.
 #[pyfunction]
 #[pyo3(signature = (
     log_probs, old_log_probs, advantages, advantage_per_row, valid, divergence, cu_seqlens,
-    mask_out, reason_out, threshold_out, gate_out, row_budget_out,
-    *, delta, delta_b, w_min, horizon, adaptive_budget, budget_quantile, budget_scale,
-    position_weight, shuffle_seed, prefix_budget, divergence_mode, num_threads
+    mask_out, reason_out, threshold_out, gate_out, row_budget_out, *, params, num_threads
 ))]
 #[allow(clippy::too_many_arguments)]
 fn cppo_mask_into<'py>(
@@ -50,36 +95,10 @@ fn cppo_mask_into<'py>(
     threshold_out: Option<&Bound<'py, PyArrayDyn<f64>>>,
     gate_out: Option<&Bound<'py, PyArrayDyn<f64>>>,
     row_budget_out: Option<&Bound<'py, PyArrayDyn<f64>>>,
-    delta: f64,
-    delta_b: f64,
-    w_min: f64,
-    horizon: i64,
-    adaptive_budget: bool,
-    budget_quantile: f64,
-    budget_scale: f64,
-    position_weight: u8,
-    shuffle_seed: u64,
-    prefix_budget: bool,
-    divergence_mode: u8,
+    params: MaskParams,
     num_threads: usize,
 ) -> PyResult<([u64; 5], Option<BadValueTuple>)> {
-    let params = Params {
-        delta,
-        delta_b,
-        w_min,
-        horizon,
-        adaptive_budget,
-        budget_quantile,
-        budget_scale,
-        position_weight: PositionWeight::from_code(position_weight).ok_or_else(|| {
-            PyValueError::new_err(format!("unknown position_weight code {position_weight}"))
-        })?,
-        shuffle_seed,
-        prefix_budget,
-        divergence: Divergence::from_code(divergence_mode).ok_or_else(|| {
-            PyValueError::new_err(format!("unknown divergence code {divergence_mode}"))
-        })?,
-    };
+    let params = params.to_core()?;
     let lp = FloatArray::extract(log_probs, "log_probs")?;
     let lq = FloatArray::extract(old_log_probs, "old_log_probs")?;
     let adv = FloatArray::extract(advantages, "advantages")?;

@@ -12,6 +12,7 @@ fn params() -> Params {
         adaptive_budget: false,
         budget_quantile: 0.9,
         budget_scale: 1.0,
+        budget_ceiling: 2.0,
         position_weight: PositionWeight::Linear,
         shuffle_seed: 0,
         prefix_budget: true,
@@ -191,6 +192,80 @@ fn adaptive_budget_is_clamped_quantile() {
     );
 }
 
+/// The ceiling m of the adaptive budget: clamp(k Q, delta_b, m delta_b).
+#[test]
+fn budget_ceiling_caps_the_adaptive_budget() {
+    let n = 11;
+    let (lp, lq, adv) = (vec![-1.0; n], vec![-1.2; n], vec![1.0; n]);
+    let budget = |m: f64, scale: f64| {
+        let mut p = params();
+        p.adaptive_budget = true;
+        p.budget_ceiling = m;
+        // D = 0, 0.003 scale, ..., 0.03 scale: Q_0.9 = D[9] = 0.027 scale.
+        let d: Vec<f64> = (0..n).map(|i| i as f64 * 0.003 * scale).collect();
+        let s = full_row(&p, &lp, &lq, &adv, &vec![1; n], Some(&d))
+            .unwrap()
+            .3;
+        (s.budget, d[9])
+    };
+    // m = 2 (the default, paper Eq. 22): as before this knob existed.
+    assert_eq!(budget(2.0, 1.0).0, 0.027);
+    assert_eq!(budget(2.0, 3.0).0, 2.0 * 0.02);
+    assert_eq!(budget(2.0, 10.0).0, 2.0 * 0.02);
+    assert_eq!(params().budget_ceiling, 2.0);
+    // m = 5 (the authors' verl pull request): Q = 0.081 is no longer capped at 0.04,
+    // and a row's budget reaches 5 delta_b.
+    let (b, q) = budget(5.0, 3.0);
+    assert_eq!(b, q);
+    assert!(b > 2.0 * 0.02 && b < 5.0 * 0.02);
+    assert_eq!(budget(5.0, 10.0).0, 5.0 * 0.02);
+    assert_eq!(budget(5.0, 0.1).0, 0.02);
+    // m = 1 pins the budget at delta_b.
+    for scale in [0.1, 1.0, 3.0, 10.0] {
+        assert_eq!(budget(1.0, scale).0, 0.02, "scale {scale}");
+    }
+}
+
+/// The adaptive budget's shortcuts (counting below/above the clamp window, selecting
+/// inside it) give exactly the spec's formula over a sorted copy, for every ceiling.
+#[test]
+fn adaptive_budget_shortcuts_match_the_formula() {
+    let mut rng = SplitMix64::new(11, 0);
+    let mut uniform = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let mut scratch = Vec::new();
+    for case in 0..400 {
+        let n = 1 + (uniform() * 60.0) as usize;
+        let spread = [0.001, 0.01, 0.05, 0.3][case % 4];
+        let div: Vec<f64> = (0..n)
+            .map(|_| -spread * uniform().max(1e-300).ln())
+            .collect();
+        let valid: Vec<u8> = (0..n).map(|_| (uniform() < 0.8) as u8).collect();
+        let mut p = params();
+        p.budget_ceiling = [1.0, 2.0, 5.0, 1.5, 3.7][case % 5];
+        p.budget_quantile = [0.9, 0.0, 1.0, 0.5, 0.37][(case / 5) % 5];
+        p.budget_scale = [1.0, 2.5, 0.5][case % 3];
+        let mut values: Vec<f64> = div
+            .iter()
+            .zip(&valid)
+            .filter(|&(_, &v)| v != 0)
+            .map(|(&d, _)| d)
+            .collect();
+        let want = if values.is_empty() {
+            p.delta_b
+        } else {
+            values.sort_by(f64::total_cmp);
+            let h = p.budget_quantile * (values.len() - 1) as f64;
+            let (lo, hi) = (h.floor() as usize, h.ceil() as usize);
+            let q = values[lo] + (h - h.floor()) * (values[hi] - values[lo]);
+            (p.budget_scale * q)
+                .max(p.delta_b)
+                .min(p.budget_ceiling * p.delta_b)
+        };
+        let got = crate::budget::adaptive_budget(&p, &div, &valid, &mut scratch);
+        assert_eq!(got.to_bits(), want.to_bits(), "case {case}");
+    }
+}
+
 #[test]
 fn fixed_horizon_and_ablation_switches() {
     let d = [0.10, 0.12, 0.30, 0.05, 0.14];
@@ -298,6 +373,7 @@ fn avx2_and_baseline_builds_agree() {
         };
         p.prefix_budget = case % 3 != 0;
         p.adaptive_budget = case % 4 == 1;
+        p.budget_ceiling = if case % 8 == 5 { 5.0 } else { 2.0 };
         p.position_weight = [
             PositionWeight::Linear,
             PositionWeight::None,
