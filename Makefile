@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXT := python/cppo_native/_native.abi3.so
 
-.PHONY: build-dev venv demo test test-python test-rust build-inplace bench bench-pipeline bench-gpu wheel clean
+.PHONY: build-dev venv demo test test-python test-rust lint-rust build-inplace bench bench-pipeline bench-gpu wheel clean
 
 # The test environment (~6.2 GB: CUDA torch, ray, verl's test dependencies; ~3 min on
 # a fresh machine) with cppo-native installed editable (maturin builds the Rust
@@ -27,7 +27,7 @@ build-dev: venv
 # Build the extension into the source tree (for worktrees that share one venv:
 # run with PYTHONPATH=python).
 build-inplace:
-	cargo build --release --features python
+	cargo build --release -p cppo-py
 	cp target/release/libcppo_native.so $(EXT)
 
 # The main job's light environment: only the [cli] extra (numpy, pyarrow, tqdm,
@@ -50,8 +50,12 @@ demo: $(DEMO_VENV)/.deps
 	mkdir -p out
 	$(DEMO_VENV)/bin/cppo-mask --sample 2000 --out out/sample_masked.parquet --plot out/plots --force --progress
 
+# The core crate's tests (the workspace's default member; the binding has none).
 test-rust:
 	cargo test --release
+
+lint-rust:
+	cargo clippy --workspace --all-targets -- -D warnings
 
 test-python: build-dev
 	$(PY) -m pytest -q

@@ -27,6 +27,9 @@ class Case:
     cu_seqlens: Optional[np.ndarray]
     knobs: dict = field(default_factory=dict)
     per_row: Optional[bool] = None  # advantages are [B]; said explicitly when packed
+    # Not a knob of the public signature (yet): tests pass it below the public API
+    # (run_backend_with_params) and to the reference.
+    budget_ceiling: float = 2.0
 
     def args(self):
         return (self.log_probs, self.old_log_probs, self.advantages, self.response_mask)
@@ -116,7 +119,8 @@ def cases(draw, max_rows: int = 4, max_len: int = 24, packed: Optional[bool] = N
         divergence = np.where(valid, d, _garbage(rng, shape))
 
     mask_arg = valid if (hole_style != "none" or draw(st.booleans())) else None
-    return Case(lp, lq, adv, mask_arg, divergence, cu, knobs, per_row)
+    budget_ceiling = draw(st.sampled_from([2.0, 1.0, 5.0, 1.5, 3.7]))
+    return Case(lp, lq, adv, mask_arg, divergence, cu, knobs, per_row, budget_ceiling)
 
 
 def assert_same_as_reference(result, ref, *, exact: bool = True, info=None, tol: float = 1e-9, case=None) -> None:
@@ -150,3 +154,29 @@ def run_both(case: Case, **extra):
     np.testing.assert_array_equal(np.asarray(mask_only), np.asarray(mask))
     ref = cppo_mask_reference(*case.args(), **case.kwargs())
     return mask, info, ref
+
+
+def run_backend_with_params(case: Case, **extra_knobs):
+    """The CPU backend called below the public API (``make_params`` + ``_cpu.compute``),
+    with the case's ``budget_ceiling`` and any ``extra_knobs``; returns (mask, info) with
+    info's fields named as in ``MaskInfo``."""
+    from types import SimpleNamespace
+
+    from cppo_native._backends import cpu as _cpu
+    from cppo_native._backends.prepare import prepare
+    from cppo_native._core.params import make_params
+
+    div = case.divergence
+    mode, div_array = (div or "binary_tv", None) if div is None or isinstance(div, str) else ("given", div)
+    knobs = {**case.knobs, "budget_ceiling": case.budget_ceiling, **extra_knobs}
+    params = make_params(divergence=div, **knobs)
+    per_row = case.per_row if case.cu_seqlens is not None else None
+    prep = prepare(*case.args(), div_array, case.cu_seqlens, per_row)
+    mask, reason, threshold, gate, row_budget, counts = _cpu.compute(prep, params, True, 0)
+    info = SimpleNamespace(reason=reason, threshold=threshold, gate=gate, row_budget=row_budget, reason_counts=counts)
+    return mask, info
+
+
+def reference_with_params(case: Case, **extra_knobs):
+    """The reference on a case, with its ``budget_ceiling`` and any ``extra_knobs``."""
+    return cppo_mask_reference(*case.args(), **{**case.kwargs(), "budget_ceiling": case.budget_ceiling, **extra_knobs})

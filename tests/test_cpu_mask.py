@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import cppo_native
 from cppo_native import cppo_mask, cppo_mask_reference
-from strategies import Case, assert_same_as_reference, cases, run_both
+from strategies import Case, assert_same_as_reference, cases, reference_with_params, run_backend_with_params, run_both
 
 # Garbage at invalid positions (1e300) overflows when cast to float16/32: intended.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
@@ -30,6 +30,50 @@ def test_matches_reference_float64(case: Case):
     assert_same_as_reference(mask, ref, info=info)
     counts = np.bincount(np.asarray(info.reason).reshape(-1), minlength=5)
     np.testing.assert_array_equal(np.asarray(info.reason_counts), counts)
+
+
+@SETTINGS
+@given(cases(), st.booleans())
+def test_budget_ceiling_matches_reference(case: Case, adaptive: bool):
+    # budget_ceiling m (spec, "Per-row budget"): clamp(k Q, delta_b, m delta_b), drawn
+    # from {1, 1.5, 2, 3.7, 5}; the Rust backend below the public API against the reference.
+    mask, info = run_backend_with_params(case, adaptive_budget=adaptive or case.knobs["adaptive_budget"])
+    ref = reference_with_params(case, adaptive_budget=adaptive or case.knobs["adaptive_budget"])
+    assert_same_as_reference(mask, ref, info=info)
+    counts = np.bincount(np.asarray(info.reason).reshape(-1), minlength=5)
+    np.testing.assert_array_equal(info.reason_counts, counts)
+    if case.budget_ceiling == 2.0:  # the default: what the public API computes
+        np.testing.assert_array_equal(mask, cppo_mask(*case.args(), **dict(case.kwargs(), adaptive_budget=adaptive or case.knobs["adaptive_budget"])))
+
+
+@pytest.mark.parametrize("ceiling", [1.0, 2.0, 5.0])
+def test_budget_ceiling_bounds_row_budgets(ceiling):
+    # Rows whose divergences are all large reach the ceiling m * delta_b; m = 1 pins every
+    # row at delta_b; Rust and the reference agree on every output.
+    rng = np.random.default_rng(3)
+    lp = -rng.exponential(1.0, size=(6, 40))
+    lq = np.minimum(lp + rng.normal(0, 1.0, size=lp.shape), 0.0)
+    div = rng.exponential([[0.001], [0.01], [0.03], [0.06], [0.2], [1.0]], size=lp.shape)
+    case = Case(lp, lq, rng.normal(size=6), None, div, None, dict(KNOBS, adaptive_budget=True), True, ceiling)
+    mask, info = run_backend_with_params(case)
+    ref = reference_with_params(case)
+    assert_same_as_reference(mask, ref, info=info)
+    assert np.all(info.row_budget >= 0.02) and np.all(info.row_budget <= ceiling * 0.02)
+    assert info.row_budget[-1] == ceiling * 0.02
+    if ceiling == 1.0:
+        assert np.all(info.row_budget == 0.02)
+    if ceiling == 5.0:
+        assert np.any((info.row_budget > 2 * 0.02) & (info.row_budget < 5 * 0.02))
+
+
+def test_budget_ceiling_is_checked():
+    from cppo_native._core.params import make_params
+
+    assert make_params(delta=0.15, delta_b=0.02).budget_ceiling == 2.0
+    assert make_params(delta=0.15, delta_b=0.02, budget_ceiling=1).budget_ceiling == 1.0
+    for bad, error in [(0.99, ValueError), (float("inf"), ValueError), (float("nan"), ValueError), ("2", TypeError), (True, TypeError)]:
+        with pytest.raises(error, match="budget_ceiling"):
+            make_params(delta=0.15, delta_b=0.02, budget_ceiling=bad)
 
 
 @SETTINGS

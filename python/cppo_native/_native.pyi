@@ -7,11 +7,56 @@ for ``valid``. Outputs are fresh C-contiguous arrays that the call fills. Parame
 validated by ``cppo_native._params``. The GIL is released while computing.
 """
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Protocol, Tuple
 
 import numpy as np
 
+class _MaskParams(Protocol):
+    """What ``cppo_mask_into`` reads from ``params`` (by attribute): the fields of
+    ``cppo_native._params.MaskParams`` and its two code properties."""
+
+    @property
+    def delta(self) -> float: ...
+    @property
+    def delta_b(self) -> float: ...
+    @property
+    def w_min(self) -> float: ...
+    @property
+    def horizon(self) -> int: ...  # 0: "sequence"
+    @property
+    def adaptive_budget(self) -> bool: ...
+    @property
+    def budget_quantile(self) -> float: ...
+    @property
+    def budget_scale(self) -> float: ...
+    @property
+    def budget_ceiling(self) -> float: ...
+    @property
+    def position_weight_code(self) -> int: ...  # codes()["position_weight"]
+    @property
+    def shuffle_seed(self) -> int: ...
+    @property
+    def prefix_budget(self) -> bool: ...
+    @property
+    def divergence_code(self) -> int: ...  # codes()["divergence"]
+
+__all__ = [
+    "cppo_mask_into",
+    "topk_divergence_into",
+    "binary_divergence_into",
+    "encode_parquet_pages",
+    "decode_parquet_chunk",
+    "codes",
+    "__version__",
+]
+
 __version__: str
+
+def codes() -> Dict[str, Dict[str, int]]:
+    """Every integer code shared with the extension (defined once in Rust,
+    ``rust/cppo-core/src/codes.rs``): ``{"reason": {"invalid": 0, ...},
+    "position_weight": {...}, "divergence": {...}, "field": {...},
+    "topk_field": {...}, "page_kind": {...}}``."""
 
 def cppo_mask_into(
     log_probs: np.ndarray,
@@ -27,23 +72,13 @@ def cppo_mask_into(
     gate_out: Optional[np.ndarray],
     row_budget_out: Optional[np.ndarray],
     *,
-    delta: float,
-    delta_b: float,
-    w_min: float,
-    horizon: int,
-    adaptive_budget: bool,
-    budget_quantile: float,
-    budget_scale: float,
-    position_weight: int,
-    shuffle_seed: int,
-    prefix_budget: bool,
-    divergence_mode: int,
+    params: _MaskParams,
     num_threads: int,
 ) -> Tuple[Tuple[int, int, int, int, int], Optional[Tuple[int, int, int, float]]]:
     """Fills the outputs; returns (positions per reason code, None or the first bad
     value as (field, row, column, value))."""
 
-# Token divergences (rust/src/topk.rs; called by cppo_native.divergence). Per-position
+# Token divergences (rust/cppo-core/src/topk.rs; called by cppo_native.divergence). Per-position
 # inputs are 1-D [N], top-K inputs 2-D [N, K] (any strides; ids int64/int32); `out` is
 # a C-contiguous float64 [N] that the call fills (0 at invalid positions). Returns None
 # or the first bad value as (field, position, slot, value), field codes as in

@@ -61,17 +61,7 @@ def compute(prep: Prepared, params: MaskParams, return_info: bool, num_threads: 
         threshold,
         gate,
         row_budget,
-        delta=params.delta,
-        delta_b=params.delta_b,
-        w_min=params.w_min,
-        horizon=params.horizon,
-        adaptive_budget=params.adaptive_budget,
-        budget_quantile=params.budget_quantile,
-        budget_scale=params.budget_scale,
-        position_weight=params.position_weight_code,
-        shuffle_seed=params.shuffle_seed,
-        prefix_budget=params.prefix_budget,
-        divergence_mode=params.divergence_code,
+        params=params,
         num_threads=num_threads,
     )
     if bad is not None:

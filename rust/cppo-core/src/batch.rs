@@ -1,68 +1,24 @@
 //! A whole batch: typed, strided input views, padded or packed rows, rayon over rows.
 //!
 //! Each row is widened into per-thread float64 buffers (row-sized, reused across rows
-//! and calls) and handed to `core::compute_row`; outputs are written in place into
+//! and calls) and handed to `row::compute_row`; outputs are written in place into
 //! caller-provided contiguous buffers, so a call allocates nothing of batch size.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use half::{bf16, f16};
+use half::bf16;
 use std::ops::Range;
 
-use ndarray::{s, ArrayView, ArrayView1, ArrayViewD, Axis, Dimension, Ix1, IxDyn, Slice};
+use ndarray::{s, ArrayView1, ArrayViewD, Axis, Ix1, Slice};
 use rayon::prelude::*;
 
-use crate::core::{
-    compute_row, sized, valid_window, BadValue, Params, RowInput, RowOutput, RowSummary, Scratch,
+use crate::params::Params;
+use crate::row::{
+    compute_row, sized, valid_window, BadValue, RowInput, RowOutput, RowSummary, Scratch,
 };
-
-/// A floating-point input of any supported dtype and dimensionality (dynamic for the
-/// mask's padded/packed inputs; fixed 1-D/2-D views serve `topk`). `Bf16` holds
-/// bfloat16 bit patterns.
-pub enum FloatView<'a, D: Dimension = IxDyn> {
-    F64(ArrayView<'a, f64, D>),
-    F32(ArrayView<'a, f32, D>),
-    F16(ArrayView<'a, f16, D>),
-    Bf16(ArrayView<'a, i16, D>),
-}
-
-/// Valid flags in any supported dtype (nonzero = valid).
-pub enum MaskView<'a, D: Dimension = IxDyn> {
-    Bool(ArrayView<'a, bool, D>),
-    U8(ArrayView<'a, u8, D>),
-    I8(ArrayView<'a, i8, D>),
-    I32(ArrayView<'a, i32, D>),
-    I64(ArrayView<'a, i64, D>),
-    F32(ArrayView<'a, f32, D>),
-    F64(ArrayView<'a, f64, D>),
-}
-
-impl<D: Dimension> FloatView<'_, D> {
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            FloatView::F64(v) => v.shape(),
-            FloatView::F32(v) => v.shape(),
-            FloatView::F16(v) => v.shape(),
-            FloatView::Bf16(v) => v.shape(),
-        }
-    }
-}
-
-impl<D: Dimension> MaskView<'_, D> {
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            MaskView::Bool(v) => v.shape(),
-            MaskView::U8(v) => v.shape(),
-            MaskView::I8(v) => v.shape(),
-            MaskView::I32(v) => v.shape(),
-            MaskView::I64(v) => v.shape(),
-            MaskView::F32(v) => v.shape(),
-            MaskView::F64(v) => v.shape(),
-        }
-    }
-}
+pub use crate::views::{FloatView, MaskView};
 
 /// Row structure: `[rows, cols]` padded, or 1-D packed with `offsets` (cu_seqlens,
 /// `offsets[0] == 0`, non-decreasing, last == total length; checked in Python).

@@ -19,13 +19,12 @@
 //! - KL uses `mu_b * (max(log mu_b, ln eps) - max(log pi_b, ln eps))` per bucket with
 //!   mu_b > 0 (0 log 0 = 0), eps = `TOPK_EPS`, and the total is clamped at >= 0.
 
-use half::bf16;
-use ndarray::{ArrayView1, ArrayView2, Ix1, Ix2};
-
-use crate::batch::{FloatView, MaskView};
 use rayon::prelude::*;
 
-use crate::core::{binary_kl, binary_tv, LOG_PROB_TOLERANCE};
+use crate::codes::topk_field;
+
+use crate::divergence::{binary_kl, binary_tv, LOG_PROB_TOLERANCE};
+pub use crate::views::{Float1, Float2, Ids1, Ids2, Valid1};
 
 /// Probability floor inside the logarithms of the Top-K KL.
 pub const TOPK_EPS: f64 = 1e-12;
@@ -37,15 +36,16 @@ pub enum TopKKind {
     Kl,
 }
 
-/// Which input held a bad value (index matches `TOPK_FIELDS` in `divergence.py`).
+/// Which input held a bad value (`codes::topk_field`; `TOPK_FIELDS` in `divergence.py`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum TopKField {
-    LogProbs = 0,
-    OldLogProbs = 1,
-    SampledIds = 2,
-    TopkIds = 3,
-    TopkOldLogProbs = 4,
-    TopkLogProbs = 5,
+    LogProbs = topk_field::LOG_PROBS,
+    OldLogProbs = topk_field::OLD_LOG_PROBS,
+    SampledIds = topk_field::SAMPLED_IDS,
+    TopkIds = topk_field::TOPK_IDS,
+    TopkOldLogProbs = topk_field::TOPK_OLD_LOG_PROBS,
+    TopkLogProbs = topk_field::TOPK_LOG_PROBS,
 }
 
 /// The first bad value: flat position, input, top-K slot (0 for per-position inputs).
@@ -203,139 +203,6 @@ pub fn topk_divergence(kind: TopKKind, p: &TopKPosition, buckets: &mut Vec<Bucke
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Typed, strided views over flattened positions.
-
-/// A float input, 1-D `[N]` (bfloat16 as its int16 bit patterns).
-pub type Float1<'a> = FloatView<'a, Ix1>;
-
-impl FloatView<'_, Ix1> {
-    pub fn len(&self) -> usize {
-        match self {
-            Float1::F64(v) => v.len(),
-            Float1::F32(v) => v.len(),
-            Float1::F16(v) => v.len(),
-            Float1::Bf16(v) => v.len(),
-        }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    #[inline(always)]
-    fn at(&self, i: usize) -> f64 {
-        match self {
-            Float1::F64(v) => v[i],
-            Float1::F32(v) => v[i] as f64,
-            Float1::F16(v) => v[i].to_f64(),
-            Float1::Bf16(v) => bf16::from_bits(v[i] as u16).to_f64(),
-        }
-    }
-}
-
-/// A float input, 2-D `[N, K]`.
-pub type Float2<'a> = FloatView<'a, Ix2>;
-
-impl FloatView<'_, Ix2> {
-    pub fn dim(&self) -> (usize, usize) {
-        match self {
-            Float2::F64(v) => v.dim(),
-            Float2::F32(v) => v.dim(),
-            Float2::F16(v) => v.dim(),
-            Float2::Bf16(v) => v.dim(),
-        }
-    }
-    fn row_into(&self, i: usize, out: &mut Vec<f64>) {
-        out.clear();
-        match self {
-            Float2::F64(v) => out.extend(v.row(i).iter().copied()),
-            Float2::F32(v) => out.extend(v.row(i).iter().map(|&x| x as f64)),
-            Float2::F16(v) => out.extend(v.row(i).iter().map(|x| x.to_f64())),
-            Float2::Bf16(v) => {
-                out.extend(v.row(i).iter().map(|&x| bf16::from_bits(x as u16).to_f64()))
-            }
-        }
-    }
-}
-
-/// Token ids, 1-D `[N]`.
-pub enum Ids1<'a> {
-    I64(ArrayView1<'a, i64>),
-    I32(ArrayView1<'a, i32>),
-}
-
-impl Ids1<'_> {
-    pub fn len(&self) -> usize {
-        match self {
-            Ids1::I64(v) => v.len(),
-            Ids1::I32(v) => v.len(),
-        }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    #[inline(always)]
-    fn at(&self, i: usize) -> i64 {
-        match self {
-            Ids1::I64(v) => v[i],
-            Ids1::I32(v) => v[i] as i64,
-        }
-    }
-}
-
-/// Token ids, 2-D `[N, K]`.
-pub enum Ids2<'a> {
-    I64(ArrayView2<'a, i64>),
-    I32(ArrayView2<'a, i32>),
-}
-
-impl Ids2<'_> {
-    pub fn dim(&self) -> (usize, usize) {
-        match self {
-            Ids2::I64(v) => v.dim(),
-            Ids2::I32(v) => v.dim(),
-        }
-    }
-    fn row_into(&self, i: usize, out: &mut Vec<i64>) {
-        out.clear();
-        match self {
-            Ids2::I64(v) => out.extend(v.row(i).iter().copied()),
-            Ids2::I32(v) => out.extend(v.row(i).iter().map(|&x| x as i64)),
-        }
-    }
-}
-
-/// Valid flags, 1-D `[N]` (nonzero = valid).
-pub type Valid1<'a> = MaskView<'a, Ix1>;
-
-impl MaskView<'_, Ix1> {
-    pub fn len(&self) -> usize {
-        match self {
-            Valid1::Bool(v) => v.len(),
-            Valid1::U8(v) => v.len(),
-            Valid1::I8(v) => v.len(),
-            Valid1::I32(v) => v.len(),
-            Valid1::I64(v) => v.len(),
-            Valid1::F32(v) => v.len(),
-            Valid1::F64(v) => v.len(),
-        }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    #[inline(always)]
-    fn at(&self, i: usize) -> bool {
-        match self {
-            Valid1::Bool(v) => v[i],
-            Valid1::U8(v) => v[i] != 0,
-            Valid1::I8(v) => v[i] != 0,
-            Valid1::I32(v) => v[i] != 0,
-            Valid1::I64(v) => v[i] != 0,
-            Valid1::F32(v) => v[i] != 0.0,
-            Valid1::F64(v) => v[i] != 0.0,
-        }
-    }
-}
-
 /// Positions per rayon task (small enough to balance, large enough to amortise).
 const CHUNK: usize = 1024;
 
@@ -405,7 +272,7 @@ pub fn topk_divergence_batch(
     }
 }
 
-/// Binary TV or KL (`core::binary_tv` / `core::binary_kl`) at every position into `out`,
+/// Binary TV or KL (`divergence::binary_tv` / `divergence::binary_kl`) at every position into `out`,
 /// 0 at invalid positions; log-probs at valid positions must be finite and <= 0 (+tol).
 /// The error's field is 0 (log_probs) or 1 (old_log_probs).
 pub fn binary_divergence_batch(

@@ -1,4 +1,4 @@
-//! Python binding of `topk.rs`: type conversion, GIL release, error mapping only.
+//! Token divergences (`cppo_core::topk`): type conversion, GIL release, error mapping only.
 //!
 //! Contract with `python/cppo_native/divergence.py`: per-position inputs are 1-D `[N]`,
 //! top-K inputs 2-D `[N, K]` (any strides), floats as float64/32/16 or int16 bfloat16
@@ -6,67 +6,16 @@
 //! the output is a fresh C-contiguous float64 `[N]`; shapes are checked in Python.
 
 use numpy::ndarray::{Ix1, Ix2};
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::batch::with_threads;
-use crate::python::{FloatArray, MaskArray};
-use crate::topk::{
-    binary_divergence_batch, topk_divergence_batch, Ids1, Ids2, TopKBad, TopKInput, TopKKind,
+use cppo_core::batch::with_threads;
+use cppo_core::topk::{
+    binary_divergence_batch, topk_divergence_batch, TopKBad, TopKInput, TopKKind,
 };
 
-enum I1<'py> {
-    I64(PyReadonlyArray1<'py, i64>),
-    I32(PyReadonlyArray1<'py, i32>),
-}
-
-impl<'py> I1<'py> {
-    fn extract(ob: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
-        if let Ok(a) = ob.extract::<PyReadonlyArray1<i64>>() {
-            return Ok(I1::I64(a));
-        }
-        if let Ok(a) = ob.extract::<PyReadonlyArray1<i32>>() {
-            return Ok(I1::I32(a));
-        }
-        Err(PyTypeError::new_err(format!(
-            "{name}: expected a 1-D int64/int32 array, got {}",
-            ob.get_type().name()?
-        )))
-    }
-    fn view(&self) -> Ids1<'_> {
-        match self {
-            I1::I64(a) => Ids1::I64(a.as_array()),
-            I1::I32(a) => Ids1::I32(a.as_array()),
-        }
-    }
-}
-
-enum I2<'py> {
-    I64(PyReadonlyArray2<'py, i64>),
-    I32(PyReadonlyArray2<'py, i32>),
-}
-
-impl<'py> I2<'py> {
-    fn extract(ob: &Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
-        if let Ok(a) = ob.extract::<PyReadonlyArray2<i64>>() {
-            return Ok(I2::I64(a));
-        }
-        if let Ok(a) = ob.extract::<PyReadonlyArray2<i32>>() {
-            return Ok(I2::I32(a));
-        }
-        Err(PyTypeError::new_err(format!(
-            "{name}: expected a 2-D int64/int32 array, got {}",
-            ob.get_type().name()?
-        )))
-    }
-    fn view(&self) -> Ids2<'_> {
-        match self {
-            I2::I64(a) => Ids2::I64(a.as_array()),
-            I2::I32(a) => Ids2::I32(a.as_array()),
-        }
-    }
-}
+use crate::arrays::{FloatArray, MaskArray, I1, I2};
 
 fn kind_of(kind: &str) -> PyResult<TopKKind> {
     match kind {

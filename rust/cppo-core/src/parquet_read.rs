@@ -9,12 +9,13 @@
 //! reported as unsupported so the caller reads the row group with pyarrow instead.
 //! Page headers and decompression are the caller's (`cppo_native._parquet_read`).
 
+use crate::codes::page_kind::{DATA_V1, DATA_V2, DICTIONARY};
 use crate::parquet::bit_width;
 
 /// One page's decompressed parts.
 pub struct PageIn<'a> {
-    /// 0: dictionary page, 1: data page v1 (`body` = levels with length prefixes +
-    /// values), 2: data page v2 (`rep`, `def` and `body` = values).
+    /// `codes::page_kind`: DICTIONARY, DATA_V1 (`body` = levels with length prefixes +
+    /// values) or DATA_V2 (`rep`, `def` and `body` = values).
     pub kind: u8,
     /// Level entries (DataPageHeader.num_values); values in a dictionary page.
     pub num_values: usize,
@@ -345,7 +346,7 @@ pub fn decode_chunk(shape: &ColumnShape, pages: &[PageIn]) -> Result<ChunkOut, U
     let mut dictionary: Option<&[u8]> = None;
     let entries: usize = pages
         .iter()
-        .filter(|p| p.kind != 0)
+        .filter(|p| p.kind != DICTIONARY)
         .map(|p| p.num_values)
         .sum();
     let mut values = Vec::with_capacity(entries * shape.width);
@@ -353,7 +354,7 @@ pub fn decode_chunk(shape: &ColumnShape, pages: &[PageIn]) -> Result<ChunkOut, U
     let mut total = 0usize;
     for page in pages {
         match page.kind {
-            0 => {
+            DICTIONARY => {
                 if page.encoding != PLAIN && page.encoding != PLAIN_DICTIONARY {
                     return unsupported("dictionary page encoding");
                 }
@@ -362,8 +363,8 @@ pub fn decode_chunk(shape: &ColumnShape, pages: &[PageIn]) -> Result<ChunkOut, U
                 }
                 dictionary = Some(&page.body[..page.num_values * shape.width]);
             }
-            1 | 2 => {
-                let (rep, def, data) = if page.kind == 1 {
+            DATA_V1 | DATA_V2 => {
+                let (rep, def, data) = if page.kind == DATA_V1 {
                     let mut b = Bytes {
                         data: page.body,
                         pos: 0,

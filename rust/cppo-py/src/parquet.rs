@@ -1,4 +1,4 @@
-//! Python binding of `parquet.rs`: type conversion, GIL release, error mapping only.
+//! Parquet pages (`cppo_core::parquet`, `cppo_core::parquet_read`): type conversion, GIL release, error mapping only.
 //!
 //! Contract with `python/cppo_native/_parquet.py`: `offsets` is int64 `[rows + 1]` from
 //! 0 (absent for a one-value-per-row column), `nulls` bool `[rows]`, `codes` int8 and
@@ -8,8 +8,8 @@ use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::parquet::{encode_pages, EncodeError, Levels, Values};
-use crate::parquet_read::{decode_chunk, ColumnShape, PageIn};
+use cppo_core::parquet::{encode_pages, EncodeError, Levels, Values};
+use cppo_core::parquet_read::{decode_chunk, ColumnShape, PageIn};
 
 type Encoded<'py> = (
     Bound<'py, PyArray1<u8>>,
@@ -173,6 +173,7 @@ fn decode_parquet_chunk<'py>(
     })
 }
 
+/// Adds the Parquet page functions to `cppo_native._native`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_parquet_pages, m)?)?;
     m.add_function(wrap_pyfunction!(decode_parquet_chunk, m)?)?;

@@ -1,0 +1,26 @@
+//! cppo-core: the CPPO trust-region mask (`shared/spec/CPPO.md`), pure Rust.
+//!
+//! `row` computes one row; `batch` runs typed, strided batches (`views`) over rayon.
+//! Nothing here knows about Python: the binding crate (`rust/cppo-py`) only converts
+//! types, releases the GIL and maps errors.
+
+pub mod batch;
+/// The per-row prefix budget (quantile, clamp).
+pub mod budget;
+/// Integer codes shared with Python and CUDA.
+pub mod codes;
+/// Binary token divergences.
+pub mod divergence;
+pub mod libm_exp;
+pub mod params;
+/// Parquet data pages of the added columns (levels as runs).
+pub mod parquet;
+/// Decoding the mask's input columns from Parquet pages (levels as runs).
+pub mod parquet_read;
+/// The row kernel.
+pub mod row;
+/// Token divergences (Top-K reduced, Binary) over positions.
+pub mod topk;
+pub mod views;
+/// Position weights and the shuffled ablation.
+pub mod weights;

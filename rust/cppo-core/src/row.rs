@@ -1,0 +1,523 @@
+//! The CPPO mask for one row, in float64, exactly as `shared/spec/CPPO.md` defines it.
+//!
+//! Pure Rust: no Python here. The arithmetic mirrors `python/cppo_native/reference.py`
+//! operation by operation (same order, same libm calls), so that float64 inputs give
+//! bit-identical results.
+
+use crate::budget::adaptive_budget;
+use crate::codes;
+use crate::codes::reason::{
+    INVALID, KEPT_TOWARD_MU, KEPT_WITHIN_THRESHOLD, MASKED_PREFIX_BUDGET, MASKED_TOKEN_THRESHOLD,
+};
+use crate::divergence::{binary_kl, binary_tv_with, LOG_PROB_TOLERANCE};
+use crate::params::{Divergence, Params, PositionWeight};
+use crate::weights::{position_weight, shuffle_permutation};
+
+/// Which input held a bad value (`codes::field`; `FIELDS` in `_errors.py`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Field {
+    LogProbs = codes::field::LOG_PROBS,
+    OldLogProbs = codes::field::OLD_LOG_PROBS,
+    Advantages = codes::field::ADVANTAGES,
+    Divergence = codes::field::DIVERGENCE,
+}
+
+/// The first bad value of a row: its column, which input, and the value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BadValue {
+    pub row: usize,
+    pub column: usize,
+    pub field: Field,
+    pub value: f64,
+}
+
+/// A floating-point element that widens exactly to float64.
+pub trait Widen: Copy + Send + Sync {
+    fn widen(self) -> f64;
+}
+
+impl Widen for f64 {
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self
+    }
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Widen for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self.to_f64()
+    }
+}
+
+impl Widen for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self.to_f64()
+    }
+}
+
+/// One row's inputs. Log-probs keep their storage type `T` (read and widened once, in
+/// place); the other float inputs are float64.
+///
+/// `valid` covers the whole row; the float inputs cover only `window`, the span from
+/// the first to the last valid position (positions outside it are padding: they are
+/// never kept and leave S and W unchanged, so they need no arithmetic).
+pub struct RowInput<'a, T: Widen = f64> {
+    pub valid: &'a [u8],
+    pub window: std::ops::Range<usize>,
+    pub log_probs: &'a [T],
+    pub old_log_probs: &'a [T],
+    /// A_t per position (a per-row advantage is broadcast by the caller).
+    pub advantages: &'a [f64],
+    /// Caller-supplied divergence (`Divergence::Given` only).
+    pub divergence: Option<&'a [f64]>,
+}
+
+/// The span from the first to the last valid position (empty if none is valid).
+pub fn valid_window(valid: &[u8]) -> std::ops::Range<usize> {
+    match valid.iter().position(|&v| v != 0) {
+        Some(first) => first..valid.iter().rposition(|&v| v != 0).map_or(first, |l| l + 1),
+        None => 0..0,
+    }
+}
+
+/// One row's outputs; reason and threshold are both present or both absent, and the
+/// soft gate may only be asked for with them.
+pub struct RowOutput<'a> {
+    pub mask: &'a mut [bool],
+    pub reason: Option<&'a mut [i8]>,
+    pub threshold: Option<&'a mut [f64]>,
+    pub gate: Option<&'a mut [f64]>,
+}
+
+/// Per-row results that are not per token.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RowSummary {
+    /// delta_b_row, the prefix budget this row used.
+    pub budget: f64,
+    /// Number of positions with each reason code (index = code); only counted when
+    /// the reason output is requested.
+    pub counts: [u64; 5],
+}
+
+/// Reusable per-thread buffers (row-sized, never batch-sized).
+#[derive(Default)]
+pub struct Scratch {
+    divergence: Vec<f64>,
+    weight: Vec<f64>,
+    selection: Vec<u64>,
+    toward_mu: Vec<u8>,
+    prefix_weight: Vec<f64>,
+    valid_columns: Vec<usize>,
+    permutation: Vec<usize>,
+}
+
+/// Grows `buf` to at least `n` (never shrinks: rows reuse it without refilling) and
+/// returns its first `n` elements, with unspecified contents.
+pub(crate) fn sized<T: Copy + Default>(buf: &mut Vec<T>, n: usize) -> &mut [T] {
+    if buf.len() < n {
+        buf.resize(n, T::default());
+    }
+    &mut buf[..n]
+}
+
+/// Valid positions need finite log-probs <= 0 (within LOG_PROB_TOLERANCE).
+#[inline(always)]
+fn bad_log_prob(x: f64) -> bool {
+    !(x > f64::NEG_INFINITY && x <= LOG_PROB_TOLERANCE)
+}
+
+/// A given divergence must be finite and >= 0.
+#[inline(always)]
+fn bad_divergence(x: f64) -> bool {
+    !(0.0..f64::INFINITY).contains(&x)
+}
+
+/// Computes one row of the mask (and the optional outputs). `row` seeds the shuffled
+/// ablation and is reported in errors.
+///
+/// On x86-64 CPUs with AVX2 the same code is compiled a second time with AVX2 enabled
+/// and chosen at run time (the wheel targets baseline x86-64): the loops without a
+/// loop-carried dependency then work on 4 doubles at a time. Both builds do the same
+/// IEEE operations in the same order (no FMA contraction), so results are identical.
+pub fn compute_row<T: Widen>(
+    params: &Params,
+    row: usize,
+    input: &RowInput<T>,
+    scratch: &mut Scratch,
+    out: RowOutput,
+) -> Result<RowSummary, BadValue> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { compute_row_avx2(params, row, input, scratch, out) };
+    }
+    compute_row_impl(params, row, input, scratch, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn compute_row_avx2<T: Widen>(
+    params: &Params,
+    row: usize,
+    input: &RowInput<T>,
+    scratch: &mut Scratch,
+    out: RowOutput,
+) -> Result<RowSummary, BadValue> {
+    compute_row_impl(params, row, input, scratch, out)
+}
+
+#[inline(always)]
+fn compute_row_impl<T: Widen>(
+    params: &Params,
+    row: usize,
+    input: &RowInput<T>,
+    scratch: &mut Scratch,
+    out: RowOutput,
+) -> Result<RowSummary, BadValue> {
+    let len = input.valid.len();
+    let window = input.window.clone();
+    let (first, n) = (window.start, window.len());
+    let valid = &input.valid[window.clone()];
+    let (lp, lq, adv) = (
+        &input.log_probs[..n],
+        &input.old_log_probs[..n],
+        &input.advantages[..n],
+    );
+    let given = match params.divergence {
+        Divergence::Given => Some(&input.divergence.expect("Given divergence needs an array")[..n]),
+        _ => None,
+    };
+    // Horizon T: fixed, or 1 + the last valid index.
+    let horizon = if params.horizon > 0 {
+        params.horizon
+    } else {
+        window.end as i64
+    };
+
+    // One pass over the valid positions: check the inputs (spec, "Bad input"), compute
+    // the token divergence D_t (0 at holes, so they add nothing to S), the direction
+    // test A_t (lp_t - lq_t) <= 0, and collect the bit patterns for the adaptive
+    // budget's quantile.
+    let div = sized(&mut scratch.divergence, n);
+    let toward = sized(&mut scratch.toward_mu, n);
+    let report = |c: usize, field: Field, value: f64| BadValue {
+        row,
+        column: first + c,
+        field,
+        value,
+    };
+    macro_rules! fill_divergence {
+        ($d:expr) => {
+            for c in 0..n {
+                if valid[c] == 0 {
+                    div[c] = 0.0;
+                    toward[c] = 0;
+                    continue;
+                }
+                let (p, q, a) = (lp[c].widen(), lq[c].widen(), adv[c]);
+                if bad_log_prob(p) {
+                    return Err(report(c, Field::LogProbs, p));
+                }
+                if bad_log_prob(q) {
+                    return Err(report(c, Field::OldLogProbs, q));
+                }
+                if !a.is_finite() {
+                    return Err(report(c, Field::Advantages, a));
+                }
+                let d: f64 = $d(c, p, q)?;
+                div[c] = d;
+                toward[c] = (a * (p - q) <= 0.0) as u8;
+            }
+        };
+    }
+    match params.divergence {
+        Divergence::BinaryTv => {
+            let exp = crate::libm_exp::exp_fn();
+            fill_divergence!(|_, p, q| Ok(binary_tv_with(exp, p, q)))
+        }
+        Divergence::BinaryKl => fill_divergence!(|_, p, q| Ok(binary_kl(p, q))),
+        Divergence::Given => {
+            let given = given.unwrap();
+            fill_divergence!(|c: usize, _, _| if bad_divergence(given[c]) {
+                Err(report(c, Field::Divergence, given[c]))
+            } else {
+                Ok(given[c])
+            })
+        }
+    }
+
+    // Per-row budget (Eq. 22).
+    let budget = if params.adaptive_budget {
+        adaptive_budget(params, &div[..n], valid, &mut scratch.selection)
+    } else {
+        params.delta_b
+    };
+
+    // v_t * w_t (Eq. 9): 0 at holes, so they add nothing to W; the shuffled ablation
+    // permutes the weights among the row's valid positions.
+    let weight = sized(&mut scratch.weight, n);
+    match params.position_weight {
+        PositionWeight::Linear => {
+            for (c, w) in weight.iter_mut().enumerate() {
+                let pw = position_weight(first + c, horizon, params.w_min);
+                *w = if valid[c] != 0 { pw } else { 0.0 };
+            }
+        }
+        PositionWeight::None => {
+            for (c, w) in weight.iter_mut().enumerate() {
+                *w = if valid[c] != 0 { 1.0 } else { 0.0 };
+            }
+        }
+        PositionWeight::Shuffled => {
+            weight.fill(0.0);
+            let cols = &mut scratch.valid_columns;
+            cols.clear();
+            cols.extend((0..n).filter(|&c| valid[c] != 0));
+            shuffle_permutation(
+                cols.len(),
+                params.shuffle_seed,
+                row,
+                &mut scratch.permutation,
+            );
+            for (k, &c) in cols.iter().enumerate() {
+                weight[c] =
+                    position_weight(first + cols[scratch.permutation[k]], horizon, params.w_min);
+            }
+        }
+    }
+
+    let scan = Scan {
+        delta: params.delta,
+        budget,
+        prefix_budget: params.prefix_budget,
+        valid,
+        toward_mu: &scratch.toward_mu[..n],
+        divergence: &scratch.divergence[..n],
+        weight: &scratch.weight[..n],
+    };
+    let RowOutput {
+        mask,
+        reason,
+        threshold,
+        gate,
+    } = out;
+    let mask = &mut mask[..len];
+    mask[..first].fill(false);
+    mask[window.end..].fill(false);
+    let mut counts = [0u64; 5];
+    match (reason, threshold) {
+        (Some(reason), Some(threshold)) => {
+            let (reason, threshold) = (&mut reason[..len], &mut threshold[..len]);
+            let mut gate = gate.map(|g| &mut g[..len]);
+            let (s_end, w_end) = scan.full(
+                &mut mask[window.clone()],
+                &mut reason[window.clone()],
+                &mut threshold[window.clone()],
+                gate.as_mut().map(|g| &mut g[window.clone()]),
+                sized(&mut scratch.prefix_weight, n),
+                &mut counts,
+            );
+            // Padding outside the window: never kept; c_t stays at its value before the
+            // window (S = W = 0) or after it (the final sums).
+            for (range, c_t) in [
+                (0..first, scan.threshold(0.0, 0.0)),
+                (window.end..len, scan.threshold(s_end, w_end)),
+            ] {
+                counts[INVALID as usize] += range.len() as u64;
+                reason[range.clone()].fill(INVALID);
+                if let Some(g) = gate.as_mut() {
+                    g[range.clone()].fill(0.0);
+                }
+                threshold[range].fill(c_t);
+            }
+        }
+        (None, None) if gate.is_none() => scan.mask_only(&mut mask[window]),
+        _ => panic!("compute_row: reason and threshold come together, and the gate needs both"),
+    }
+    Ok(RowSummary { budget, counts })
+}
+
+// The branchless reason arithmetic in `Scan::scan_codes` relies on these values.
+const _: () = assert!(
+    INVALID == 0
+        && KEPT_TOWARD_MU == 1
+        && KEPT_WITHIN_THRESHOLD == 2
+        && MASKED_TOKEN_THRESHOLD == 3
+        && MASKED_PREFIX_BUDGET == 4
+);
+
+/// The prefix scan (Eq. 8) and the mask (Eq. 10) over a row's window. Weights and
+/// divergences are 0 at holes, so adding them leaves S and W exactly unchanged (both
+/// sums are >= +0.0) and the loops need no data-dependent branches.
+struct Scan<'a> {
+    delta: f64,
+    budget: f64,
+    prefix_budget: bool,
+    valid: &'a [u8],
+    /// 1 where A_t (lp_t - lq_t) <= 0 (the update moves pi back toward mu).
+    toward_mu: &'a [u8],
+    divergence: &'a [f64],
+    /// v_t * w_t.
+    weight: &'a [f64],
+}
+
+impl Scan<'_> {
+    /// c_t = min(delta, delta + delta_b_row * W_{t-1} - S_{t-1}).
+    #[inline(always)]
+    fn threshold(&self, s_sum: f64, w_sum: f64) -> f64 {
+        if self.prefix_budget {
+            self.delta.min(self.delta + self.budget * w_sum - s_sum)
+        } else {
+            self.delta
+        }
+    }
+
+    #[inline(always)]
+    fn mask_only(&self, mask: &mut [bool]) {
+        if self.prefix_budget {
+            self.mask_only_with::<true>(mask)
+        } else {
+            self.mask_only_with::<false>(mask)
+        }
+    }
+
+    #[inline(always)]
+    fn mask_only_with<const PREFIX: bool>(&self, mask: &mut [bool]) {
+        let n = mask.len();
+        let (valid, div, weight) = (&self.valid[..n], &self.divergence[..n], &self.weight[..n]);
+        let toward = &self.toward_mu[..n];
+        let (delta, budget) = (self.delta, self.budget);
+        let mut s_sum = 0.0f64; // S_{t-1}
+        let mut w_sum = 0.0f64; // W_{t-1}
+        for c in 0..n {
+            let w = weight[c];
+            let z = w * div[c];
+            let c_t = if PREFIX {
+                delta.min(delta + budget * w_sum - s_sum)
+            } else {
+                delta
+            };
+            mask[c] = (valid[c] != 0) & ((toward[c] != 0) | (z <= c_t));
+            s_sum += z;
+            w_sum += w;
+        }
+    }
+
+    /// Mask, reasons, thresholds and (if asked) the soft gate; returns the final (S, W).
+    /// `w_prev` is row-sized scratch.
+    ///
+    /// The sequential scan writes the mask, reasons and thresholds and stashes S_t (in
+    /// `gate`) and W_{t-1}; the soft gate's divisions then run in a separate loop with
+    /// no loop-carried dependency (it vectorises), and the reasons are counted last.
+    #[inline(always)]
+    fn full(
+        &self,
+        mask: &mut [bool],
+        reason: &mut [i8],
+        threshold: &mut [f64],
+        gate: Option<&mut [f64]>,
+        w_prev: &mut [f64],
+        counts: &mut [u64; 5],
+    ) -> (f64, f64) {
+        let (s_sum, w_sum) = match gate {
+            Some(gate) => self.scan_codes::<true>(mask, reason, threshold, gate, w_prev),
+            None => self.scan_codes::<false>(mask, reason, threshold, &mut [], &mut []),
+        };
+        self.count_codes(&reason[..mask.len()], counts);
+        (s_sum, w_sum)
+    }
+
+    #[inline(always)]
+    fn scan_codes<const GATE: bool>(
+        &self,
+        mask: &mut [bool],
+        reason: &mut [i8],
+        threshold: &mut [f64],
+        gate: &mut [f64],
+        w_prev: &mut [f64],
+    ) -> (f64, f64) {
+        let n = mask.len();
+        let (valid, div, weight) = (&self.valid[..n], &self.divergence[..n], &self.weight[..n]);
+        let toward = &self.toward_mu[..n];
+        let (reason, threshold) = (&mut reason[..n], &mut threshold[..n]);
+        let (gate, w_prev) = if GATE {
+            (&mut gate[..n], &mut w_prev[..n])
+        } else {
+            (gate, w_prev)
+        };
+        let delta = self.delta;
+        // Pass 1, sequential: the prefix sums and c_t (and for the gate S_t, W_{t-1}).
+        // Only the two running sums carry from one token to the next.
+        let mut s_sum = 0.0f64; // S_{t-1}
+        let mut w_sum = 0.0f64; // W_{t-1}
+        for c in 0..n {
+            let w = weight[c];
+            let z = w * div[c];
+            threshold[c] = self.threshold(s_sum, w_sum);
+            s_sum += z;
+            if GATE {
+                w_prev[c] = w_sum;
+                gate[c] = s_sum; // S_t, consumed below
+            }
+            w_sum += w;
+        }
+        // Pass 2, independent per token (it vectorises): reason codes and the mask.
+        for c in 0..n {
+            let z = weight[c] * div[c];
+            let within = z <= threshold[c];
+            let over_token = z > delta;
+            // within implies !over_token (c_t <= delta), so this is 2, 3 or 4.
+            let away_code = 4 - over_token as i8 - 2 * within as i8;
+            // 0 invalid, 1 toward mu, else away_code; valid and toward are 0 or 1.
+            let (v, t) = ((valid[c] != 0) as i8, (toward[c] != 0) as i8);
+            let code = v * (t + (1 - t) * away_code);
+            reason[c] = code;
+            mask[c] = (code as u8).wrapping_sub(1) < 2; // 1 or 2: kept
+        }
+        if !GATE {
+            return (s_sum, w_sum);
+        }
+        // Soft gate: x = max(Z/delta, S_t / (delta + delta_b_row W_{t-1})), g = min(1, 1/x);
+        // 1 toward mu, 0 at invalid positions.
+        for c in 0..n {
+            let z = weight[c] * div[c];
+            let mut x = z / delta;
+            if self.prefix_budget {
+                x = x.max(gate[c] / (delta + self.budget * w_prev[c]));
+            }
+            let g = if x <= 1.0 { 1.0 } else { 1.0 / x };
+            gate[c] = if valid[c] == 0 {
+                0.0
+            } else if toward[c] != 0 {
+                1.0
+            } else {
+                g
+            };
+        }
+        (s_sum, w_sum)
+    }
+
+    /// Adds the number of positions with each code to `counts` (one pass).
+    #[inline(always)]
+    fn count_codes(&self, reason: &[i8], counts: &mut [u64; 5]) {
+        // u32 lanes per chunk vectorise; u64 per element would not.
+        for chunk in reason.chunks(1 << 24) {
+            for (code, count) in counts.iter_mut().enumerate() {
+                *count += chunk.iter().map(|&r| (r == code as i8) as u32).sum::<u32>() as u64;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,22 @@
+//! The Python binding of cppo-core: the extension module `cppo_native._native`.
+//!
+//! One module per concern, each with a `register` function; they only convert types,
+//! release the GIL and map errors. No CPPO logic here.
+
+use pyo3::prelude::*;
+
+mod arrays;
+mod codes;
+mod divergence;
+mod mask;
+mod parquet;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    mask::register(m)?;
+    divergence::register(m)?;
+    parquet::register(m)?;
+    codes::register(m)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
