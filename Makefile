@@ -10,7 +10,7 @@ EXT := python/cppo_native/_native.abi3.so
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,verl-test]'
+	$(PY) -m pip install -q -e '.[test,verl-test,trl-test]'
 	$(PY) -m pip install -q --no-deps 'verl==0.9.1'  # the real verl, without its heavy deps
 	touch $@
 
