@@ -107,9 +107,9 @@ KNOB_KWARGS = dict(delta=0.05, delta_b=0.01, w_min=0.8, horizon="sequence", adap
                    shuffle_seed=0, prefix_budget=True, divergence="binary_tv", soft=False, clip_ratio_c=20.0)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo"])
-def test_trainer_optimises_cppo_policy_loss(tmp_path, loss_type):
-    trainer = make_trainer(tmp_path, loss_type=loss_type)
+@pytest.mark.parametrize("loss_type, soft", [("dapo", False), ("dr_grpo", True)])
+def test_trainer_optimises_cppo_policy_loss(tmp_path, loss_type, soft):
+    trainer = make_trainer(tmp_path, loss_type=loss_type, cppo_soft=soft)
     trainer.train()
     assert trainer.state.global_step == 3
     assert len(trainer.records) == 3  # one micro-batch per optimizer step
@@ -129,7 +129,7 @@ def test_trainer_optimises_cppo_policy_loss(tmp_path, loss_type):
             agg = dict(loss_agg_mode="seq-mean-token-sum-norm", global_batch_size=mask.shape[0] * r["accum"],
                        loss_scale_factor=8)
         expected, metrics = cppo_policy_loss(r["logps"].detach(), mu, inputs["advantages"], mask,
-                                             **KNOB_KWARGS, **agg)
+                                             **dict(KNOB_KWARGS, soft=soft), **agg)
         torch.testing.assert_close(r["loss"].detach(), expected, rtol=0, atol=0)
         assert r["loss"].requires_grad
         saw_drift |= metrics["masked_frac"] > 0 and not torch.equal(r["logps"].detach(), mu)
@@ -144,6 +144,7 @@ def test_trainer_optimises_cppo_policy_loss(tmp_path, loss_type):
                  "masked_prefix_budget_frac", "row_budget_mean", "divergence_mean", "approx_kl_k1", "approx_kl_k3",
                  "truncated_frac", "num_valid_tokens", "mu_from_old_frac"):
         assert all(math.isfinite(h[f"cppo/{name}"]) for h in logged), name
+    assert all(("cppo/gate_mean" in h) == soft for h in logged)
     for h in logged:
         parts = (h["cppo/kept_toward_mu_frac"] + h["cppo/kept_within_threshold_frac"]
                  + h["cppo/masked_token_threshold_frac"] + h["cppo/masked_prefix_budget_frac"])
@@ -214,6 +215,17 @@ def test_config_checks_knobs(tmp_path):
     with pytest.raises(ValueError, match="cppo_clip_ratio_c"):
         config(tmp_path, cppo_clip_ratio_c=0)
     assert config(tmp_path, cppo_horizon="64").cppo_loss_kwargs()["horizon"] == 64
+
+
+def test_config_parses_from_the_command_line(tmp_path):
+    (args,) = trl.TrlParser((ct.CPPOGRPOConfig,)).parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none", "--cppo_delta", "0.2",
+        "--cppo_horizon", "32", "--cppo_adaptive_budget", "true", "--cppo_position_weight", "shuffled",
+        "--cppo_divergence", "binary_kl", "--cppo_soft", "true",
+    ])
+    kw = args.cppo_loss_kwargs()
+    assert (kw["delta"], kw["horizon"], kw["adaptive_budget"], kw["position_weight"], kw["divergence"],
+            kw["soft"]) == (0.2, 32, True, "shuffled", "binary_kl", True)
 
 
 def test_liger_loss_is_refused(tmp_path):
