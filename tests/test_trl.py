@@ -155,6 +155,33 @@ def test_trainer_optimises_cppo_policy_loss(tmp_path, loss_type, soft):
     assert any(h["cppo/masked_frac"] > 0 for h in logged)
 
 
+def test_mu_is_the_sampling_log_probs_when_present(tmp_path):
+    """vLLM's sampling log-probs are mu; a token it could not score (NaN) takes the old
+    log-prob and is counted. (No vLLM here: the recorded batch gets sampling log-probs.)"""
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.train()
+    trainer.model.train()
+    inputs = dict(trainer.records[0]["inputs"])
+    old, mask = inputs["old_per_token_logps"], inputs["completion_mask"]
+    sampling = (old - 0.3 * torch.rand(old.shape, generator=torch.Generator().manual_seed(1))).clamp(max=0)
+    sampling[0, 0] = float("nan")  # completion tokens start at column 0: a valid token
+    assert mask[0, 0] == 1
+    inputs["sampling_per_token_logps"] = sampling
+    loss = trainer._compute_loss(trainer.model, inputs)
+    mu = sampling.clone()
+    mu[0, 0] = old[0, 0]
+    expected, _ = cppo_policy_loss(trainer._last_logps.detach(), mu, inputs["advantages"], mask, **KNOB_KWARGS,
+                                   loss_agg_mode="token-mean",
+                                   batch_num_tokens=inputs["num_items_in_batch"].clamp(min=1.0))
+    torch.testing.assert_close(loss.detach(), expected, rtol=0, atol=0)
+    assert trainer._metrics["train"]["cppo/mu_from_old_frac"][-1] == pytest.approx(1 / float(mask.sum()))
+    assert trainer._metrics["train"]["cppo/masked_frac"][-1] > 0
+
+    del inputs["old_per_token_logps"]  # nothing to stand in for the missing log-prob
+    with pytest.raises(ValueError, match="no log-prob"):
+        trainer._compute_loss(trainer.model, inputs)
+
+
 def parameter_grads(trainer, compute_loss, inputs):
     trainer.model.zero_grad(set_to_none=True)
     compute_loss(trainer, trainer.model, inputs).backward()
