@@ -12,15 +12,29 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .arrays import FLOAT_DTYPES, Prepared, Source, dtype_name, import_dlpack_cpu, source_of, to_numpy
+from .arrays import (
+    FLOAT_DTYPES,
+    Prepared,
+    Source,
+    _is_torch,
+    _torch,
+    dtype_name,
+    import_dlpack_cpu,
+    source_of,
+    to_numpy,
+    to_torch,
+)
 
 
-def _adopt(x: Any, source: Source, name: str) -> Any:
+def _adopt(x: Any, source: Source, name: str, backend: str = "native") -> Any:
     """A generic DLPack producer as an array of a framework we know (zero-copy): NumPy on
-    CPU, CuPy on CUDA, or a torch tensor where those cannot hold the dtype (bfloat16).
-    NumPy, torch and CuPy inputs pass through unchanged."""
+    CPU, CuPy on CUDA, or a torch tensor where those cannot hold the dtype (bfloat16);
+    for the torch backend always a torch tensor. NumPy, torch and CuPy inputs pass
+    through unchanged."""
     if source.framework != "dlpack":
         return x
+    if backend == "torch":
+        return _torch().from_dlpack(x)
     if source.device == "cpu":
         return import_dlpack_cpu(x, name)
     from .cuda.mask import import_dlpack
@@ -46,9 +60,11 @@ def prepare(
     divergence: Any,
     cu_seqlens: Any,
     per_row_advantages: Optional[bool] = None,
-    convert: Optional[Callable[[Any, str], Any]] = None,
+    backend: str = "native",
 ) -> Prepared:
-    """Validate shapes/dtypes/devices of the caller's arrays and convert them."""
+    """Validate shapes/dtypes/devices of the caller's arrays and convert them: to NumPy
+    (CPU) or CuPy (CUDA) for the native backends, to torch tensors on the caller's
+    device for ``backend="torch"``."""
     as_array = lambda x: np.asarray(x) if isinstance(x, (list, tuple)) else x  # noqa: E731
     log_probs, old_log_probs, advantages = as_array(log_probs), as_array(old_log_probs), as_array(advantages)
     response_mask, divergence, cu_seqlens = as_array(response_mask), as_array(divergence), as_array(cu_seqlens)
@@ -64,10 +80,13 @@ def prepare(
             raise ValueError(
                 f"all arrays must be on one device: log_probs is on {src.describe()}, {name} is on {s.describe()}"
             )
-    named = [(name, _adopt(x, sources[name], name)) for name, x in named]
+    named = [(name, _adopt(x, sources[name], name, backend)) for name, x in named]
     advantages, response_mask = named[2][1], dict(named).get("response_mask")
 
-    if convert is None:
+    convert: Callable[[Any, str], Any]
+    if backend == "torch":
+        convert = to_torch
+    else:
         if src.device == "cpu":
             convert = to_numpy
         else:
@@ -104,7 +123,7 @@ def prepare(
             raise ValueError(
                 f"all arrays must be on one device: log_probs is on {src.describe()}, cu_seqlens is on {cu_src.describe()}"
             )
-        cu_seqlens = _adopt(cu_seqlens, cu_src, "cu_seqlens")
+        cu_seqlens = _adopt(cu_seqlens, cu_src, "cu_seqlens", backend)
         cu_dt = dtype_name(cu_seqlens)
         if not cu_dt.startswith(("int", "uint")):
             raise TypeError(f"cu_seqlens: dtype {cu_dt} is not supported; use an integer dtype")
@@ -149,7 +168,7 @@ def prepare(
     if per_row:
         adv = adv.reshape(num_rows)
     if not dtype_name(adv).startswith(("float", "bfloat")) and not (bf16["advantages"]):
-        adv = adv.astype("float64")
+        adv = adv.to(_torch().float64) if _is_torch(adv) else adv.astype("float64")
     arrays["advantages"] = adv
     return Prepared(
         log_probs=arrays["log_probs"],
