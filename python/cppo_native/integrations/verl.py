@@ -26,7 +26,9 @@ Configuration (``actor_rollout_ref.actor.*``), the keys public verl CPPO users w
 - cppo-native extras: ``cppo_adaptive_budget`` (True; False = fixed delta_b),
   ``cppo_horizon`` (``"sequence"``, ``"padded"`` = the micro-batch's padded response
   length, as verl's public recipe does, or an int), ``cppo_divergence``
-  (``"binary_tv"`` or ``"binary_kl"``).
+  (``"binary_tv"`` or ``"binary_kl"``), ``cppo_backend`` (``"native"``, the default: Rust
+  on CPU, CUDA kernels through CuPy on GPU; ``"torch"``: float64 torch operations on the
+  tensors' device, no CuPy needed).
 
 verl 0.9.1's ``PolicyLossConfig`` dataclass rejects unknown keys, so point its
 ``_target_`` at :class:`CPPOPolicyLossConfig` (a subclass with these fields), see
@@ -67,6 +69,7 @@ DEFAULTS = {
     "cppo_adaptive_budget": True,
     "cppo_horizon": "sequence",
     "cppo_divergence": "binary_tv",
+    "cppo_backend": "native",
 }
 
 
@@ -81,6 +84,7 @@ class CPPOPolicyLossConfig(_PolicyLossConfig):
     cppo_adaptive_budget: bool = True
     cppo_horizon: Any = "sequence"
     cppo_divergence: str = "binary_tv"
+    cppo_backend: str = "native"
 
 
 _MISSING = object()
@@ -125,6 +129,9 @@ def cppo_settings(config: Any, padded_length: int) -> dict:
     divergence = values["cppo_divergence"]
     if divergence not in ("binary_tv", "binary_kl"):
         raise ValueError(f'policy_loss.cppo_divergence must be "binary_tv" or "binary_kl", got {divergence!r}')
+    backend = values["cppo_backend"]
+    if backend not in ("native", "torch"):
+        raise ValueError(f'policy_loss.cppo_backend must be "native" or "torch", got {backend!r}')
     return dict(
         delta=float(delta),
         delta_b=float(values["cppo_delta_b"]),
@@ -134,6 +141,7 @@ def cppo_settings(config: Any, padded_length: int) -> dict:
         adaptive_budget=bool(values["cppo_adaptive_budget"]),
         horizon=horizon if isinstance(horizon, str) else int(horizon),
         divergence=divergence,
+        backend=backend,
         clip_ratio_c=20.0 if clip_c is _MISSING or clip_c is None else float(clip_c),
     )
 
