@@ -60,11 +60,13 @@ def prepare(
     divergence: Any,
     cu_seqlens: Any,
     per_row_advantages: Optional[bool] = None,
+    convert: Optional[Callable[[Any, str], Any]] = None,
     backend: str = "native",
 ) -> Prepared:
     """Validate shapes/dtypes/devices of the caller's arrays and convert them: to NumPy
     (CPU) or CuPy (CUDA) for the native backends, to torch tensors on the caller's
-    device for ``backend="torch"``."""
+    device for ``backend="torch"`` (``convert`` overrides the choice, e.g. for the CUDA
+    emulator in the tests)."""
     as_array = lambda x: np.asarray(x) if isinstance(x, (list, tuple)) else x  # noqa: E731
     log_probs, old_log_probs, advantages = as_array(log_probs), as_array(old_log_probs), as_array(advantages)
     response_mask, divergence, cu_seqlens = as_array(response_mask), as_array(divergence), as_array(cu_seqlens)
@@ -83,16 +85,14 @@ def prepare(
     named = [(name, _adopt(x, sources[name], name, backend)) for name, x in named]
     advantages, response_mask = named[2][1], dict(named).get("response_mask")
 
-    convert: Callable[[Any, str], Any]
-    if backend == "torch":
+    if convert is None and backend == "torch":
         convert = to_torch
-    else:
-        if src.device == "cpu":
-            convert = to_numpy
-        else:
-            from .cuda.mask import to_cupy
+    elif convert is None and src.device == "cpu":
+        convert = to_numpy
+    elif convert is None:
+        from .cuda.mask import to_cupy
 
-            convert = to_cupy
+        convert = to_cupy
 
     for name, x in named:
         if name in ("log_probs", "old_log_probs", "divergence"):
