@@ -1,5 +1,7 @@
 """CPU benchmark: cppo_native.cppo_mask (Rust, rayon) against the vectorised PyTorch
-formula and a vectorised NumPy version, at the same thread count, in one run.
+formula and a vectorised NumPy version, at the same thread count, in one run; and
+cppo-native's own torch backend (``backend="torch"``, eager, and its padded mask pass
+under torch.compile).
 
 Cases (issue #2): right-padded batches with lengths uniform in [L/4, L], Binary TV from
 log-probs, adaptive budget: 256 x 8192, 64 x 8192, 16 x 16384. Throughput counts the
@@ -7,7 +9,10 @@ padded B * L tokens (valid tokens are reported too). Peak extra memory is each
 method's rise in the process's resident high-water mark during one call, measured in a
 fresh subprocess (outputs included).
 
-    python bench/cpu.py [--quick] [--out bench/results/cpu.json]
+    python bench/cpu.py [--quick | --tiny] [--no-compile] [--out bench/results/cpu.json]
+
+``--tiny`` (one 8 x 256 case, short timings, no memory subprocesses) only checks that
+the script runs; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +50,17 @@ def runner(method, data, threads):
     if method == "cppo_native":
         args = (data.log_probs, data.old_log_probs, data.advantages, data.response_mask)
         return lambda: cppo_native.cppo_mask(*args, **KNOBS, num_threads=threads)
+    if method == "cppo_native_torch":  # backend="torch", eager, with validation like the native one
+        targs = tuple(torch.from_numpy(x) for x in (data.log_probs, data.old_log_probs, data.advantages, data.response_mask))
+        return lambda: cppo_native.cppo_mask(*targs, **KNOBS, backend="torch")
+    if method == "cppo_native_torch_compile":  # the torch backend's padded pass, compiled (no checks)
+        from cppo_native._backends.torch_ops import mask_padded
+        from cppo_native.mask import mask_params
+
+        lp, lq, adv, valid = (torch.from_numpy(x) for x in (data.log_probs, data.old_log_probs, data.advantages, data.response_mask))
+        adv, valid, params = adv[:, None], valid != 0, mask_params(**KNOBS)
+        fn = torch.compile(mask_padded, dynamic=False)
+        return lambda: fn(lp, lq, adv, valid, None, params)[0]
     if method == "torch":
         targs = tuple(torch.from_numpy(x) for x in (data.log_probs, data.old_log_probs, data.advantages, data.response_mask))
         return lambda: torch_cppo_mask(*targs, **KNOBS)
@@ -115,11 +131,15 @@ def machine():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small cases, for a smoke run")
+    ap.add_argument("--tiny", action="store_true", help="one tiny case, short timings: checks that the script runs")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--out", default=str(HERE / "results" / "cpu.json"))
     opts = ap.parse_args()
-    cases = [(64, 2048), (4, 8192)] if opts.quick else CASES
-    methods = ["cppo_native", "torch", "numpy"] + ([] if opts.no_compile else ["torch_compile"])
+    cases = [(8, 256)] if opts.tiny else [(64, 2048), (4, 8192)] if opts.quick else CASES
+    min_time = 0.05 if opts.tiny else 1.0
+    methods = ["cppo_native", "cppo_native_torch", "torch", "numpy"]
+    if not opts.no_compile:
+        methods += ["torch_compile", "cppo_native_torch_compile"]
     results = {"machine": machine(), "knobs": KNOBS, "cases": []}
     for b, l in cases:
         data = batch(b, l)
@@ -129,12 +149,14 @@ def main():
         ours = runner("cppo_native", data, None)()
         theirs = runner("torch", data, None)().numpy()
         case["mismatches_vs_torch"] = int((ours != theirs).sum())
+        # The torch backend obeys the spec's tie rule; count any difference from native.
+        case["mismatches_torch_backend_vs_native"] = int((ours != runner("cppo_native_torch", data, None)().numpy()).sum())
         for threads in (1, 2):
             torch.set_num_threads(threads)
             for method in methods:
                 if method == "numpy" and threads == 2:
                     continue  # NumPy's elementwise ops are single-threaded
-                med, best, reps = time_it(runner(method, data, threads))
+                med, best, reps = time_it(runner(method, data, threads), min_time=min_time)
                 entry = case["methods"].setdefault(method, {})
                 entry[f"threads_{threads}"] = {
                     "median_s": med,
@@ -149,15 +171,20 @@ def main():
         for threads in (1, 2):
             key = f"threads_{threads}"
             case[f"speedup_vs_torch_{key}"] = case["methods"]["torch"][key]["median_s"] / ours[key]["median_s"]
-            if "torch_compile" in case["methods"]:
-                case[f"speedup_vs_torch_compile_{key}"] = case["methods"]["torch_compile"][key]["median_s"] / ours[key]["median_s"]
+            for other in ("torch_compile", "cppo_native_torch", "cppo_native_torch_compile"):
+                if other in case["methods"]:
+                    case[f"speedup_vs_{other}_{key}"] = case["methods"][other][key]["median_s"] / ours[key]["median_s"]
         case["speedup_vs_numpy_threads_1"] = case["methods"]["numpy"]["threads_1"]["median_s"] / ours["threads_1"]["median_s"]
         case["thread_scaling_1_to_2"] = ours["threads_1"]["median_s"] / ours["threads_2"]["median_s"]
         case["output_bytes"] = b * l  # the bool mask
-        case["peak_extra_memory_bytes"] = {m: peak_extra_memory(m, data, 2) for m in ("cppo_native", "torch", "numpy")}
+        if not opts.tiny:
+            case["peak_extra_memory_bytes"] = {
+                m: peak_extra_memory(m, data, 2) for m in ("cppo_native", "cppo_native_torch", "torch", "numpy")
+            }
         print(f"    speed-up vs torch: 1 thread {case['speedup_vs_torch_threads_1']:.1f}x, "
-              f"2 threads {case['speedup_vs_torch_threads_2']:.1f}x; 1->2 threads {case['thread_scaling_1_to_2']:.2f}x; "
-              f"peak extra MB {({k: round(v / 2**20, 1) for k, v in case['peak_extra_memory_bytes'].items()})}",
+              f"2 threads {case['speedup_vs_torch_threads_2']:.1f}x; vs cppo_native_torch: 1 thread "
+              f"{case['speedup_vs_cppo_native_torch_threads_1']:.1f}x; 1->2 threads {case['thread_scaling_1_to_2']:.2f}x; "
+              f"peak extra MB {({k: round(v / 2**20, 1) for k, v in case.get('peak_extra_memory_bytes', {}).items()})}",
               flush=True)
         results["cases"].append(case)
     results["machine"]["loadavg_at_end"] = os.getloadavg()[0]

@@ -193,7 +193,7 @@ def test_config_forms_and_defaults():
     s1 = cv.cppo_settings(flat, 24)
     assert s1 == cv.cppo_settings(nested, 24)
     assert s1 == dict(delta=0.2, delta_b=0.01, w_min=0.9, budget_quantile=0.9, budget_scale=1.0, adaptive_budget=True,
-                      horizon="sequence", divergence="binary_tv", clip_ratio_c=10.0, budget_ceiling=2.0,
+                      horizon="sequence", divergence="binary_tv", backend="native", clip_ratio_c=10.0, budget_ceiling=2.0,
                       position_weight=True, shuffle_seed=0, prefix_budget=True)
     s5 = cv.cppo_settings({"clip_ratio": 0.2, "policy_loss": {"cppo_delta_b_max_mult": 5}}, 24)
     assert s5["budget_ceiling"] == 5
@@ -206,6 +206,8 @@ def test_config_forms_and_defaults():
         cv.cppo_settings({"clip_ratio": 0.2, "policy_loss": {"cppo_horizon": "full"}}, 24)
     with pytest.raises(ValueError, match="cppo_divergence"):
         cv.cppo_settings({"clip_ratio": 0.2, "policy_loss": {"cppo_divergence": "topk_tv"}}, 24)
+    with pytest.raises(ValueError, match="cppo_backend"):
+        cv.cppo_settings({"clip_ratio": 0.2, "policy_loss": {"cppo_backend": "cupy"}}, 24)
     with pytest.raises(ValueError, match="actor.clip_ratio"):
         cv.cppo_settings({"policy_loss": {}}, 24)
     with pytest.raises(ValueError, match="needs verl's actor config"):
@@ -213,6 +215,26 @@ def test_config_forms_and_defaults():
     with pytest.raises(ValueError, match=r"w_min must be in \(0, 1\]"):
         cv.compute_policy_loss_cppo(lq, lp, adv, mask, "token-mean",
                                     {"clip_ratio": 0.2, "policy_loss": {"cppo_w_min": 0.0}})
+
+
+@pytest.mark.parametrize("loss_mode", ["cppo", "cppo_soft"])
+def test_cppo_backend_torch_equals_native(loss_mode):
+    """policy_loss.cppo_backend="torch" computes the mask with torch operations; on the
+    same batch loss, gradient and metrics equal the native backend's (spec tolerance)."""
+    fn = core_algos.get_policy_loss_fn(loss_mode)
+    lp0, lq, adv, mask = random_batch(6)
+    out = {}
+    for backend in ("native", "torch"):
+        config = actor_config(cppo_backend=backend)
+        assert cv.cppo_settings(config, lp0.shape[-1])["backend"] == backend
+        lp = lp0.clone().requires_grad_(True)
+        loss, metrics = fn(lq, lp, adv, mask, "token-mean", config)
+        loss.backward()
+        out[backend] = (loss.detach(), lp.grad, metrics)
+    torch.testing.assert_close(out["torch"][0], out["native"][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out["torch"][1], out["native"][1], rtol=1e-6, atol=1e-7)
+    for k, v in out["native"][2].items():
+        assert out["torch"][2][k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
 
 
 def test_verls_stock_policy_loss_config_rejects_the_keys():

@@ -76,6 +76,7 @@ def cppo_mask(
     return_info: bool = False,
     validate: bool = True,
     num_threads: Optional[int] = None,
+    backend: str = "native",
 ):
     """CPPO token mask (paper Eq. 10): which token terms the policy loss keeps.
 
@@ -102,9 +103,15 @@ def cppo_mask(
             token, ``[B]`` is per row) and raises where both fit (a packed batch with as
             many tokens as rows); ``True``/``False`` says which.
         return_info: also return a :class:`MaskInfo` from the same pass.
-        validate: on CUDA, check values at valid positions (one host read of an error
-            flag). The CPU backend always validates (it costs nothing measurable).
-        num_threads: CPU threads (default: all cores).
+        validate: on CUDA and with ``backend="torch"``, check values at valid positions
+            (one host read). The native CPU backend always validates (it costs nothing
+            measurable).
+        num_threads: CPU threads of the native backend (default: all cores).
+        backend: ``"native"`` (default: Rust on CPU, CUDA kernels through CuPy on GPU) or
+            ``"torch"``: float64 torch operations on the inputs' device, held to the
+            spec's tolerance rule (docs/semantics.md, "Backends"). Never chosen
+            implicitly. With ``"torch"``, NumPy inputs are computed on the CPU through
+            ``torch.from_numpy`` and come back as NumPy arrays.
 
     Returns:
         ``mask`` (bool, the log-probs' shape, same framework and device as the input),
@@ -121,12 +128,13 @@ def cppo_mask(
         divergence=divergence,
     )
     num_threads = check_num_threads(num_threads)
+    backend = dispatch.check_backend(backend)
     prep = dispatch.prepare_mask_inputs(
         log_probs, old_log_probs, advantages, response_mask, _divergence_array(divergence), cu_seqlens,
-        per_row_advantages,
+        per_row_advantages, backend=backend,
     )
     mask, reason, threshold, gate, row_budget, counts = dispatch.run_mask(
-        prep, params, return_info=return_info, validate=validate, num_threads=num_threads
+        prep, params, return_info=return_info, validate=validate, num_threads=num_threads, backend=backend
     )
     if not return_info:
         return mask

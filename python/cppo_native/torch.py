@@ -25,7 +25,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without torch
     raise ImportError("cppo_native.torch needs PyTorch: pip install torch (or, from a cppo-native checkout, pip install '.[torch]')") from exc
 
-from .mask import cppo_mask
+from .ops import binary_divergence, mask_with_info
 
 LOSS_AGG_MODES = (
     "token-mean",
@@ -234,6 +234,8 @@ def cppo_policy_loss(
     loss_scale_factor: Any = None,
     validate: bool = True,
     num_threads: Optional[int] = None,
+    backend: str = "native",
+    metrics_as_tensors: bool = False,
 ):
     """CPPO policy loss (spec "Loss (paper Eq. 11)") and its metrics.
 
@@ -255,10 +257,18 @@ def cppo_policy_loss(
             see :func:`aggregate_loss`.
         token_weights: optional detached per-token factors (e.g. rollout IS weights).
         validate, num_threads: passed to the mask.
+        backend: the mask's backend, ``"native"`` (default) or ``"torch"`` (float64 torch
+            operations on the tensors' device), as :func:`cppo_native.cppo_mask`.
+        metrics_as_tensors: return the metrics as 0-d float64 tensors on the device
+            (no host read) instead of Python floats. Needed under
+            ``torch.compile(..., fullgraph=True)``: reading floats is a graph break.
+
+    The mask runs through the custom op ``torch.ops.cppo_native.mask``
+    (:mod:`cppo_native.ops`), so that ``torch.compile`` traces this function whole.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a scalar tensor; ``metrics`` a dict of Python
-        floats over valid tokens: ``masked_frac`` and the share of each reason
+        floats (0-d tensors with ``metrics_as_tensors=True``) over valid tokens: ``masked_frac`` and the share of each reason
         (``kept_toward_mu_frac``, ``kept_within_threshold_frac``,
         ``masked_token_threshold_frac``, ``masked_prefix_budget_frac``),
         ``row_budget_mean`` (delta_b_row over rows with a valid token),
@@ -282,14 +292,15 @@ def cppo_policy_loss(
     if given_d:
         _tensor(divergence, "divergence")
     with torch.no_grad():
-        keep, info = cppo_mask(
-            log_probs.detach(), old_log_probs.detach(), advantages.detach(), response_mask,
+        keep, info = mask_with_info(
+            log_probs.detach(), old_log_probs.detach(), advantages.detach(),
+            None if response_mask is None else response_mask.detach(),
             delta=delta, delta_b=delta_b, w_min=w_min, horizon=horizon, adaptive_budget=adaptive_budget,
             budget_quantile=budget_quantile, budget_scale=budget_scale, budget_ceiling=budget_ceiling,
             position_weight=position_weight,
             shuffle_seed=shuffle_seed, prefix_budget=prefix_budget,
             divergence=divergence.detach() if given_d else divergence,
-            return_info=True, validate=validate, num_threads=num_threads,
+            validate=validate, num_threads=num_threads, backend=backend,
         )
     weight = info.gate if soft else keep
     loss, _ = masked_policy_loss(
@@ -298,14 +309,12 @@ def cppo_policy_loss(
         batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
     )
     metrics = _cppo_metrics(log_probs, old_log_probs, response_mask, keep, info, weight, divergence, soft,
-                            clip_ratio_c, delta_b, num_threads)
+                            clip_ratio_c, delta_b, num_threads, backend, metrics_as_tensors)
     return loss, metrics
 
 
 def _cppo_metrics(log_probs, old_log_probs, response_mask, keep, info, weight, divergence, soft, clip_ratio_c,
-                  delta_b, num_threads) -> dict:
-    from . import divergence as dv
-
+                  delta_b, num_threads, backend, as_tensors) -> dict:
     dev = log_probs.device
     f64 = torch.float64
     valid = _valid_flags(response_mask, log_probs)
@@ -320,8 +329,9 @@ def _cppo_metrics(log_probs, old_log_probs, response_mask, keep, info, weight, d
             return torch.where(valid, x.to(f64), zero).sum() / denom
 
         if divergence is None or isinstance(divergence, str):
-            fn = dv.binary_kl if divergence == "binary_kl" else dv.binary_tv
-            d = fn(log_probs.detach(), old_log_probs.detach(), valid, validate=False, num_threads=num_threads)
+            d = binary_divergence(log_probs.detach(), old_log_probs.detach(), valid,
+                                  kind="kl" if divergence == "binary_kl" else "tv", validate=False,
+                                  num_threads=num_threads, backend=backend)
         else:
             d = divergence.detach()
         log_ratio = (lp - lq).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -355,5 +365,8 @@ def _cppo_metrics(log_probs, old_log_probs, response_mask, keep, info, weight, d
         if soft:
             values.append(mean(info.gate.to(dev)))
             names.append("gate_mean")
-        host = torch.stack([v.to(f64).reshape(()) for v in values]).tolist()  # one device->host read
+        stacked = torch.stack([v.to(f64).reshape(()) for v in values])
+        if as_tensors:
+            return dict(zip(names, stacked.unbind()))
+        host = stacked.tolist()  # one device->host read
     return dict(zip(names, host))

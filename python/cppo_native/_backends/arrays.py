@@ -123,6 +123,40 @@ def from_numpy(arr: np.ndarray, source: Source) -> Any:
     return arr
 
 
+# ---------------------------------------------------------------------------------------
+# The torch backend: everything becomes a torch tensor on the caller's device.
+
+
+def to_torch(x: Any, name: str) -> Any:
+    """A torch tensor of an input (zero-copy where the framework allows): torch tensors
+    detached, NumPy arrays through ``torch.from_numpy``, anything else through DLPack."""
+    t = _torch()
+    if t is None:  # pragma: no cover - the torch backend is chosen explicitly
+        raise ImportError('backend="torch" needs PyTorch: pip install torch')
+    if isinstance(x, t.Tensor):
+        return x.detach()
+    if isinstance(x, np.ndarray):
+        if not x.dtype.isnative:
+            x = x.astype(x.dtype.newbyteorder("="))
+        if not x.flags.writeable:  # torch.from_numpy warns on read-only arrays; never written
+            x = x.copy()
+        return t.from_numpy(x)
+    return t.from_dlpack(x)
+
+
+def from_torch(x: Any, source: Source) -> Any:
+    """A torch backend's result in the caller's framework: torch tensors for torch
+    inputs, NumPy for NumPy (and CPU DLPack) inputs, CuPy for CuPy inputs; other CUDA
+    DLPack producers get torch tensors."""
+    if source.framework == "torch":
+        return x
+    if source.device == "cpu":
+        return x.numpy()
+    if source.framework == "cupy":
+        return sys.modules["cupy"].from_dlpack(x)
+    return x
+
+
 def import_dlpack_cpu(x: Any, name: str) -> Any:
     """A CPU DLPack producer as a NumPy array, or a torch tensor for dtypes NumPy lacks
     (bfloat16)."""

@@ -1,8 +1,13 @@
-"""Backend choice: the one place that branches on the device.
+"""Backend choice: the one place that branches on the device and on ``backend``.
 
 ``run_mask`` takes checked knobs and caller arrays, prepares them once
-(:mod:`.prepare`), runs the Rust CPU backend or the CUDA backend, and hands the
-results back in the caller's framework on the caller's device.
+(:mod:`.prepare`), runs the chosen backend and hands the results back in the caller's
+framework on the caller's device:
+
+- ``backend="native"`` (default): the Rust CPU backend for CPU arrays, the CUDA backend
+  (CuPy kernels) for CUDA arrays; a CUDA input without CuPy raises ImportError.
+- ``backend="torch"``: float64 torch operations (:mod:`.torch_ops`) on the inputs'
+  device, chosen explicitly only; never a fallback.
 """
 
 from __future__ import annotations
@@ -10,25 +15,40 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .._core.params import MaskParams
-from .arrays import Prepared, from_numpy
+from .arrays import Prepared, from_numpy, from_torch
 from .prepare import prepare
+
+BACKENDS = ("native", "torch")
+
+
+def check_backend(backend: Any) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f'backend must be "native" or "torch", got {backend!r}')
+    return backend
 
 
 def prepare_mask_inputs(log_probs, old_log_probs, advantages, response_mask, divergence, cu_seqlens,
-                        per_row_advantages) -> Prepared:
+                        per_row_advantages, backend: str = "native") -> Prepared:
     """Checked and converted inputs of a mask call (``divergence``: an array or None)."""
-    return prepare(log_probs, old_log_probs, advantages, response_mask, divergence, cu_seqlens, per_row_advantages)
+    return prepare(log_probs, old_log_probs, advantages, response_mask, divergence, cu_seqlens, per_row_advantages,
+                   backend=check_backend(backend))
 
 
 def run_mask(prep: Prepared, params: MaskParams, *, return_info: bool, validate: bool,
-             num_threads: Optional[int], want_gate: bool = True) -> tuple:
+             num_threads: Optional[int], want_gate: bool = True, backend: str = "native") -> tuple:
     """``(mask, reason, threshold, gate, row_budget, counts)`` in the caller's framework,
-    shaped like the caller's log-probs (info entries None unless ``return_info``)."""
-    if prep.source.device == "cpu":
+    shaped like the caller's log-probs (info entries None unless ``return_info``).
+    ``prep`` must come from :func:`prepare_mask_inputs` with the same ``backend``."""
+    if check_backend(backend) == "torch":
+        from . import torch_ops
+
+        out = torch_ops.compute(prep, params, return_info, validate)
+        wrap: Any = from_torch
+    elif prep.source.device == "cpu":
         from . import cpu
 
         out = cpu.compute(prep, params, return_info, num_threads or 0, want_gate=want_gate)
-        wrap: Any = from_numpy
+        wrap = from_numpy
     else:
         from .cuda import mask as cuda_mask
 

@@ -12,15 +12,31 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .arrays import FLOAT_DTYPES, Prepared, Source, check_float, check_mask, dtype_name, import_dlpack_cpu, source_of, to_numpy
+from .arrays import (
+    FLOAT_DTYPES,
+    Prepared,
+    Source,
+    _is_torch,
+    _torch,
+    check_float,
+    check_mask,
+    dtype_name,
+    import_dlpack_cpu,
+    source_of,
+    to_numpy,
+    to_torch,
+)
 
 
-def _adopt(x: Any, source: Source, name: str) -> Any:
+def _adopt(x: Any, source: Source, name: str, backend: str = "native") -> Any:
     """A generic DLPack producer as an array of a framework we know (zero-copy): NumPy on
-    CPU, CuPy on CUDA, or a torch tensor where those cannot hold the dtype (bfloat16).
-    NumPy, torch and CuPy inputs pass through unchanged."""
+    CPU, CuPy on CUDA, or a torch tensor where those cannot hold the dtype (bfloat16);
+    for the torch backend always a torch tensor. NumPy, torch and CuPy inputs pass
+    through unchanged."""
     if source.framework != "dlpack":
         return x
+    if backend == "torch":
+        return _torch().from_dlpack(x)
     if source.device == "cpu":
         return import_dlpack_cpu(x, name)
     from .cuda.mask import import_dlpack
@@ -54,8 +70,12 @@ def prepare(
     cu_seqlens: Any,
     per_row_advantages: Optional[bool] = None,
     convert: Optional[Callable[[Any, str], Any]] = None,
+    backend: str = "native",
 ) -> Prepared:
-    """Validate shapes/dtypes/devices of the caller's arrays and convert them."""
+    """Validate shapes/dtypes/devices of the caller's arrays and convert them: to NumPy
+    (CPU) or CuPy (CUDA) for the native backends, to torch tensors on the caller's
+    device for ``backend="torch"`` (``convert`` overrides the choice, e.g. for the CUDA
+    emulator in the tests)."""
     log_probs, old_log_probs = _list_array(log_probs, "log_probs"), _list_array(old_log_probs, "old_log_probs")
     advantages, response_mask = _list_array(advantages, "advantages"), _list_array(response_mask, "response_mask")
     divergence, cu_seqlens = _list_array(divergence, "divergence"), _list_array(cu_seqlens, "cu_seqlens")
@@ -71,16 +91,17 @@ def prepare(
             raise ValueError(
                 f"all arrays must be on one device: log_probs is on {src.describe()}, {name} is on {s.describe()}"
             )
-    named = [(name, _adopt(x, sources[name], name)) for name, x in named]
+    named = [(name, _adopt(x, sources[name], name, backend)) for name, x in named]
     advantages, response_mask = named[2][1], dict(named).get("response_mask")
 
-    if convert is None:
-        if src.device == "cpu":
-            convert = to_numpy
-        else:
-            from .cuda.mask import to_cupy
+    if convert is None and backend == "torch":
+        convert = to_torch
+    elif convert is None and src.device == "cpu":
+        convert = to_numpy
+    elif convert is None:
+        from .cuda.mask import to_cupy
 
-            convert = to_cupy
+        convert = to_cupy
 
     for name, x in named:
         if name in ("log_probs", "old_log_probs", "divergence"):
@@ -109,7 +130,7 @@ def prepare(
             raise ValueError(
                 f"all arrays must be on one device: log_probs is on {src.describe()}, cu_seqlens is on {cu_src.describe()}"
             )
-        cu_seqlens = _adopt(cu_seqlens, cu_src, "cu_seqlens")
+        cu_seqlens = _adopt(cu_seqlens, cu_src, "cu_seqlens", backend)
         cu_dt = dtype_name(cu_seqlens)
         if not cu_dt.startswith(("int", "uint")):
             raise TypeError(f"cu_seqlens: dtype {cu_dt} is not supported; use an integer dtype")
@@ -154,7 +175,7 @@ def prepare(
     if per_row:
         adv = adv.reshape(num_rows)
     if not dtype_name(adv).startswith(("float", "bfloat")) and not (bf16["advantages"]):
-        adv = adv.astype("float64")
+        adv = adv.to(_torch().float64) if _is_torch(adv) else adv.astype("float64")
     arrays["advantages"] = adv
     return Prepared(
         log_probs=arrays["log_probs"],

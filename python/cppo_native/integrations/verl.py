@@ -29,7 +29,9 @@ Configuration (``actor_rollout_ref.actor.*``), the keys public verl CPPO users w
   ``cppo_horizon`` (``"sequence"``, ``"padded"`` = the micro-batch's padded response
   length, as verl's public recipe does, or an int), ``cppo_divergence`` (``"binary_tv"``
   or ``"binary_kl"``), ``cppo_position_weight``, ``cppo_shuffle_seed``,
-  ``cppo_prefix_budget``. Also read from a nested ``policy_loss.cppo`` mapping.
+  ``cppo_prefix_budget``; and ``cppo_backend`` (``"native"``, the default: Rust on
+  CPU, CUDA kernels through CuPy on GPU; ``"torch"``: float64 torch operations on the
+  tensors' device, no CuPy needed). Also read from a nested ``policy_loss.cppo`` mapping.
 
 verl 0.9.1's ``PolicyLossConfig`` dataclass rejects unknown keys, so point its
 ``_target_`` at :class:`CPPOPolicyLossConfig` (a subclass with these fields), see
@@ -83,6 +85,8 @@ VERL_KEYS = {
 # value names the estimator instead of None.
 _DEFAULT_OVERRIDES = {"adaptive_budget": True, "divergence": "binary_tv"}
 DEFAULTS = {key: _DEFAULT_OVERRIDES.get(name, defaults(paper=True)[name]) for key, name in VERL_KEYS.items()}
+# Not a CPPO knob: which implementation computes the mask (cppo_native.cppo_mask's backend).
+DEFAULTS["cppo_backend"] = "native"
 
 
 @dataclass
@@ -100,6 +104,7 @@ class CPPOPolicyLossConfig(_PolicyLossConfig):
     cppo_position_weight: Any = True
     cppo_shuffle_seed: int = 0
     cppo_prefix_budget: bool = True
+    cppo_backend: str = "native"
 
 
 _MISSING = object()
@@ -134,7 +139,7 @@ def cppo_settings(config: Any, padded_length: int) -> dict:
         if v is _MISSING or v is None:
             v = _lookup(nested, key)
         values[key] = default if v is _MISSING or v is None else v
-    knobs = {VERL_KEYS[key]: value for key, value in values.items()}
+    knobs = {VERL_KEYS[key]: value for key, value in values.items() if key in VERL_KEYS}
     horizon = knobs["horizon"]
     if horizon == "padded":
         knobs["horizon"] = max(int(padded_length), 1)
@@ -147,11 +152,14 @@ def cppo_settings(config: Any, padded_length: int) -> dict:
             f'policy_loss.cppo_divergence must be "binary_tv" or "binary_kl", got {knobs["divergence"]!r}'
         )
     knobs["delta"] = delta
+    backend = values["cppo_backend"]
+    if backend not in ("native", "torch"):
+        raise ValueError(f'policy_loss.cppo_backend must be "native" or "torch", got {backend!r}')
     try:
         make_params(**knobs)  # the table's checks, with verl's key names in the message
     except (TypeError, ValueError) as exc:
         raise type(exc)(_verl_names(str(exc))) from None
-    return dict(knobs, clip_ratio_c=20.0 if clip_c is _MISSING or clip_c is None else float(clip_c))
+    return dict(knobs, backend=backend, clip_ratio_c=20.0 if clip_c is _MISSING or clip_c is None else float(clip_c))
 
 
 def _verl_names(message: str) -> str:

@@ -73,8 +73,9 @@ def _require_cupy():
         import cupy
     except ImportError as exc:
         raise ImportError(
-            f"cppo_native got CUDA arrays but CuPy is not installed ({exc}). The GPU path needs it: "
-            f"{install_hint()}. CPU inputs do not need CuPy."
+            f"cppo_native got CUDA arrays but CuPy is not installed ({exc}). The native GPU backend "
+            f"needs it: {install_hint()}. Or pass backend=\"torch\" to compute the mask with torch "
+            f"operations on the GPU (no CuPy). CPU inputs do not need CuPy."
         ) from exc
     return cupy
 
