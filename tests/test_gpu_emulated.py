@@ -287,11 +287,13 @@ def test_at_most_four_launches_and_one_pass_over_tiles():
         (dict(KNOBS, adaptive_budget=True), ["cppo_stats", "cppo_rows", "cppo_mask_tiles"]),
         (dict(KNOBS, position_weight="shuffled"), ["cppo_shuffle", "cppo_stats", "cppo_rows", "cppo_mask_tiles"]),
     ]:
-        ex = EmuExecutor(build(SMALL))
+        ex = EmuExecutor(SMALL)
         emulated_mask(lp, lp - 0.01, np.ones(3), executor=ex, **knobs)
-        assert [name for name, _, _ in ex.launches] == expect
+        assert [name for name, _, _, _ in ex.launches] == expect
+        # one instantiation per dtype set: float64 inputs, no divergence array, no mask
+        assert {full for _, _, _, full in ex.launches} == {f"{n}<0, 0, 0, 4, 0>" for n in expect}
         tiles = -(-3000 // (SMALL["CPPO_BLOCK"] * SMALL["CPPO_ITEMS"]))
-        assert dict((n, g) for n, g, _ in ex.launches)["cppo_mask_tiles"] == tiles
+        assert dict((n, g) for n, g, _, _ in ex.launches)["cppo_mask_tiles"] == tiles
 
 
 def test_inputs_untouched():
@@ -444,15 +446,21 @@ class FakeCupyArray:
         return np.asarray(self._a, dtype=dtype)
 
 
-def _fake_cupy(lib, calls):
+def _fake_cupy(geometry, calls, modules):
     import types
 
     class Module:
-        def __init__(self, code, options):
+        def __init__(self, code, options, name_expressions):
             assert code == _cuda.kernel_source()
             assert options == _cuda.compile_options()
+            self.names = name_expressions
+            self.lib = build(geometry, tuple(int(t) for t in name_expressions[0].split("<")[1][:-1].split(",")))
+            modules.append(name_expressions)
 
         def get_function(self, name):
+            assert name in self.names  # only name expressions given at compile time resolve
+            lib = self.lib
+
             def launch(grid, block, args):
                 (struct_arg,) = args
                 assert isinstance(struct_arg, np.ndarray) and struct_arg.shape == (1,)
@@ -467,7 +475,7 @@ def _fake_cupy(lib, calls):
     cp = types.ModuleType("cupy")
     cp.ndarray = FakeCupyArray
     cp.int16 = np.int16
-    cp.RawModule = lambda code, options: Module(code, options)
+    cp.RawModule = lambda code, options, name_expressions: Module(code, options, name_expressions)
     cp.empty = lambda n, dtype: FakeCupyArray(np.empty(n, dtype=dtype))
     cp.asarray = lambda a: FakeCupyArray(np.ascontiguousarray(a))
     cp.cuda = types.SimpleNamespace(Device=_FakeDevice)
@@ -476,9 +484,9 @@ def _fake_cupy(lib, calls):
 
 def test_public_api_through_the_cupy_executor(monkeypatch):
     geometry = dict(_cuda.GEOMETRY)
-    lib = build(geometry)
     calls: list = []
-    cp = _fake_cupy(lib, calls)
+    modules: list = []
+    cp = _fake_cupy(geometry, calls, modules)
     monkeypatch.setitem(sys.modules, "cupy", cp)
     monkeypatch.setattr(_cuda, "_MODULES", {})
     rng = np.random.default_rng(4)
@@ -489,7 +497,9 @@ def test_public_api_through_the_cupy_executor(monkeypatch):
     knobs = dict(KNOBS, adaptive_budget=True)
     mask, info = cppo_native.cppo_mask(cp.asarray(lp), cp.asarray(lq), cp.asarray(adv), cp.asarray(valid),
                                        return_info=True, **knobs)
-    assert calls == ["cppo_stats", "cppo_rows", "cppo_mask_tiles"]
+    targs = "0, 0, 0, 4, 1"  # float64 inputs, computed divergence, 1-byte mask
+    assert calls == [f"cppo_stats<{targs}>", f"cppo_rows<{targs}>", f"cppo_mask_tiles<{targs}>"]
+    assert modules == [tuple(f"{k}<{targs}>" for k in _cuda.KERNELS)]
     assert isinstance(mask, FakeCupyArray) and isinstance(info.reason, FakeCupyArray)
     case = Case(lp, lq, adv, valid, None, None, knobs)
     ref = cppo_mask_reference(*case.args(), **case.kwargs())
@@ -499,3 +509,82 @@ def test_public_api_through_the_cupy_executor(monkeypatch):
     valid[1, 3] = True
     with pytest.raises(ValueError, match=r"log_probs must be finite and <= 0 .* \(row 1, column 3\)"):
         cppo_native.cppo_mask(cp.asarray(lp_bad), cp.asarray(lq), cp.asarray(adv), cp.asarray(valid), **knobs)
+    assert len(modules) == 1  # compiled once per device and dtype set, functions cached
+
+
+# ---------------------------------------------------------------------------------------
+# Exact widening (spec: inputs widened exactly, subnormals included, whatever the
+# compiler's flush-to-zero flags). The kernels widen float32/float16/bfloat16 from their
+# bits with integer operations and float64 arithmetic (test_gpu.py checks the PTX under
+# CuPy's -ftz=true has no float32 -> float64 conversion); here the same code runs on the
+# CPU against NumPy's exact conversions.
+
+
+def _widen(code, raw):
+    import ctypes
+
+    lib = build(SMALL)
+    raw = np.ascontiguousarray(raw)
+    out = np.empty(raw.size, dtype=np.float64)
+    assert lib.emu_widen(ctypes.c_int(code), raw.ctypes.data_as(ctypes.c_void_p),
+                         out.ctypes.data_as(ctypes.c_void_p), ctypes.c_ulong(raw.size)) == 0
+    return out
+
+
+def _same_bits(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint64), want[~nan].view(np.uint64))  # -0.0 kept too
+
+
+def test_widening_is_exact_for_every_half_and_bfloat16_pattern():
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    _same_bits(_widen(2, bits), bits.view(np.float16).astype(np.float64))
+    bf16 = torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16).to(torch.float64).numpy()
+    _same_bits(_widen(3, bits), bf16)
+
+
+def test_widening_is_exact_for_float32_subnormals_and_edges():
+    rng = np.random.default_rng(0)
+    sub = np.arange(0, 1 << 23, 97, dtype=np.uint32)  # subnormal mantissas (and zero)
+    edges = np.array([0, 1, 2, 0x7FFFFF, 0x800000, 0x800001, 0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FC00000,
+                      0x3F800000, 0x00400000], dtype=np.uint32)
+    bits = np.concatenate([sub, edges, rng.integers(0, 1 << 32, size=200_000, dtype=np.uint64).astype(np.uint32)])
+    bits = np.concatenate([bits, bits | np.uint32(0x80000000)])
+    with np.errstate(invalid="ignore"):  # NaN patterns (compared as NaN only)
+        want = bits.view(np.float32).astype(np.float64)
+    _same_bits(_widen(1, bits), want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_subnormal_inputs_are_not_flushed(dtype):
+    """Subnormal advantages, log-probs and divergences of the input dtype: a positive
+    subnormal advantage with lp > lq moves away from mu (flushed to 0 it would count as
+    toward mu and be kept), a subnormal divergence is within the threshold."""
+    tdt = getattr(torch, dtype)
+    tiny = float(torch.finfo(tdt).smallest_normal) / 4  # a subnormal of that dtype
+    n = 300
+    lp = np.full((2, n), -0.5)
+    lq = np.full((2, n), -2.0)  # D = |e^-0.5 - e^-2| = 0.47 > delta: masked unless toward mu
+    adv = np.full((2, n), tiny)
+    adv[1] = -tiny
+    lp[:, ::7] = -tiny  # subnormal log-probs (still <= 0, valid)
+    div = np.full((2, n), 0.3)
+    div[:, ::5] = tiny
+
+    def low(a):
+        t = torch.from_numpy(a).to(tdt)
+        return t, t.to(torch.float64).numpy()
+
+    (lp_t, lp64), (lq_t, lq64), (adv_t, adv64), (div_t, div64) = low(lp), low(lq), low(adv), low(div)
+    assert (np.abs(adv64) > 0).all() and (np.abs(adv64) < float(torch.finfo(tdt).smallest_normal)).all()
+    for given in (False, True):
+        knobs = dict(KNOBS, adaptive_budget=True)
+        mask, info = emulated_mask(lp_t, lq_t, adv_t, divergence=div_t if given else None, return_info=True, **knobs)
+        case = Case(lp64, lq64, adv64, None, div64 if given else None, None, knobs)
+        ref = cppo_mask_reference(*case.args(), **case.kwargs())
+        assert_within_tolerance(mask, info, ref)
+        reason = np.asarray(info["reason"])
+        assert (reason[1] == 1).all()  # negative advantage, lp > lq: toward mu
+        assert (reason[0] != 1).any()  # positive subnormal advantage: not toward mu

@@ -43,23 +43,30 @@ GEOMETRY = {
 }
 COMPILE_OPTIONS = ("-std=c++17", "--fmad=false")
 KERNELS = ("cppo_shuffle", "cppo_stats", "cppo_rows", "cppo_mask_tiles")
+# What CuPy 14.2 appends to a RawModule's options (cupy/cuda/compiler.py,
+# _compile_with_cache_cuda and _compile_using_nvrtc_no_warning; include paths aside).
+# The kernels must be exact under these: tests/nvrtc.py compiles with exactly them.
+CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 
 _NSTAT = 10  # doubles per piece statistic (ST_* in the .cu)
 _NO_ERROR = (1 << 64) - 1
 
-# dtype codes shared with the .cu
+# dtype codes shared with the .cu (template parameters of every kernel)
 _FLOAT_CODES = {"float64": 0, "float32": 1, "float16": 2}
 _BF16 = 3
+_F_NONE = 4  # no divergence array
+# valid flags: (element width, bits that make a flag set); floats ignore the sign bit
+# (-0.0 is not valid, NaN is), bfloat16 is read as its 16-bit pattern like float16.
 _MASK_CODES = {
-    "bool": 1, "int8": 1, "uint8": 1,
-    "int16": 2, "uint16": 2,
-    "int32": 3, "uint32": 3,
-    "int64": 4, "uint64": 4,
-    "float16": 5,
-    "float32": 6,
-    "float64": 7,
+    "bool": (1, 0xFF), "int8": (1, 0xFF), "uint8": (1, 0xFF),
+    "int16": (2, 0xFFFF), "uint16": (2, 0xFFFF),
+    "int32": (4, 0xFFFFFFFF), "uint32": (4, 0xFFFFFFFF),
+    "int64": (8, (1 << 64) - 1), "uint64": (8, (1 << 64) - 1),
+    "float16": (2, 0x7FFF),
+    "float32": (4, 0x7FFFFFFF),
+    "float64": (8, (1 << 63) - 1),
 }
-_MASK_BF16 = 5  # bfloat16 bits: zero iff the 15 low bits are zero, like float16
+_MASK_BF16 = (2, 0x7FFF)
 _OFFSET_CODES = {"int64": 0, "uint64": 0, "int32": 1, "uint32": 2}
 
 
@@ -122,17 +129,27 @@ def compile_options(geometry: Optional[dict] = None) -> tuple:
     return COMPILE_OPTIONS + tuple(f"-D{k}={v}" for k, v in geometry.items())
 
 
-_MODULES: dict = {}  # device id -> {kernel name: cupy RawKernel function}
+def kernel_name(kernel: str, targs: tuple) -> str:
+    """The NVRTC name expression of one instantiation, e.g. 'cppo_stats<1, 1, 1, 4, 1>'
+    (template arguments: log_probs, old_log_probs, advantages, divergence dtype codes and
+    the valid flags' width)."""
+    return f"{kernel}<{', '.join(str(int(t)) for t in targs)}>"
 
 
-def _functions(cupy, device_id: int) -> dict:
-    """The kernels compiled for one device (CuPy's NVRTC, cached per device and on disk)."""
-    fns = _MODULES.get(device_id)
+_MODULES: dict = {}  # (device id, template args) -> {kernel: cupy RawKernel function}
+
+
+def _functions(cupy, device_id: int, targs: tuple) -> dict:
+    """The kernels of one dtype set compiled for one device (CuPy's NVRTC with name
+    expressions; cached here per device and dtype set, and on disk by CuPy)."""
+    key = (device_id, targs)
+    fns = _MODULES.get(key)
     if fns is None:
+        names = tuple(kernel_name(k, targs) for k in KERNELS)
         with cupy.cuda.Device(device_id):
-            module = cupy.RawModule(code=kernel_source(), options=compile_options())
-            fns = {name: module.get_function(name) for name in KERNELS}
-        _MODULES[device_id] = fns
+            module = cupy.RawModule(code=kernel_source(), options=compile_options(), name_expressions=names)
+            fns = {name: module.get_function(name) for name in names}
+        _MODULES[key] = fns
     return fns
 
 
@@ -255,17 +272,42 @@ def _strides(arr: Any) -> tuple:
     return (s[0] // item if s else 0), 0
 
 
+def _ceiling(params: MaskParams) -> float:
+    return float(getattr(params, "budget_ceiling", 2.0))
+
+
 def _window(params: MaskParams) -> tuple:
     """Bounds on D outside which the adaptive budget is clamped anyway: Q <= lo gives
-    delta_b, Q >= hi gives 2 delta_b (checked in float64, as the kernel computes)."""
-    k, b = params.budget_scale, params.delta_b
+    delta_b, Q >= hi gives m delta_b, m = budget_ceiling (checked in float64, as the
+    kernel computes)."""
+    k, b, m = params.budget_scale, params.delta_b, _ceiling(params)
     lo = b / k
     while lo > 0 and k * lo > b:
         lo = math.nextafter(lo, 0.0)
-    hi = 2.0 * b / k
-    while k * hi < 2.0 * b:
+    top = m * b
+    hi = top / k
+    while k * hi < top:
         hi = math.nextafter(hi, math.inf)
     return lo, hi
+
+
+def template_args(prep: Prepared) -> tuple:
+    """(template arguments of the kernels, valid_bits) for these inputs' dtypes."""
+    bf16 = prep.bf16
+    div = prep.divergence
+    valid = prep.valid
+    if valid is None:
+        width, bits = 0, 0
+    else:
+        width, bits = _MASK_BF16 if bf16.get("response_mask", False) else _MASK_CODES[_dtype_name(valid)]
+    targs = (
+        _float_code(prep.log_probs, bf16.get("log_probs", False), "log_probs"),
+        _float_code(prep.old_log_probs, bf16.get("old_log_probs", False), "old_log_probs"),
+        _float_code(prep.advantages, bf16.get("advantages", False), "advantages"),
+        _float_code(div, bf16.get("divergence", False), "divergence") if div is not None else _F_NONE,
+        width,
+    )
+    return targs, bits
 
 
 @dataclass
@@ -334,7 +376,7 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
         row_budget = ex.empty(rows, "float64")
         counts = ex.empty(5, "int64")
 
-    bf16 = prep.bf16
+    targs, valid_bits = template_args(prep)
     window_lo, window_hi = _window(params) if adaptive else (0.0, 0.0)
     fields = {
         "log_probs": ex.ptr(lp),
@@ -344,12 +386,7 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
         "divergence": ex.ptr(div) if div is not None else 0,
         "cu_seqlens": ex.ptr(cu) if packed else 0,
         "cu_s0": _strides(cu)[0],
-        "lp_type": _float_code(lp, bf16.get("log_probs", False), "log_probs"),
-        "lq_type": _float_code(lq, bf16.get("old_log_probs", False), "old_log_probs"),
-        "adv_type": _float_code(adv, bf16.get("advantages", False), "advantages"),
-        "div_type": _float_code(div, bf16.get("divergence", False), "divergence") if div is not None else 0,
-        "valid_type": (_MASK_BF16 if bf16.get("response_mask", False) else _MASK_CODES[_dtype_name(valid)])
-        if valid is not None else 0,
+        "valid_bits": valid_bits,
         "cu_type": _OFFSET_CODES[_dtype_name(cu)] if packed else 0,
         "rows": rows,
         "cols": cols,
@@ -368,6 +405,7 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
         "adaptive": int(adaptive),
         "budget_quantile": params.budget_quantile,
         "budget_scale": params.budget_scale,
+        "budget_ceiling": _ceiling(params),
         "window_lo": window_lo,
         "window_hi": window_hi,
         "check_offsets": int(validate),
@@ -393,12 +431,13 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
     layout = args_layout()
     packed_args = layout.packer.pack(*(fields[name] for name in layout.names))
 
+    name = {k: kernel_name(k, targs) for k in KERNELS}
     if shuffled and rows > 0:
-        ex.launch("cppo_shuffle", rows, block, packed_args)
-    ex.launch("cppo_stats", max(tiles, 1), block, packed_args)
-    ex.launch("cppo_rows", max(rows, 1), block, packed_args)
+        ex.launch(name["cppo_shuffle"], rows, block, packed_args)
+    ex.launch(name["cppo_stats"], max(tiles, 1), block, packed_args)
+    ex.launch(name["cppo_rows"], max(rows, 1), block, packed_args)
     if tiles > 0:
-        ex.launch("cppo_mask_tiles", tiles, block, packed_args)
+        ex.launch(name["cppo_mask_tiles"], tiles, block, packed_args)
 
     if validate:
         bad_key, offsets_flag = (int(v) for v in ex.read_u64(work, ws.error, 2))
@@ -447,7 +486,7 @@ class _CupyExecutor:
         self.cupy = cupy
         self.device = source.index
         self.torch = _torch() if source.framework == "torch" else None
-        self.fns = _functions(cupy, source.index)
+        self.fns: dict = {}
 
     def empty(self, count: int, dtype: str):
         if self.torch is not None:
@@ -463,8 +502,13 @@ class _CupyExecutor:
         return arr.astype(dtype)
 
     def launch(self, name: str, grid: int, block: int, packed_args: bytes) -> None:
+        fn = self.fns.get(name)
+        if fn is None:
+            targs = tuple(int(t) for t in name[name.index("<") + 1:-1].split(","))
+            self.fns = _functions(self.cupy, self.device, targs)
+            fn = self.fns[name]
         args = np.frombuffer(packed_args, dtype=args_layout().dtype)  # one struct, by value
-        self.fns[name]((grid,), (block,), (args,))
+        fn((grid,), (block,), (args,))
 
     def read_u64(self, work, offset: int, count: int) -> np.ndarray:
         view = work[offset:offset + 8 * count]

@@ -35,6 +35,7 @@ class MaskParams:
     shuffle_seed: int = 0
     prefix_budget: bool = True
     divergence: str = "binary_tv"  # "binary_tv" | "binary_kl" | "given"
+    budget_ceiling: float = 2.0  # m: adaptive budget = clamp(k * Q, delta_b, m * delta_b)
 
     @property
     def position_weight_code(self) -> int:
