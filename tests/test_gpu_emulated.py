@@ -588,3 +588,96 @@ def test_subnormal_inputs_are_not_flushed(dtype):
         reason = np.asarray(info["reason"])
         assert (reason[1] == 1).all()  # negative advantage, lp > lq: toward mu
         assert (reason[0] != 1).any()  # positive subnormal advantage: not toward mu
+
+
+# ---------------------------------------------------------------------------------------
+# budget_ceiling m (adaptive budget = clamp(k Q_q(D), delta_b, m delta_b)) and the hard
+# selection path in the production geometry: more in-window candidates than fit in shared
+# memory (5120), so radix passes over the re-read row narrow them first.
+
+
+def _spec_row_budgets(d, valid, quantile, scale, delta_b, ceiling):
+    """Eq. 22 as the spec writes it (sorted values, h = q (n - 1), linear interpolation)."""
+    out = []
+    for row, v in zip(d, valid):
+        x = np.sort(row[v].astype(np.float64))
+        if x.size == 0:
+            out.append(delta_b)
+            continue
+        h = quantile * (x.size - 1)
+        lo, hi = int(np.floor(h)), int(np.ceil(h))
+        q = x[lo] + (h - np.floor(h)) * (x[hi] - x[lo])
+        out.append(min(max(scale * q, delta_b), ceiling * delta_b))
+    return np.array(out)
+
+
+def _check_with_ceiling(lp, lq, adv, valid, d, knobs, geometry):
+    """Row budgets exactly as the spec computes them; masks, reasons, thresholds and
+    gates as the reference with each row's budget as a fixed delta_b."""
+    mask, info = emulated_mask(lp, lq, adv, valid, divergence=d, return_info=True, geometry=geometry, **knobs)
+    budgets = _spec_row_budgets(d, valid, knobs.get("budget_quantile", 0.9), knobs.get("budget_scale", 1.0),
+                                knobs["delta_b"], knobs["budget_ceiling"])
+    np.testing.assert_array_equal(info["row_budget"], budgets)
+    fixed = {k: v for k, v in knobs.items() if k not in ("adaptive_budget", "budget_ceiling", "budget_quantile",
+                                                          "budget_scale")}
+    for r in range(lp.shape[0]):
+        case = Case(lp[r:r + 1], lq[r:r + 1], adv[r:r + 1], valid[r:r + 1], d[r:r + 1], None,
+                    dict(fixed, delta_b=float(budgets[r])))
+        ref = cppo_mask_reference(*case.args(), **case.kwargs())
+        row_info = {k: (v[r:r + 1] if k in ("reason", "threshold", "gate") else v) for k, v in info.items()}
+        row_info["row_budget"] = info["row_budget"][r:r + 1]
+        row_info["reason_counts"] = np.bincount(row_info["reason"].reshape(-1), minlength=5).astype(np.int64)
+        assert_within_tolerance(mask[r:r + 1], row_info, ref)
+    np.testing.assert_array_equal(info["reason_counts"], np.bincount(info["reason"].reshape(-1), minlength=5))
+    return info
+
+
+def ceiling_case(rows, length, ceiling, in_window_fraction, seed, ties=False):
+    rng = np.random.default_rng(seed)
+    delta_b = KNOBS["delta_b"]
+    d = rng.uniform(0.0, 0.95 * delta_b, size=(rows, length))
+    inside = rng.random((rows, length)) < in_window_fraction
+    window = rng.uniform(delta_b, ceiling * delta_b, size=(rows, length))
+    if ties:
+        window = rng.choice(np.linspace(delta_b, ceiling * delta_b, 5), size=(rows, length))
+    d = np.where(inside, window, d)
+    d[:, : length // 20] = rng.uniform(ceiling * delta_b * 1.5, 0.5, size=(rows, length // 20))
+    lp = -rng.exponential(0.3, size=(rows, length))
+    lq = np.minimum(lp + rng.normal(0, 0.05, size=(rows, length)), 0.0)
+    valid = rng.random((rows, length)) < 0.9
+    return lp, lq, rng.normal(size=(rows, length)), valid, d
+
+
+@pytest.mark.parametrize("ceiling", [1.0, 2.0, 5.0])
+@pytest.mark.parametrize("quantile", [0.9, 0.5, 0.05])
+def test_budget_ceiling(ceiling, quantile):
+    for seed, (fraction, ties) in enumerate([(0.3, False), (0.9, True), (0.0, False)]):
+        lp, lq, adv, valid, d = ceiling_case(3, 400, ceiling, fraction, seed, ties)
+        knobs = dict(KNOBS, adaptive_budget=True, budget_quantile=quantile, budget_ceiling=ceiling)
+        _check_with_ceiling(lp, lq, adv, valid, d, knobs, SMALL)
+
+
+def test_budget_ceiling_two_is_the_default():
+    lp, lq, adv, valid, d = ceiling_case(3, 400, 2.0, 0.5, 3)
+    knobs = dict(KNOBS, adaptive_budget=True)
+    _, a = emulated_mask(lp, lq, adv, valid, divergence=d, return_info=True, **knobs)
+    _, b = emulated_mask(lp, lq, adv, valid, divergence=d, return_info=True, budget_ceiling=2.0, **knobs)
+    np.testing.assert_array_equal(a["row_budget"], b["row_budget"])
+    ref = cppo_mask_reference(lp, lq, adv, valid, divergence=d, **knobs)
+    np.testing.assert_array_equal(a["row_budget"], ref.row_budget)
+
+
+@pytest.mark.parametrize("ceiling,quantile,ties", [(2.0, 0.9, False), (5.0, 0.5, False), (2.0, 0.7, True)])
+def test_hard_selection_path_production_geometry(ceiling, quantile, ties):
+    """A 12,000-token row with ~7,500 valid divergences inside the clamp window: more
+    candidates than the 5,120 that fit in shared memory, so the exact quantile needs
+    radix passes over the re-read row before the gather (the path the GPU takes for long
+    rows whose quantile lands inside the window)."""
+    lp, lq, adv, valid, d = ceiling_case(2, 12_000, ceiling, 0.7, 17, ties)
+    valid_d = np.where(valid, d, np.nan)
+    in_window = (valid_d >= KNOBS["delta_b"]) & (valid_d <= ceiling * KNOBS["delta_b"])
+    assert (in_window.sum(axis=1) > PRODUCTION["CPPO_SELECT_CAP"]).all()
+    knobs = dict(KNOBS, adaptive_budget=True, budget_quantile=quantile, budget_ceiling=ceiling)
+    info = _check_with_ceiling(lp, lq, adv, valid, d, knobs, PRODUCTION)
+    # the quantile landed inside the window, so the selection really ran
+    assert ((info["row_budget"] > KNOBS["delta_b"]) & (info["row_budget"] < ceiling * KNOBS["delta_b"])).all()
