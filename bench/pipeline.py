@@ -114,10 +114,10 @@ def time_components(src: str, out: str, batch_rows: int) -> dict:
     decoder where it applies, else pyarrow), the mask (one packed call per batch, as
     the CLI makes: reasons and thresholds, no gate) and the append write
     (copy the input's column chunks, encode and compress the CPPO columns, footer)."""
-    from cppo_native import _parquet
+    from cppo_native._io.parquet import append as _parquet
     from cppo_native.arrow import compute_batch, output_schema
 
-    from cppo_native._parquet_read import FastReader
+    from cppo_native._io.parquet.read import FastReader
 
     pf = pq.ParquetFile(src, memory_map=True)
     wanted = ["log_probs", "old_log_probs", "advantages"]

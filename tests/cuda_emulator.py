@@ -1,6 +1,6 @@
 """Runs the CUDA kernel source on the CPU: cppo_mask.cu compiled with g++ against the
 fiber-based shim in tests/cuda_emu, driven by the same launch plan as the real GPU path
-(cppo_native._cuda.run) through an executor backed by NumPy arrays.
+(cppo_native._backends.cuda.mask.run) through an executor backed by NumPy arrays.
 
 This checks the kernels' logic (indexing, pieces, scans, selection, validation) and the
 host-side argument packing without a GPU. It cannot check the memory model between
@@ -11,7 +11,6 @@ that on a CUDA device.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import hashlib
 import os
 import shutil
@@ -22,8 +21,9 @@ from typing import Optional
 
 import numpy as np
 
-from cppo_native import _cuda, _dispatch
-from cppo_native._params import make_params
+from cppo_native._backends import arrays as _arrays, prepare as _prepare
+from cppo_native._backends.cuda import mask as _cuda
+from cppo_native._core.params import make_params
 
 HERE = Path(__file__).resolve().parent / "cuda_emu"
 
@@ -79,7 +79,7 @@ def build(geometry: dict, targs: tuple = (0, 0, 0, 4, 0)) -> ctypes.CDLL:
     lib.emu_args_size.restype = ctypes.c_ulong
     lib.emu_targs.restype = ctypes.c_char_p
     if lib.emu_args_size() != _cuda.args_layout().packer.size:
-        raise RuntimeError("Args struct size differs between the .cu and _cuda.py's packing")
+        raise RuntimeError("Args struct size differs between the .cu and the CUDA launcher's packing")
     _LIBS[key] = lib
     return lib
 
@@ -140,16 +140,10 @@ def emulated_mask(log_probs, old_log_probs, advantages, response_mask=None, *, g
                   executor=None, **knobs):
     """cppo_mask's contract computed by the emulated kernels (NumPy / torch CPU inputs)."""
     geometry = SMALL if geometry is None else geometry
-    if divergence is None or isinstance(divergence, str):
-        mode, div_array = divergence or "binary_tv", None
-    else:
-        mode, div_array = "given", divergence
-    ceiling = knobs.pop("budget_ceiling", None)  # not a public knob of this branch's API yet
-    params = make_params(divergence=mode, **knobs)
-    if ceiling is not None:
-        params = dataclasses.replace(params, budget_ceiling=float(ceiling))
-    prep = _dispatch.prepare(log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens,
-                             per_row_advantages, convert=_dispatch.to_numpy)
+    div_array = None if divergence is None or isinstance(divergence, str) else divergence
+    params = make_params(divergence=divergence, **knobs)
+    prep = _prepare.prepare(log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens,
+                             per_row_advantages, convert=_arrays.to_numpy)
     ex = executor if executor is not None else EmuExecutor(geometry)
     mask, reason, threshold, gate, row_budget, counts = _cuda.run(prep, params, return_info, validate, ex, geometry)
     shape = prep.shape

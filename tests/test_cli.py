@@ -360,7 +360,7 @@ def test_copy_columns(tmp_path, capsys):
 def test_write_error_midway_leaves_nothing(tmp_path, capsys, monkeypatch):
     """An error in the write thread (here: a full disk on the third batch) stops the run
     with one line, and neither --out nor a partial file is left."""
-    from cppo_native import _parquet
+    from cppo_native._io.parquet import append as _parquet
 
     src = tmp_path / "in.parquet"
     pq.write_table(sample_table(200, 16), src, row_group_size=40)

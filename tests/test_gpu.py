@@ -1,4 +1,4 @@
-"""The CUDA path (cppo_native._cuda + kernels/cppo_mask.cu).
+"""The CUDA path (cppo_native._backends.cuda.mask + kernels/cppo_mask.cu).
 
 Tests marked ``gpu`` need a CUDA device, torch with CUDA and CuPy; they are skipped
 otherwise. They compare the GPU with the NumPy reference under the spec's tolerance
@@ -20,7 +20,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cppo_native import _cuda, cppo_mask, cppo_mask_reference
+from cppo_native import cppo_mask, cppo_mask_reference
+from cppo_native._backends.cuda import mask as _cuda
 from gpu_compare import assert_within_tolerance
 from nvrtc import compile_program, cupy_options, find_nvrtc, flush_to_zero_conversions, ptx_function, spills, version
 from strategies import Case, cases

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cppo_native
-from cppo_native import _cuda, cppo_mask_reference
+from cppo_native import cppo_mask_reference
+from cppo_native._backends.cuda import mask as _cuda
 from cuda_emulator import PRODUCTION, SMALL, EmuExecutor, build, compiler, emulated_mask
 from gpu_compare import assert_within_tolerance
 from strategies import Case, cases
@@ -579,10 +580,11 @@ def test_subnormal_inputs_are_not_flushed(dtype):
 
     (lp_t, lp64), (lq_t, lq64), (adv_t, adv64), (div_t, div64) = low(lp), low(lq), low(adv), low(div)
     assert (np.abs(adv64) > 0).all() and (np.abs(adv64) < float(torch.finfo(tdt).smallest_normal)).all()
-    for given in (False, True):
+    for with_div in (False, True):
         knobs = dict(KNOBS, adaptive_budget=True)
-        mask, info = emulated_mask(lp_t, lq_t, adv_t, divergence=div_t if given else None, return_info=True, **knobs)
-        case = Case(lp64, lq64, adv64, None, div64 if given else None, None, knobs)
+        mask, info = emulated_mask(lp_t, lq_t, adv_t, divergence=div_t if with_div else None, return_info=True,
+                                   **knobs)
+        case = Case(lp64, lq64, adv64, None, div64 if with_div else None, None, knobs)
         ref = cppo_mask_reference(*case.args(), **case.kwargs())
         assert_within_tolerance(mask, info, ref)
         reason = np.asarray(info["reason"])
@@ -618,6 +620,8 @@ def _check_with_ceiling(lp, lq, adv, valid, d, knobs, geometry):
     budgets = _spec_row_budgets(d, valid, knobs.get("budget_quantile", 0.9), knobs.get("budget_scale", 1.0),
                                 knobs["delta_b"], knobs["budget_ceiling"])
     np.testing.assert_array_equal(info["row_budget"], budgets)
+    full = cppo_mask_reference(lp, lq, adv, valid, divergence=d, **knobs)  # the reference has the knob too
+    np.testing.assert_array_equal(info["row_budget"], full.row_budget)
     fixed = {k: v for k, v in knobs.items() if k not in ("adaptive_budget", "budget_ceiling", "budget_quantile",
                                                           "budget_scale")}
     for r in range(lp.shape[0]):

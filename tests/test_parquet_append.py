@@ -1,4 +1,4 @@
-"""The append writer (cppo_native._parquet): the input's column chunks copied byte for
+"""The append writer (cppo_native._io.parquet.append): the input's column chunks copied byte for
 byte, the CPPO columns appended. Whatever the input, pyarrow must read back the table
 that pyarrow's own writer gives (mask_table of the input)."""
 
@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from cppo_native import _parquet  # noqa: E402
-from cppo_native import _thrift as T  # noqa: E402
+from cppo_native._io.parquet import append as _parquet  # noqa: E402
+from cppo_native._io.parquet import thrift as T  # noqa: E402
 from cppo_native.arrow import Columns, compute_batch, mask_table, output_schema, sample_table  # noqa: E402
 
 KNOBS = dict(delta=0.15, delta_b=0.02)
@@ -323,7 +323,7 @@ def test_not_parquet_and_row_count_mismatch(tmp_path):
 
 
 def test_native_encoder_checks_shapes():
-    from cppo_native._cpu import native_module
+    from cppo_native._core.native import native_module
 
     enc = native_module().encode_parquet_pages
     off = np.array([0, 2, 5], np.int64)

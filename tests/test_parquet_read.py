@@ -1,4 +1,4 @@
-"""cppo-native's page decoder for the mask's inputs (cppo_native._parquet_read) must give
+"""cppo-native's page decoder for the mask's inputs (cppo_native._io.parquet.read) must give
 exactly pyarrow's arrays, or None (then the CLI reads that row group with pyarrow)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from cppo_native import _parquet_read  # noqa: E402
+from cppo_native._io.parquet import read as _parquet_read  # noqa: E402
 from cppo_native.arrow import mask_table, sample_table  # noqa: E402
 
 NAMES = ["log_probs", "old_log_probs", "advantages"]

@@ -35,7 +35,7 @@ def test_kernel_compiles_with_nvrtc():
     nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) not installed")
     from pathlib import Path
 
-    from cppo_native import _topk_cuda
+    from cppo_native._backends.cuda import topk as _topk_cuda
 
     src = (Path(_topk_cuda.__file__).parent / "kernels" / "topk_logits.cu").read_bytes()
     try:

@@ -25,8 +25,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _dispatch
-from ._errors import LOG_PROB_TOLERANCE, bad_value_error
+from ._backends import arrays as _dispatch
+from ._core.errors import LOG_PROB_TOLERANCE, bad_value_error
 
 
 class _Arrays:

@@ -294,7 +294,7 @@ def _mask_input_columns(schema, columns) -> list:
 def _parquet_footer(path: str):
     """The file's footer as cppo-native's Parquet code reads it, or None (then the page
     decoder is not used and the append writer reports why)."""
-    from . import _parquet, _thrift
+    from ._io.parquet import append as _parquet, thrift as _thrift
 
     try:
         with open(path, "rb") as fh:
@@ -306,7 +306,7 @@ def _parquet_footer(path: str):
 def _row_group_batches(pf, schema, columns, args, footer):
     """Batches of each row group in turn, each row group followed by _ROW_GROUP_END;
     only the columns the mask reads are decoded (the append writer copies the rest)."""
-    from . import _parquet_read
+    from ._io.parquet import read as _parquet_read
 
     wanted = _mask_input_columns(schema, columns)
     fast = _parquet_read.FastReader.open(args.input, schema, wanted, footer) if footer is not None else None
@@ -391,7 +391,7 @@ class _Summary:
         self.budget_rows += int(any_valid.sum())
 
     def as_dict(self, seconds: float) -> dict:
-        from .mask import REASON_NAMES
+        from ._core.codes import REASON_NAMES
 
         valid = int(self.counts[1:].sum())
         share = {name: (float(self.counts[i]) / valid if valid else 0.0)
@@ -491,7 +491,8 @@ def run(args) -> dict:
     """Run the CLI for parsed ``args``; returns the summary dict. Raises CliError."""
     import pyarrow as pa
 
-    from . import _parquet, arrow
+    from . import arrow
+    from ._io.parquet import append as _parquet
 
     knobs = _knobs_from(args)
     if args.divergence is not None and args.divergence_column is not None:
@@ -654,7 +655,7 @@ def _open_writer(args, append: bool, src, tmp_path, out_schema, copy_idx, column
     """The append writer for Parquet input (see cppo_native._parquet), else pyarrow's."""
     import pyarrow.parquet as pq
 
-    from . import _parquet
+    from ._io.parquet import append as _parquet
 
     if append:
         added = [(columns.mask, "mask"), (columns.reason, "reason"), (columns.threshold, "threshold"),

@@ -40,150 +40,16 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _dispatch
-from ._errors import FIELDS, LOG_PROB_TOLERANCE
-from ._params import BINARY_KL_EPS
-
-# Probability floor inside the Top-K KL's logarithms (same value in Rust `topk.rs`).
-TOPK_EPS = 1e-12
-
-# Field codes reported by the native backend (Rust `TopKField`), and their rules.
-TOPK_FIELDS = (
-    ("log_probs", "finite and <= 0"),
-    ("old_log_probs", "finite and <= 0"),
-    ("sampled_ids", ">= 0"),
-    ("topk_ids", "distinct within a position (negative ids are padding)"),
-    ("topk_old_log_probs", "<= 0 or -inf (not NaN)"),
-    ("topk_log_probs", "<= 0 or -inf (not NaN)"),
-)
+from ._backends import arrays as _dispatch
+from ._core.errors import LOG_PROB_TOLERANCE, TOPK_EPS, TOPK_FIELDS  # noqa: F401 (TOPK_FIELDS: public name)
+from ._core.errors import binary_error as _binary_error
+from ._core.errors import topk_error as _topk_error
+from ._core.native import native_module
+from ._core.params import BINARY_KL_EPS
+from .reference import check_position_reference as _check_position_reference
+from .reference import rest_mass_reference, topk_divergence_reference, topk_position_reference  # noqa: F401 (public)
 
 _KINDS = ("tv", "kl")
-
-
-def _where(shape: tuple, flat: int) -> str:
-    idx = np.unravel_index(flat, shape) if shape else ()
-    if len(shape) == 2:
-        return f"(row {int(idx[0])}, column {int(idx[1])})"
-    if len(shape) == 1:
-        return f"(index {int(idx[0])})"
-    return f"(position {tuple(int(i) for i in idx)})"
-
-
-def _topk_error(field: int, shape: tuple, position: int, slot: int, value: float) -> ValueError:
-    name, rule = TOPK_FIELDS[field]
-    where = _where(shape, position)
-    if field >= 3:
-        where += f", top-K slot {slot}"
-    shown = int(value) if field in (2, 3) else value
-    what = "duplicate id" if field == 3 else "value"
-    return ValueError(f"{name} must be {rule} at valid positions; got {what} {shown!r} at {where}")
-
-
-def _binary_error(field: int, shape: tuple, position: int, value: float) -> ValueError:
-    name, rule = FIELDS[field]
-    return ValueError(f"{name} must be {rule} at valid positions; got {value!r} at {_where(shape, position)}")
-
-
-# ---------------------------------------------------------------------------------------
-# Plain-Python references (the oracles; slow).
-
-
-def _check_position_reference(lp, lq, y, ids, mu, pi) -> Optional[tuple]:
-    """(field, slot, value) of the first rule broken at one valid position, or None."""
-    if not (math.isfinite(lp) and lp <= LOG_PROB_TOLERANCE):
-        return 0, 0, lp
-    if not (math.isfinite(lq) and lq <= LOG_PROB_TOLERANCE):
-        return 1, 0, lq
-    if y < 0:
-        return 2, 0, float(y)
-    for k, i in enumerate(ids):
-        if i < 0:
-            continue
-        if i in ids[:k]:
-            return 3, k, float(i)
-        if math.isnan(mu[k]) or mu[k] > LOG_PROB_TOLERANCE:
-            return 4, k, mu[k]
-        if math.isnan(pi[k]) or pi[k] > LOG_PROB_TOLERANCE:
-            return 5, k, pi[k]
-    return None
-
-
-def rest_mass_reference(logs: list) -> float:
-    """Mass outside the listed buckets, ``max(0, 1 - sum exp(l))``, evaluated as
-    ``-expm1(l_max) - sum of the other exp(l)`` (first largest l) to avoid cancellation."""
-    if not logs:
-        return 1.0
-    j = 0
-    for i, v in enumerate(logs):
-        if v > logs[j]:
-            j = i
-    rest = -math.expm1(logs[j])
-    for i, v in enumerate(logs):
-        if i != j:
-            rest -= math.exp(v)
-    return max(rest, 0.0)
-
-
-def topk_position_reference(kind: str, lp: float, lq: float, y: int, ids, mu, pi) -> float:
-    """Top-K reduced divergence at one position (module docstring), scalar float64."""
-    buckets = []  # clamped (log mu_b, log pi_b) of the listed buckets, in order
-    sampled_listed = False
-    for k, i in enumerate(ids):
-        if i < 0:
-            continue
-        if i == y:
-            sampled_listed = True
-        buckets.append((min(mu[k], 0.0), min(pi[k], 0.0)))
-    if not sampled_listed:
-        buckets.append((min(lq, 0.0), min(lp, 0.0)))
-    other_mu = rest_mass_reference([a for a, _ in buckets])
-    other_pi = rest_mass_reference([b for _, b in buckets])
-    if kind == "tv":
-        acc = 0.0
-        for a, b in buckets:
-            acc += abs(math.exp(a) - math.exp(b))
-        return 0.5 * (acc + abs(other_mu - other_pi))
-    log_eps = math.log(TOPK_EPS)
-    acc = 0.0
-    for a, b in buckets:
-        m = math.exp(a)
-        if m > 0.0:
-            acc += m * (max(a, log_eps) - max(b, log_eps))
-    if other_mu > 0.0:
-        acc += other_mu * (math.log(max(other_mu, TOPK_EPS)) - math.log(max(other_pi, TOPK_EPS)))
-    return acc if acc > 0.0 else 0.0
-
-
-def topk_divergence_reference(
-    log_probs, old_log_probs, topk_log_probs, topk_old_log_probs, topk_ids, sampled_ids,
-    response_mask=None, *, kind: str = "tv",
-) -> np.ndarray:
-    """Plain-Python Top-K divergence over NumPy inputs (same arguments as
-    :func:`topk_divergence`); float64 of the log-probs' shape."""
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be 'tv' or 'kl', got {kind!r}")
-    lp = np.asarray(log_probs, dtype=np.float64)
-    shape = lp.shape
-    k = np.asarray(topk_ids).shape[-1]
-    n = lp.size
-    lp = lp.reshape(n)
-    lq = np.asarray(old_log_probs, dtype=np.float64).reshape(n)
-    y = np.asarray(sampled_ids).reshape(n)
-    ids = np.asarray(topk_ids).reshape(n, k)
-    mu = np.asarray(topk_old_log_probs, dtype=np.float64).reshape(n, k)
-    pi = np.asarray(topk_log_probs, dtype=np.float64).reshape(n, k)
-    valid = None if response_mask is None else (np.asarray(response_mask) != 0).reshape(-1)
-    out = np.zeros(lp.shape[0], dtype=np.float64)
-    for n in range(lp.shape[0]):
-        if valid is not None and not valid[n]:
-            continue
-        args = (float(lp[n]), float(lq[n]), int(y[n]), [int(i) for i in ids[n]], [float(v) for v in mu[n]],
-                [float(v) for v in pi[n]])
-        bad = _check_position_reference(*args)
-        if bad is not None:
-            raise _topk_error(bad[0], shape, n, bad[1], bad[2])
-        out[n] = topk_position_reference(kind, *args)
-    return out.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,8 +108,6 @@ def _num_threads(num_threads: Optional[int]) -> int:
 
 
 def _native():
-    from ._cpu import native_module
-
     return native_module()
 
 
@@ -548,11 +412,11 @@ def topk_divergence_from_logits(logits: Any, topk_ids: Any, topk_old_log_probs: 
                                 old_log_probs: Any, response_mask: Any = None, **kwargs):
     """Top-K divergence straight from the policy's logits ``[N, V]`` on a CUDA device, in
     one fused pass (online log-sum-exp + gather), never materialising ``[N, V]`` float32.
-    See :func:`cppo_native._topk_cuda.topk_divergence_from_logits` (needs CuPy).
+    See :func:`cppo_native._backends.cuda.topk.topk_divergence_from_logits` (needs CuPy).
 
     UNVERIFIED ON HARDWARE: written and compile-checked without a GPU.
     """
-    from . import _topk_cuda
+    from ._backends.cuda import topk as _topk_cuda
 
     return _topk_cuda.topk_divergence_from_logits(
         logits, topk_ids, topk_old_log_probs, sampled_ids, old_log_probs, response_mask, **kwargs

@@ -1,4 +1,4 @@
-"""The public CPPO mask (spec: ``shared/spec/CPPO.md``)."""
+"""The public CPPO mask (semantics: ``docs/semantics.md``)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,11 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from . import _dispatch
-from ._params import make_params
+from ._backends import dispatch
+from ._core.codes import REASON_NAMES
+from ._core.params import check_num_threads, make_params
 
-REASON_NAMES = (
-    "invalid",
-    "kept_toward_mu",
-    "kept_within_threshold",
-    "masked_token_threshold",
-    "masked_prefix_budget",
-)
+__all__ = ["REASON_NAMES", "MaskInfo", "cppo_mask"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +66,7 @@ def cppo_mask(
     adaptive_budget: bool = False,
     budget_quantile: float = 0.9,
     budget_scale: float = 1.0,
+    budget_ceiling: float = 2.0,
     position_weight: Union[bool, str] = True,
     shuffle_seed: int = 0,
     prefix_budget: bool = True,
@@ -92,8 +88,10 @@ def cppo_mask(
         delta: token threshold scale (> 0). delta_b: prefix-average budget (>= 0).
         w_min: position-weight floor in (0, 1].
         horizon: ``"sequence"`` (T = 1 + last valid index of the row) or a fixed int T.
-        adaptive_budget: per-row budget clamp(budget_scale * Q_q(D), delta_b, 2 delta_b)
-            with q = ``budget_quantile``.
+        adaptive_budget: per-row budget clamp(budget_scale * Q_q(D), delta_b,
+            budget_ceiling * delta_b) with q = ``budget_quantile`` (paper Eq. 22).
+        budget_ceiling: m >= 1 of the adaptive budget (2: the paper and UniRL; 5: the
+            head of the authors' verl pull request).
         position_weight: ``True`` (Eq. 9), ``False`` (w = 1) or ``"shuffled"`` (weights
             permuted among a row's valid positions, seeded by ``shuffle_seed`` and the row).
         prefix_budget: ``False`` gives c_t = delta (position weight only).
@@ -116,65 +114,28 @@ def cppo_mask(
         ValueError/TypeError naming the offending (row, column) and value, or the
         shapes/dtypes/devices/parameters received. Inputs are never written.
     """
-    params, prep = _prepare(
-        log_probs, old_log_probs, advantages, response_mask, delta=delta, delta_b=delta_b, w_min=w_min,
-        horizon=horizon, adaptive_budget=adaptive_budget, budget_quantile=budget_quantile,
-        budget_scale=budget_scale, position_weight=position_weight, shuffle_seed=shuffle_seed,
-        prefix_budget=prefix_budget, divergence=divergence, cu_seqlens=cu_seqlens,
-        per_row_advantages=per_row_advantages, num_threads=num_threads,
+    params = mask_params(
+        delta=delta, delta_b=delta_b, w_min=w_min, horizon=horizon, adaptive_budget=adaptive_budget,
+        budget_quantile=budget_quantile, budget_scale=budget_scale, budget_ceiling=budget_ceiling,
+        position_weight=position_weight, shuffle_seed=shuffle_seed, prefix_budget=prefix_budget,
+        divergence=divergence,
     )
-    if prep.source.device == "cpu":
-        from . import _cpu
-
-        mask, reason, threshold, gate, row_budget, counts = _cpu.compute(
-            prep, params, return_info, num_threads or 0
-        )
-        wrap = _dispatch.from_numpy
-    else:
-        from . import _cuda
-
-        mask, reason, threshold, gate, row_budget, counts = _cuda.compute(prep, params, return_info, validate)
-        wrap = _cuda.from_cupy
-
-    src = prep.source
-    mask = wrap(mask.reshape(prep.shape), src)
+    num_threads = check_num_threads(num_threads)
+    prep = dispatch.prepare_mask_inputs(
+        log_probs, old_log_probs, advantages, response_mask, _divergence_array(divergence), cu_seqlens,
+        per_row_advantages,
+    )
+    mask, reason, threshold, gate, row_budget, counts = dispatch.run_mask(
+        prep, params, return_info=return_info, validate=validate, num_threads=num_threads
+    )
     if not return_info:
         return mask
-    info = MaskInfo(
-        reason=wrap(reason.reshape(prep.shape), src),
-        threshold=wrap(threshold.reshape(prep.shape), src),
-        gate=wrap(gate.reshape(prep.shape), src),
-        row_budget=wrap(row_budget, src),
-        reason_counts=wrap(counts, src),
-    )
-    return mask, info
+    return mask, MaskInfo(reason=reason, threshold=threshold, gate=gate, row_budget=row_budget,
+                          reason_counts=counts)
 
 
-def _prepare(log_probs, old_log_probs, advantages, response_mask, *, divergence=None, cu_seqlens=None,
-             per_row_advantages=None, num_threads=None, **knobs):
-    """Checked parameters and inputs of a :func:`cppo_mask` call."""
-    if divergence is None or isinstance(divergence, str):
-        mode, div_array = divergence or "binary_tv", None
-    else:
-        mode, div_array = "given", divergence
-    params = make_params(divergence=mode, **knobs)
-    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
-        raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
-    prep = _dispatch.prepare(
-        log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens, per_row_advantages
-    )
-    return params, prep
+def _divergence_array(divergence: Any) -> Any:
+    return None if divergence is None or isinstance(divergence, str) else divergence
 
 
-def _numpy_mask_info(log_probs, old_log_probs, advantages, response_mask=None, *, gate: bool,
-                     num_threads: Optional[int] = None, **kwargs):
-    """:func:`cppo_mask` with ``return_info=True`` for NumPy inputs, as NumPy arrays
-    ``(mask, reason, threshold, gate, row_budget, counts)``; the soft gate (None) is not
-    computed unless ``gate``. For the Arrow layer, which writes only what it keeps."""
-    from . import _cpu
-
-    params, prep = _prepare(log_probs, old_log_probs, advantages, response_mask, num_threads=num_threads,
-                            **kwargs)
-    if prep.source.device != "cpu":  # pragma: no cover - the Arrow layer hands NumPy arrays
-        raise TypeError("expected CPU arrays")
-    return _cpu.compute(prep, params, True, num_threads or 0, want_gate=gate)
+mask_params = make_params  # checked knobs of a mask call (``divergence``: a name, None or an array)

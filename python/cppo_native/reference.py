@@ -1,6 +1,6 @@
 """Plain NumPy/Python reference of the CPPO mask: the oracle for every backend.
 
-It mirrors ``shared/spec/CPPO.md`` line by line with readable loops, scalar float64
+It mirrors ``docs/semantics.md`` (the spec of arXiv 2606.10968) line by line with readable loops, scalar float64
 arithmetic and the C library's ``exp``/``log`` (through :mod:`math`), so that the Rust
 backend, which calls the same C functions in the same order, matches it bit for bit.
 It is slow (a Python loop per token) and meant for tests and small inputs.
@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
-from ._errors import LOG_PROB_TOLERANCE, bad_value_error
-from ._params import BINARY_KL_EPS, MaskParams, make_params
+from ._core.codes import KEPT_TOWARD_MU
+from ._core.codes import KEPT_WITHIN_THRESHOLD as KEPT_WITHIN
+from ._core.codes import MASKED_PREFIX_BUDGET as MASKED_PREFIX
+from ._core.codes import MASKED_TOKEN_THRESHOLD as MASKED_TOKEN
+from ._core.errors import LOG_PROB_TOLERANCE, TOPK_EPS, bad_value_error
+from ._core.errors import topk_error as _topk_error
+from ._core.params import BINARY_KL_EPS, MaskParams, make_params
 
 _U64 = (1 << 64) - 1
-
-# Reason codes (spec, "The mask").
-INVALID, KEPT_TOWARD_MU, KEPT_WITHIN, MASKED_TOKEN, MASKED_PREFIX = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -122,6 +124,7 @@ def cppo_mask_reference(
     adaptive_budget: bool = False,
     budget_quantile: float = 0.9,
     budget_scale: float = 1.0,
+    budget_ceiling: float = 2.0,
     position_weight: bool | str = True,
     shuffle_seed: int = 0,
     prefix_budget: bool = True,
@@ -130,12 +133,7 @@ def cppo_mask_reference(
     per_row_advantages: bool | None = None,
 ) -> ReferenceResult:
     """Reference CPPO mask over NumPy inputs; same arguments as :func:`cppo_native.cppo_mask`."""
-    div_array = None
-    if divergence is None or isinstance(divergence, str):
-        mode = divergence or "binary_tv"
-    else:
-        mode = "given"
-        div_array = np.asarray(divergence)
+    div_array = None if divergence is None or isinstance(divergence, str) else np.asarray(divergence)
     params = make_params(
         delta=delta,
         delta_b=delta_b,
@@ -144,10 +142,11 @@ def cppo_mask_reference(
         adaptive_budget=adaptive_budget,
         budget_quantile=budget_quantile,
         budget_scale=budget_scale,
+        budget_ceiling=budget_ceiling,
         position_weight=position_weight,
         shuffle_seed=shuffle_seed,
         prefix_budget=prefix_budget,
-        divergence=mode,
+        divergence=divergence,
     )
     lp = np.asarray(log_probs)
     shape = lp.shape
@@ -237,7 +236,7 @@ def _reference_row(p: MaskParams, r, start, length, lp_f, lq_f, adv_f, per_row_a
     budget = p.delta_b
     if p.adaptive_budget and valid_cols:
         q = quantile_linear(sorted(div[c] for c in valid_cols), p.budget_quantile)
-        budget = min(max(p.budget_scale * q, p.delta_b), 2.0 * p.delta_b)
+        budget = min(max(p.budget_scale * q, p.delta_b), p.budget_ceiling * p.delta_b)
     row_budget[r] = budget
 
     # Prefix scan (Eq. 8) and the mask (Eq. 10); S and W run over every valid token.
@@ -269,3 +268,106 @@ def _reference_row(p: MaskParams, r, start, length, lp_f, lq_f, adv_f, per_row_a
         out_gate[i] = gate
         s_sum = s_next
         w_sum = w_sum + weight[c]
+
+
+# ---------------------------------------------------------------------------------------
+# Divergence references (Top-K reduced TV/KL; docs/divergences.md): the oracles of
+# cppo_native.divergence.
+
+
+def check_position_reference(lp, lq, y, ids, mu, pi) -> Optional[tuple]:
+    """(field, slot, value) of the first rule broken at one valid position, or None."""
+    if not (math.isfinite(lp) and lp <= LOG_PROB_TOLERANCE):
+        return 0, 0, lp
+    if not (math.isfinite(lq) and lq <= LOG_PROB_TOLERANCE):
+        return 1, 0, lq
+    if y < 0:
+        return 2, 0, float(y)
+    for k, i in enumerate(ids):
+        if i < 0:
+            continue
+        if i in ids[:k]:
+            return 3, k, float(i)
+        if math.isnan(mu[k]) or mu[k] > LOG_PROB_TOLERANCE:
+            return 4, k, mu[k]
+        if math.isnan(pi[k]) or pi[k] > LOG_PROB_TOLERANCE:
+            return 5, k, pi[k]
+    return None
+
+
+def rest_mass_reference(logs: list) -> float:
+    """Mass outside the listed buckets, ``max(0, 1 - sum exp(l))``, evaluated as
+    ``-expm1(l_max) - sum of the other exp(l)`` (first largest l) to avoid cancellation."""
+    if not logs:
+        return 1.0
+    j = 0
+    for i, v in enumerate(logs):
+        if v > logs[j]:
+            j = i
+    rest = -math.expm1(logs[j])
+    for i, v in enumerate(logs):
+        if i != j:
+            rest -= math.exp(v)
+    return max(rest, 0.0)
+
+
+def topk_position_reference(kind: str, lp: float, lq: float, y: int, ids, mu, pi) -> float:
+    """Top-K reduced divergence at one position (module docstring), scalar float64."""
+    buckets = []  # clamped (log mu_b, log pi_b) of the listed buckets, in order
+    sampled_listed = False
+    for k, i in enumerate(ids):
+        if i < 0:
+            continue
+        if i == y:
+            sampled_listed = True
+        buckets.append((min(mu[k], 0.0), min(pi[k], 0.0)))
+    if not sampled_listed:
+        buckets.append((min(lq, 0.0), min(lp, 0.0)))
+    other_mu = rest_mass_reference([a for a, _ in buckets])
+    other_pi = rest_mass_reference([b for _, b in buckets])
+    if kind == "tv":
+        acc = 0.0
+        for a, b in buckets:
+            acc += abs(math.exp(a) - math.exp(b))
+        return 0.5 * (acc + abs(other_mu - other_pi))
+    log_eps = math.log(TOPK_EPS)
+    acc = 0.0
+    for a, b in buckets:
+        m = math.exp(a)
+        if m > 0.0:
+            acc += m * (max(a, log_eps) - max(b, log_eps))
+    if other_mu > 0.0:
+        acc += other_mu * (math.log(max(other_mu, TOPK_EPS)) - math.log(max(other_pi, TOPK_EPS)))
+    return acc if acc > 0.0 else 0.0
+
+
+def topk_divergence_reference(
+    log_probs, old_log_probs, topk_log_probs, topk_old_log_probs, topk_ids, sampled_ids,
+    response_mask=None, *, kind: str = "tv",
+) -> np.ndarray:
+    """Plain-Python Top-K divergence over NumPy inputs (same arguments as
+    :func:`topk_divergence`); float64 of the log-probs' shape."""
+    if kind not in ("tv", "kl"):
+        raise ValueError(f"kind must be 'tv' or 'kl', got {kind!r}")
+    lp = np.asarray(log_probs, dtype=np.float64)
+    shape = lp.shape
+    k = np.asarray(topk_ids).shape[-1]
+    n = lp.size
+    lp = lp.reshape(n)
+    lq = np.asarray(old_log_probs, dtype=np.float64).reshape(n)
+    y = np.asarray(sampled_ids).reshape(n)
+    ids = np.asarray(topk_ids).reshape(n, k)
+    mu = np.asarray(topk_old_log_probs, dtype=np.float64).reshape(n, k)
+    pi = np.asarray(topk_log_probs, dtype=np.float64).reshape(n, k)
+    valid = None if response_mask is None else (np.asarray(response_mask) != 0).reshape(-1)
+    out = np.zeros(lp.shape[0], dtype=np.float64)
+    for n in range(lp.shape[0]):
+        if valid is not None and not valid[n]:
+            continue
+        args = (float(lp[n]), float(lq[n]), int(y[n]), [int(i) for i in ids[n]], [float(v) for v in mu[n]],
+                [float(v) for v in pi[n]])
+        bad = check_position_reference(*args)
+        if bad is not None:
+            raise _topk_error(bad[0], shape, n, bad[1], bad[2])
+        out[n] = topk_position_reference(kind, *args)
+    return out.reshape(shape)

@@ -219,6 +219,7 @@ def cppo_policy_loss(
     adaptive_budget: bool = False,
     budget_quantile: float = 0.9,
     budget_scale: float = 1.0,
+    budget_ceiling: float = 2.0,
     position_weight: Union[bool, str] = True,
     shuffle_seed: int = 0,
     prefix_budget: bool = True,
@@ -244,7 +245,7 @@ def cppo_policy_loss(
         advantages: ``[B, L]`` per token or ``[B]`` per row.
         response_mask: valid flags ``[B, L]`` (``None``: all valid).
         delta, delta_b, w_min, horizon, adaptive_budget, budget_quantile, budget_scale,
-        position_weight, shuffle_seed, prefix_budget, divergence: the mask's knobs,
+        budget_ceiling, position_weight, shuffle_seed, prefix_budget, divergence: the mask's knobs,
             exactly as :func:`cppo_native.cppo_mask` (``divergence``: ``None`` /
             ``"binary_tv"``, ``"binary_kl"`` or a tensor D, e.g. from
             :func:`cppo_native.divergence.topk_divergence`).
@@ -284,7 +285,8 @@ def cppo_policy_loss(
         keep, info = cppo_mask(
             log_probs.detach(), old_log_probs.detach(), advantages.detach(), response_mask,
             delta=delta, delta_b=delta_b, w_min=w_min, horizon=horizon, adaptive_budget=adaptive_budget,
-            budget_quantile=budget_quantile, budget_scale=budget_scale, position_weight=position_weight,
+            budget_quantile=budget_quantile, budget_scale=budget_scale, budget_ceiling=budget_ceiling,
+            position_weight=position_weight,
             shuffle_seed=shuffle_seed, prefix_budget=prefix_budget,
             divergence=divergence.detach() if given_d else divergence,
             return_info=True, validate=validate, num_threads=num_threads,

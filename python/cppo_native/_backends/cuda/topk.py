@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _dispatch
-from .divergence import TOPK_FIELDS, _where
+from ..._core.errors import TOPK_FIELDS
+from ..._core.errors import describe_position as _where
+from .. import arrays as _dispatch
 
 # Field codes of the kernel's status words (1 + field * 65536 + slot): the Top-K fields
 # of cppo_native.divergence, then the ones only logits can break.

@@ -28,9 +28,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ._dispatch import Prepared, Source
-from ._errors import bad_value_error
-from ._params import MaskParams
+from ..._core.errors import bad_value_error
+from ..._core.params import MaskParams
+from ..arrays import Prepared, Source, check_offsets
+from .instances import _dtype_name, kernel_name, template_args
 
 KERNEL_PATH = Path(__file__).with_name("kernels") / "cppo_mask.cu"
 
@@ -51,22 +52,6 @@ CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 _NSTAT = 10  # doubles per piece statistic (ST_* in the .cu)
 _NO_ERROR = (1 << 64) - 1
 
-# dtype codes shared with the .cu (template parameters of every kernel)
-_FLOAT_CODES = {"float64": 0, "float32": 1, "float16": 2}
-_BF16 = 3
-_F_NONE = 4  # no divergence array
-# valid flags: (element width, bits that make a flag set); floats ignore the sign bit
-# (-0.0 is not valid, NaN is), bfloat16 is read as its 16-bit pattern like float16.
-_MASK_CODES = {
-    "bool": (1, 0xFF), "int8": (1, 0xFF), "uint8": (1, 0xFF),
-    "int16": (2, 0xFFFF), "uint16": (2, 0xFFFF),
-    "int32": (4, 0xFFFFFFFF), "uint32": (4, 0xFFFFFFFF),
-    "int64": (8, (1 << 64) - 1), "uint64": (8, (1 << 64) - 1),
-    "float16": (2, 0x7FFF),
-    "float32": (4, 0x7FFFFFFF),
-    "float64": (8, (1 << 63) - 1),
-}
-_MASK_BF16 = (2, 0x7FFF)
 _OFFSET_CODES = {"int64": 0, "uint64": 0, "int32": 1, "uint32": 2}
 
 
@@ -127,13 +112,6 @@ def args_layout() -> _ArgsLayout:
 def compile_options(geometry: Optional[dict] = None) -> tuple:
     geometry = GEOMETRY if geometry is None else geometry
     return COMPILE_OPTIONS + tuple(f"-D{k}={v}" for k, v in geometry.items())
-
-
-def kernel_name(kernel: str, targs: tuple) -> str:
-    """The NVRTC name expression of one instantiation, e.g. 'cppo_stats<1, 1, 1, 4, 1>'
-    (template arguments: log_probs, old_log_probs, advantages, divergence dtype codes and
-    the valid flags' width)."""
-    return f"{kernel}<{', '.join(str(int(t)) for t in targs)}>"
 
 
 _MODULES: dict = {}  # (device id, template args) -> {kernel: cupy RawKernel function}
@@ -242,26 +220,6 @@ def from_cupy(arr: Any, source: Source) -> Any:
 # The launch plan.
 
 
-_DTYPE_NAMES: dict = {}
-
-
-def _dtype_name(arr: Any) -> str:
-    dt = arr.dtype  # str(numpy dtype) costs microseconds; the per-call budget is tight
-    name = _DTYPE_NAMES.get(dt)
-    if name is None:
-        name = _DTYPE_NAMES[dt] = str(dt)
-    return name
-
-
-def _float_code(arr: Any, is_bf16: bool, name: str) -> int:
-    if is_bf16:
-        return _BF16
-    dt = _dtype_name(arr)
-    if dt not in _FLOAT_CODES:
-        raise TypeError(f"{name}: dtype {dt} is not supported on CUDA")
-    return _FLOAT_CODES[dt]
-
-
 def _strides(arr: Any) -> tuple:
     """Element strides (s0, s1) of a 1-D or 2-D array; (0, 0) for None."""
     if arr is None:
@@ -272,15 +230,11 @@ def _strides(arr: Any) -> tuple:
     return (s[0] // item if s else 0), 0
 
 
-def _ceiling(params: MaskParams) -> float:
-    return float(getattr(params, "budget_ceiling", 2.0))
-
-
 def _window(params: MaskParams) -> tuple:
     """Bounds on D outside which the adaptive budget is clamped anyway: Q <= lo gives
     delta_b, Q >= hi gives m delta_b, m = budget_ceiling (checked in float64, as the
     kernel computes)."""
-    k, b, m = params.budget_scale, params.delta_b, _ceiling(params)
+    k, b, m = params.budget_scale, params.delta_b, params.budget_ceiling
     lo = b / k
     while lo > 0 and k * lo > b:
         lo = math.nextafter(lo, 0.0)
@@ -289,25 +243,6 @@ def _window(params: MaskParams) -> tuple:
     while k * hi < top:
         hi = math.nextafter(hi, math.inf)
     return lo, hi
-
-
-def template_args(prep: Prepared) -> tuple:
-    """(template arguments of the kernels, valid_bits) for these inputs' dtypes."""
-    bf16 = prep.bf16
-    div = prep.divergence
-    valid = prep.valid
-    if valid is None:
-        width, bits = 0, 0
-    else:
-        width, bits = _MASK_BF16 if bf16.get("response_mask", False) else _MASK_CODES[_dtype_name(valid)]
-    targs = (
-        _float_code(prep.log_probs, bf16.get("log_probs", False), "log_probs"),
-        _float_code(prep.old_log_probs, bf16.get("old_log_probs", False), "old_log_probs"),
-        _float_code(prep.advantages, bf16.get("advantages", False), "advantages"),
-        _float_code(div, bf16.get("divergence", False), "divergence") if div is not None else _F_NONE,
-        width,
-    )
-    return targs, bits
 
 
 @dataclass
@@ -405,7 +340,7 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
         "adaptive": int(adaptive),
         "budget_quantile": params.budget_quantile,
         "budget_scale": params.budget_scale,
-        "budget_ceiling": _ceiling(params),
+        "budget_ceiling": params.budget_ceiling,
         "window_lo": window_lo,
         "window_hi": window_hi,
         "check_offsets": int(validate),
@@ -442,8 +377,6 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
     if validate:
         bad_key, offsets_flag = (int(v) for v in ex.read_u64(work, ws.error, 2))
         if offsets_flag != _NO_ERROR:
-            from ._cpu import check_offsets
-
             check_offsets(ex.to_host(cu), positions)
             raise ValueError("cu_seqlens must start at 0, be non-decreasing and end at the number of tokens")
         if bad_key != _NO_ERROR:

@@ -23,9 +23,9 @@ from typing import Optional
 
 import numpy as np
 
-from . import _thrift as T
-from ._cpu import native_module
-from ._parquet import Unsupported, _subtrees, chunk_range, column_levels, read_footer
+from . import thrift as T
+from ..._core.native import native_module
+from .append import Unsupported, _subtrees, chunk_range, column_levels, read_footer
 
 _CODEC_NAMES = {1: "snappy", 2: "gzip", 4: "brotli", 6: "zstd", 7: "lz4_raw"}
 _INT32, _INT64, _FLOAT, _DOUBLE = 1, 2, 4, 5

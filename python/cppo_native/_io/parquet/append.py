@@ -26,8 +26,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import _thrift as T
-from ._cpu import native_module
+from . import thrift as T
+from ..._core.native import native_module
 
 # parquet.thrift enums and field ids used here.
 _PLAIN, _RLE, _RLE_DICTIONARY = 0, 3, 8
@@ -281,7 +281,7 @@ class AppendWriter:
             kind = {"mask": "keep", "reason": "codes"}.get(source, "f64")
             self.new_columns.append(_new_column(full_schema[a:b], name, kind, source))
         kv = list(full_meta.get_value(5, T.List(T.STRUCT, [])).values)
-        from . import __version__
+        from ..._core.version import __version__
 
         note = {"writer": f"cppo-native {__version__}", "appended_columns": [c.name for c in self.new_columns],
                 "copied_from": meta.get_value(6, b"").decode("utf-8", "replace")}

@@ -4,41 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._dispatch import MASK_DTYPES, Prepared
-from ._errors import bad_value_error
-from ._params import MaskParams
-
-try:
-    from . import _native
-except ImportError as exc:  # pragma: no cover - exercised only on broken installs
-    _native = None
-    _IMPORT_ERROR = exc
-
-
-def native_module():
-    """The compiled extension, or a clear error saying how to get it."""
-    if _native is None:
-        raise ImportError(
-            "cppo_native's Rust extension (cppo_native._native) is not built or failed to load "
-            f"({_IMPORT_ERROR}). Install the wheel (pip install cppo-native) or build it from a checkout "
-            "with `pip install .` (needs a Rust toolchain). The NumPy reference "
-            "cppo_native.reference.cppo_mask_reference is available but is not used as a silent fallback."
-        )
-    return _native
-
-
-def check_offsets(cu: np.ndarray, total: int) -> np.ndarray:
-    """cu_seqlens as contiguous int64, checked: starts at 0, non-decreasing, ends at total."""
-    cu = np.ascontiguousarray(cu, dtype=np.int64)
-    if cu[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
-    steps = np.diff(cu)
-    if steps.size and steps.min() < 0:
-        i = int(np.argmax(steps < 0))
-        raise ValueError(f"cu_seqlens must be non-decreasing; cu_seqlens[{i + 1}]={int(cu[i + 1])} < cu_seqlens[{i}]={int(cu[i])}")
-    if cu[-1] != total:
-        raise ValueError(f"cu_seqlens must end at the number of tokens {total}, got {int(cu[-1])}")
-    return cu
+from .._core.errors import bad_value_error
+from .._core.native import native_module
+from .._core.params import MaskParams
+from .arrays import MASK_DTYPES, Prepared, check_offsets
 
 
 def compute(prep: Prepared, params: MaskParams, return_info: bool, num_threads: int, want_gate: bool = True):

@@ -1,0 +1,1 @@
+"""CUDA backend: kernels in ``kernels/*.cu`` compiled and launched through CuPy."""

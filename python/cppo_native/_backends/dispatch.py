@@ -1,0 +1,60 @@
+"""Backend choice: the one place that branches on the device.
+
+``run_mask`` takes checked knobs and caller arrays, prepares them once
+(:mod:`.prepare`), runs the Rust CPU backend or the CUDA backend, and hands the
+results back in the caller's framework on the caller's device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .._core.params import MaskParams
+from .arrays import Prepared, from_numpy
+from .prepare import prepare
+
+
+def prepare_mask_inputs(log_probs, old_log_probs, advantages, response_mask, divergence, cu_seqlens,
+                        per_row_advantages) -> Prepared:
+    """Checked and converted inputs of a mask call (``divergence``: an array or None)."""
+    return prepare(log_probs, old_log_probs, advantages, response_mask, divergence, cu_seqlens, per_row_advantages)
+
+
+def run_mask(prep: Prepared, params: MaskParams, *, return_info: bool, validate: bool,
+             num_threads: Optional[int], want_gate: bool = True) -> tuple:
+    """``(mask, reason, threshold, gate, row_budget, counts)`` in the caller's framework,
+    shaped like the caller's log-probs (info entries None unless ``return_info``)."""
+    if prep.source.device == "cpu":
+        from . import cpu
+
+        out = cpu.compute(prep, params, return_info, num_threads or 0, want_gate=want_gate)
+        wrap: Any = from_numpy
+    else:
+        from .cuda import mask as cuda_mask
+
+        out = cuda_mask.compute(prep, params, return_info, validate)
+        wrap = cuda_mask.from_cupy
+    mask, reason, threshold, gate, row_budget, counts = out
+    src, shape = prep.source, prep.shape
+
+    def token(x):
+        return None if x is None else wrap(x.reshape(shape), src)
+
+    return (
+        token(mask),
+        token(reason),
+        token(threshold),
+        token(gate),
+        None if row_budget is None else wrap(row_budget, src),
+        None if counts is None else wrap(counts, src),
+    )
+
+
+def run_mask_numpy(prep: Prepared, params: MaskParams, *, num_threads: Optional[int], want_gate: bool) -> tuple:
+    """The CPU backend's NumPy outputs with info (for the Arrow layer, which writes only
+    what it keeps)."""
+    from . import cpu
+
+    if prep.source.device != "cpu":  # pragma: no cover - the Arrow layer hands NumPy arrays
+        raise TypeError("expected CPU arrays")
+    return cpu.compute(prep, params, True, num_threads or 0, want_gate=want_gate)
