@@ -1,7 +1,7 @@
 """The alternatives a user has without cppo-native, written as public trainers write
 them: vectorised tensor code with cumsum, a one-token shift and nanquantile.
 
-Both follow shared/spec/CPPO.md (horizon="sequence", Binary TV from log-probs, fixed or
+Both follow docs/semantics.md (horizon="sequence", Binary TV from log-probs, fixed or
 adaptive budget) in float64; tests/test_baselines.py checks them against the reference.
 """
 
@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 
 def torch_cppo_mask(log_probs, old_log_probs, advantages, response_mask, *, delta=0.15, delta_b=0.02,
-                    w_min=0.8, adaptive_budget=True, budget_quantile=0.9, budget_scale=1.0):
+                    w_min=0.8, adaptive_budget=True, budget_quantile=0.9, budget_scale=1.0,
+                    budget_ceiling=2.0):
     """CPPO keep-mask [B, L] from padded torch tensors; advantages [B] or [B, L]."""
     m = response_mask.to(torch.float64)
     lp = log_probs.to(torch.float64)
@@ -32,7 +33,7 @@ def torch_cppo_mask(log_probs, old_log_probs, advantages, response_mask, *, delt
     w_prev = F.pad((m * w).cumsum(-1)[:, :-1], (1, 0))  # W_{t-1}
     if adaptive_budget:
         q = torch.nanquantile(d.masked_fill(m == 0, float("nan")), budget_quantile, dim=-1, keepdim=True)
-        budget = torch.clamp(budget_scale * q, delta_b, 2 * delta_b).nan_to_num(delta_b)
+        budget = torch.clamp(budget_scale * q, delta_b, budget_ceiling * delta_b).nan_to_num(delta_b)
     else:
         budget = torch.full_like(horizon, delta_b)
     c = torch.clamp(delta + budget * w_prev - s_prev, max=delta)
@@ -41,7 +42,8 @@ def torch_cppo_mask(log_probs, old_log_probs, advantages, response_mask, *, delt
 
 
 def numpy_cppo_mask(log_probs, old_log_probs, advantages, response_mask, *, delta=0.15, delta_b=0.02,
-                    w_min=0.8, adaptive_budget=True, budget_quantile=0.9, budget_scale=1.0):
+                    w_min=0.8, adaptive_budget=True, budget_quantile=0.9, budget_scale=1.0,
+                    budget_ceiling=2.0):
     """The same formula in vectorised NumPy."""
     m = response_mask.astype(np.float64)
     lp = log_probs.astype(np.float64)
@@ -66,7 +68,7 @@ def numpy_cppo_mask(log_probs, old_log_probs, advantages, response_mask, *, delt
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 q = np.nanquantile(np.where(m > 0, d, np.nan), budget_quantile, axis=-1, keepdims=True)
-        budget = np.nan_to_num(np.clip(budget_scale * q, delta_b, 2 * delta_b), nan=delta_b)
+        budget = np.nan_to_num(np.clip(budget_scale * q, delta_b, budget_ceiling * delta_b), nan=delta_b)
     else:
         budget = np.full_like(horizon, delta_b)
     c = np.minimum(delta + budget * w_prev - s_prev, delta)

@@ -193,7 +193,12 @@ def test_config_forms_and_defaults():
     s1 = cv.cppo_settings(flat, 24)
     assert s1 == cv.cppo_settings(nested, 24)
     assert s1 == dict(delta=0.2, delta_b=0.01, w_min=0.9, budget_quantile=0.9, budget_scale=1.0, adaptive_budget=True,
-                      horizon="sequence", divergence="binary_tv", clip_ratio_c=10.0)
+                      horizon="sequence", divergence="binary_tv", clip_ratio_c=10.0, budget_ceiling=2.0,
+                      position_weight=True, shuffle_seed=0, prefix_budget=True)
+    s5 = cv.cppo_settings({"clip_ratio": 0.2, "policy_loss": {"cppo_delta_b_max_mult": 5}}, 24)
+    assert s5["budget_ceiling"] == 5
+    with pytest.raises(ValueError, match=r"budget_ceiling must be >= 1.*cppo_delta_b_max_mult"):
+        cv.cppo_settings({"clip_ratio": 0.2, "policy_loss": {"cppo_delta_b_max_mult": 0.5}}, 24)
     plain = {"clip_ratio": 0.2, "policy_loss": {"cppo_horizon": "padded", "cppo_divergence": "binary_kl"}}
     s2 = cv.cppo_settings(plain, 24)
     assert s2["horizon"] == 24 and s2["divergence"] == "binary_kl" and s2["clip_ratio_c"] == 20.0

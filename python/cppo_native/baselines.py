@@ -34,29 +34,14 @@ class _Arrays:
     (torch callers, any device), plus the few operations that differ between the two."""
 
     def __init__(self, named: list):
-        first_name, first = named[0]
-        for name, x in named:
-            if x is None:
-                continue
-            if not (isinstance(x, np.ndarray) or _dispatch._is_torch(x)):
-                raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
-        self.src = _dispatch.source_of(first, first_name)
-        for name, x in named:
-            if x is None:
-                continue
-            s = _dispatch.source_of(x, name)
-            if (s.device, s.index) != (self.src.device, self.src.index):
-                raise ValueError(
-                    f"all arrays must be on one device: {first_name} is on {self.src.describe()}, "
-                    f"{name} is on {s.describe()}"
-                )
+        first = named[0][1]
+        self.src = _dispatch.common_source(named, same_framework_on_cuda=False)
         self.torch = _dispatch._torch() if _dispatch._is_torch(first) else None
         self.device = first.device if self.torch is not None else None
 
     def float64(self, x: Any, name: str):
-        dt = _dispatch.dtype_name(x)
-        if dt not in _dispatch.FLOAT_DTYPES and not (name == "advantages" and dt.startswith(("int", "uint"))):
-            raise TypeError(f"{name}: dtype {dt} is not supported; use one of {', '.join(_dispatch.FLOAT_DTYPES)}")
+        if not (name == "advantages" and _dispatch.dtype_name(x).startswith(("int", "uint"))):
+            _dispatch.check_float(x, name)
         if self.torch is not None:
             t = x.detach() if _dispatch._is_torch(x) else self.torch.from_numpy(np.asarray(x))
             return t.to(device=self.device, dtype=self.torch.float64)

@@ -45,7 +45,7 @@ from ._core.errors import LOG_PROB_TOLERANCE, TOPK_EPS, TOPK_FIELDS  # noqa: F40
 from ._core.errors import binary_error as _binary_error
 from ._core.errors import topk_error as _topk_error
 from ._core.native import native_module
-from ._core.params import BINARY_KL_EPS
+from ._core.params import BINARY_KL_EPS, check_num_threads
 from .reference import check_position_reference as _check_position_reference
 from .reference import rest_mass_reference, topk_divergence_reference, topk_position_reference  # noqa: F401 (public)
 
@@ -56,43 +56,10 @@ _KINDS = ("tv", "kl")
 # Input handling.
 
 
-def _framework(x: Any, name: str) -> _dispatch.Source:
-    if not (isinstance(x, np.ndarray) or _dispatch._is_torch(x)):
-        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
-    return _dispatch.source_of(x, name)
-
-
-def _sources(named: list) -> _dispatch.Source:
-    """The common source of the arrays (one framework family, one device)."""
-    first_name, first = named[0]
-    src = _framework(first, first_name)
-    for name, x in named[1:]:
-        s = _framework(x, name)
-        if (s.device, s.index) != (src.device, src.index):
-            raise ValueError(
-                f"all arrays must be on one device: {first_name} is on {src.describe()}, {name} is on {s.describe()}"
-            )
-        if s.framework != src.framework and s.device != "cpu":
-            raise TypeError(f"{name}: mixing {s.framework} and {src.framework} arrays on {s.describe()}")
-    return src
-
-
-def _check_float(x: Any, name: str) -> None:
-    dt = _dispatch.dtype_name(x)
-    if dt not in _dispatch.FLOAT_DTYPES:
-        raise TypeError(f"{name}: dtype {dt} is not supported; use one of {', '.join(_dispatch.FLOAT_DTYPES)}")
-
-
-def _check_int(x: Any, name: str) -> None:
-    dt = _dispatch.dtype_name(x)
-    if not dt.startswith(("int", "uint")):
-        raise TypeError(f"{name}: dtype {dt} is not supported; use an integer dtype (int64 or int32)")
-
-
-def _check_mask(x: Any) -> None:
-    dt = _dispatch.dtype_name(x)
-    if not (dt == "bool" or dt.startswith(("int", "uint", "float", "bfloat"))):
-        raise TypeError(f"response_mask: dtype {dt} is not supported; use bool, int or float")
+_sources = _dispatch.common_source
+_check_float = _dispatch.check_float
+_check_int = _dispatch.check_int
+_check_mask = _dispatch.check_mask
 
 
 def _shape(x: Any) -> tuple:
@@ -100,11 +67,7 @@ def _shape(x: Any) -> tuple:
 
 
 def _num_threads(num_threads: Optional[int]) -> int:
-    if num_threads is None:
-        return 0
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
-    return num_threads
+    return check_num_threads(num_threads) or 0
 
 
 def _native():

@@ -160,3 +160,45 @@ def check_offsets(cu: np.ndarray, total: int) -> np.ndarray:
     if cu[-1] != total:
         raise ValueError(f"cu_seqlens must end at the number of tokens {total}, got {int(cu[-1])}")
     return cu
+
+
+# ---------------------------------------------------------------------------------------
+# Checks shared by every public face that takes arrays (mask, divergences, baselines).
+
+
+def check_float(x: Any, name: str) -> None:
+    dt = dtype_name(x)
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {dt} is not supported; use one of {', '.join(FLOAT_DTYPES)}")
+
+
+def check_int(x: Any, name: str) -> None:
+    dt = dtype_name(x)
+    if not dt.startswith(("int", "uint")):
+        raise TypeError(f"{name}: dtype {dt} is not supported; use an integer dtype (int64 or int32)")
+
+
+def check_mask(x: Any, name: str = "response_mask") -> None:
+    dt = dtype_name(x)
+    if not (dt == "bool" or dt.startswith(("int", "uint", "float", "bfloat"))):
+        raise TypeError(f"{name}: dtype {dt} is not supported; use bool, int or float")
+
+
+def common_source(named: list, *, same_framework_on_cuda: bool = True) -> Source:
+    """The common source of NumPy arrays / torch tensors ``[(name, array or None)]``:
+    one device, and on CUDA one framework."""
+    named = [(name, x) for name, x in named if x is not None]
+    for name, x in named:
+        if not (isinstance(x, np.ndarray) or _is_torch(x)):
+            raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+    first_name = named[0][0]
+    src = source_of(named[0][1], first_name)
+    for name, x in named[1:]:
+        s = source_of(x, name)
+        if (s.device, s.index) != (src.device, src.index):
+            raise ValueError(
+                f"all arrays must be on one device: {first_name} is on {src.describe()}, {name} is on {s.describe()}"
+            )
+        if same_framework_on_cuda and s.framework != src.framework and s.device != "cpu":
+            raise TypeError(f"{name}: mixing {s.framework} and {src.framework} arrays on {s.describe()}")
+    return src

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .arrays import FLOAT_DTYPES, Prepared, Source, dtype_name, import_dlpack_cpu, source_of, to_numpy
+from .arrays import FLOAT_DTYPES, Prepared, Source, check_float, check_mask, dtype_name, import_dlpack_cpu, source_of, to_numpy
 
 
 def _adopt(x: Any, source: Source, name: str) -> Any:
@@ -30,12 +30,6 @@ def _adopt(x: Any, source: Source, name: str) -> Any:
 
 # ---------------------------------------------------------------------------------------
 # Shape and dtype rules, shared by every backend.
-
-
-def _check_float(x: Any, name: str) -> None:
-    dt = dtype_name(x)
-    if dt not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: dtype {dt} is not supported; use one of {', '.join(FLOAT_DTYPES)}")
 
 
 def prepare(
@@ -77,14 +71,12 @@ def prepare(
 
     for name, x in named:
         if name in ("log_probs", "old_log_probs", "divergence"):
-            _check_float(x, name)
+            check_float(x, name)
     adv_dt = dtype_name(advantages)
     if adv_dt not in FLOAT_DTYPES and not adv_dt.startswith(("int", "uint")):
         raise TypeError(f"advantages: dtype {adv_dt} is not supported; use a float dtype")
     if response_mask is not None:
-        mdt = dtype_name(response_mask)
-        if not (mdt == "bool" or mdt.startswith(("int", "uint", "float", "bfloat"))):
-            raise TypeError(f"response_mask: dtype {mdt} is not supported; use bool, int or float")
+        check_mask(response_mask)
 
     bf16 = {name: dtype_name(x) == "bfloat16" for name, x in named}
     arrays = {name: convert(x, name) for name, x in named}

@@ -19,14 +19,17 @@ Configuration (``actor_rollout_ref.actor.*``), the keys public verl CPPO users w
   paper uses 20);
 - ``loss_agg_mode`` and verl's global batch info (``dp_size``, ``batch_num_tokens``,
   ``global_batch_size``, ``loss_scale_factor``) as for every verl loss;
-- ``policy_loss.cppo_w_min`` (0.8), ``cppo_delta_b`` (0.02, the budget floor),
-  ``cppo_delta_b_q`` (0.9), ``cppo_delta_b_k`` (1.0): per-row budget
-  ``clamp(k * Q_q(D), delta_b, 2 delta_b)``; also read from a nested
-  ``policy_loss.cppo`` mapping;
-- cppo-native extras: ``cppo_adaptive_budget`` (True; False = fixed delta_b),
+- ``policy_loss.cppo_*``: the other CPPO knobs, one key per entry of the knob table
+  (``VERL_KEYS`` below; the budget keys keep the names of the authors' verl recipe):
+  ``cppo_w_min`` (0.8), ``cppo_delta_b`` (0.02, the budget floor), ``cppo_delta_b_q``
+  (0.9), ``cppo_delta_b_k`` (1.0) and ``cppo_delta_b_max_mult`` (the ceiling m, 2.0; the
+  head of the authors' verl pull request uses 5): per-row budget
+  ``clamp(k * Q_q(D), delta_b, m * delta_b)``; ``cppo_adaptive_budget`` (True here, as
+  in the authors' verl recipe for base models; the library's default is False),
   ``cppo_horizon`` (``"sequence"``, ``"padded"`` = the micro-batch's padded response
-  length, as verl's public recipe does, or an int), ``cppo_divergence``
-  (``"binary_tv"`` or ``"binary_kl"``).
+  length, as verl's public recipe does, or an int), ``cppo_divergence`` (``"binary_tv"``
+  or ``"binary_kl"``), ``cppo_position_weight``, ``cppo_shuffle_seed``,
+  ``cppo_prefix_budget``. Also read from a nested ``policy_loss.cppo`` mapping.
 
 verl 0.9.1's ``PolicyLossConfig`` dataclass rejects unknown keys, so point its
 ``_target_`` at :class:`CPPOPolicyLossConfig` (a subclass with these fields), see
@@ -53,21 +56,33 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
         f"Importing verl failed with: {exc}"
     ) from exc
 
+from .._core.params import defaults, make_params
 from ..torch import cppo_policy_loss
 
 _logger = logging.getLogger(__name__)
 
 MODES = {"cppo": False, "cppo_soft": True}  # loss_mode -> soft gate
 
-DEFAULTS = {
-    "cppo_w_min": 0.8,
-    "cppo_delta_b": 0.02,
-    "cppo_delta_b_q": 0.9,
-    "cppo_delta_b_k": 1.0,
-    "cppo_adaptive_budget": True,
-    "cppo_horizon": "sequence",
-    "cppo_divergence": "binary_tv",
+# verl config key (under actor.policy_loss) -> knob of the table (_core/params.py). delta
+# is verl's actor.clip_ratio. tests/test_knobs.py checks every knob has a key.
+VERL_KEYS = {
+    "cppo_w_min": "w_min",
+    "cppo_delta_b": "delta_b",
+    "cppo_delta_b_q": "budget_quantile",
+    "cppo_delta_b_k": "budget_scale",
+    "cppo_delta_b_max_mult": "budget_ceiling",
+    "cppo_adaptive_budget": "adaptive_budget",
+    "cppo_horizon": "horizon",
+    "cppo_divergence": "divergence",
+    "cppo_position_weight": "position_weight",
+    "cppo_shuffle_seed": "shuffle_seed",
+    "cppo_prefix_budget": "prefix_budget",
 }
+# Where this adapter's defaults differ from the table's, and why: the authors' verl
+# recipe turns the adaptive budget on (the paper uses it for base models), and a config
+# value names the estimator instead of None.
+_DEFAULT_OVERRIDES = {"adaptive_budget": True, "divergence": "binary_tv"}
+DEFAULTS = {key: _DEFAULT_OVERRIDES.get(name, defaults(paper=True)[name]) for key, name in VERL_KEYS.items()}
 
 
 @dataclass
@@ -78,9 +93,13 @@ class CPPOPolicyLossConfig(_PolicyLossConfig):
     cppo_delta_b: float = 0.02
     cppo_delta_b_q: float = 0.9
     cppo_delta_b_k: float = 1.0
+    cppo_delta_b_max_mult: float = 2.0
     cppo_adaptive_budget: bool = True
     cppo_horizon: Any = "sequence"
     cppo_divergence: str = "binary_tv"
+    cppo_position_weight: Any = True
+    cppo_shuffle_seed: int = 0
+    cppo_prefix_budget: bool = True
 
 
 _MISSING = object()
@@ -115,27 +134,33 @@ def cppo_settings(config: Any, padded_length: int) -> dict:
         if v is _MISSING or v is None:
             v = _lookup(nested, key)
         values[key] = default if v is _MISSING or v is None else v
-    horizon = values["cppo_horizon"]
+    knobs = {VERL_KEYS[key]: value for key, value in values.items()}
+    horizon = knobs["horizon"]
     if horizon == "padded":
-        horizon = max(int(padded_length), 1)
+        knobs["horizon"] = max(int(padded_length), 1)
     elif isinstance(horizon, str) and horizon != "sequence":
         raise ValueError(f'policy_loss.cppo_horizon must be "sequence", "padded" or an int >= 1, got {horizon!r}')
     elif not isinstance(horizon, str) and not isinstance(horizon, numbers.Integral):
         raise ValueError(f'policy_loss.cppo_horizon must be "sequence", "padded" or an int >= 1, got {horizon!r}')
-    divergence = values["cppo_divergence"]
-    if divergence not in ("binary_tv", "binary_kl"):
-        raise ValueError(f'policy_loss.cppo_divergence must be "binary_tv" or "binary_kl", got {divergence!r}')
-    return dict(
-        delta=float(delta),
-        delta_b=float(values["cppo_delta_b"]),
-        w_min=float(values["cppo_w_min"]),
-        budget_quantile=float(values["cppo_delta_b_q"]),
-        budget_scale=float(values["cppo_delta_b_k"]),
-        adaptive_budget=bool(values["cppo_adaptive_budget"]),
-        horizon=horizon if isinstance(horizon, str) else int(horizon),
-        divergence=divergence,
-        clip_ratio_c=20.0 if clip_c is _MISSING or clip_c is None else float(clip_c),
-    )
+    if knobs["divergence"] not in ("binary_tv", "binary_kl"):
+        raise ValueError(
+            f'policy_loss.cppo_divergence must be "binary_tv" or "binary_kl", got {knobs["divergence"]!r}'
+        )
+    knobs["delta"] = delta
+    try:
+        make_params(**knobs)  # the table's checks, with verl's key names in the message
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(_verl_names(str(exc))) from None
+    return dict(knobs, clip_ratio_c=20.0 if clip_c is _MISSING or clip_c is None else float(clip_c))
+
+
+def _verl_names(message: str) -> str:
+    for key, name in VERL_KEYS.items():
+        if message.startswith(name + " "):
+            return f"{message} (verl key: actor.policy_loss.{key})"
+    if message.startswith("delta "):
+        return f"{message} (verl key: actor.clip_ratio)"
+    return message
 
 
 def _global_batch_info(config: Any) -> dict:

@@ -27,12 +27,21 @@ from typing import Optional
 import numpy as np
 
 from . import thrift as T
+from .fields import ColumnChunk as CC
+from .fields import ColumnMetaData as CMD
+from .fields import DataPageHeader as DPH
+from .fields import DictionaryPageHeader as DICT
+from .fields import FileMetaData as FMD
+from .fields import KeyValue as KV
+from .fields import PageHeader as PH
+from .fields import RowGroup as RG
+from .fields import SchemaElement as SE
 from ..._core.native import native_module
+from .footer import Unsupported, _subtrees, chunk_range, column_levels, read_footer  # noqa: F401 (re-exported)
 
 # parquet.thrift enums and field ids used here.
 _PLAIN, _RLE, _RLE_DICTIONARY = 0, 3, 8
 _DATA_PAGE, _DICTIONARY_PAGE = 0, 2
-_REQUIRED, _OPTIONAL, _REPEATED = 0, 1, 2
 _CODECS = {"none": 0, "snappy": 1, "gzip": 2, "brotli": 4, "zstd": 6, "lz4": 7}  # lz4 = LZ4_RAW
 _PYARROW_CODEC = {"snappy": "snappy", "gzip": "gzip", "brotli": "brotli", "zstd": "zstd", "lz4": "lz4_raw"}
 # Level entries per data page (pages end at row boundaries; a longer row gets its own).
@@ -40,56 +49,6 @@ PAGE_VALUES = 1 << 20
 # Encoded bytes of one row group's added columns kept in memory before spilling to a
 # temporary file.
 SPILL_BYTES = 256 << 20
-
-
-class Unsupported(Exception):
-    """The input cannot be appended to (the caller uses pyarrow's writer instead)."""
-
-
-def read_footer(fh) -> T.Struct:
-    fh.seek(0, os.SEEK_END)
-    size = fh.tell()
-    if size < 12:
-        raise Unsupported("not a Parquet file")
-    fh.seek(size - 8)
-    tail = fh.read(8)
-    if tail[4:] == b"PARE":
-        raise Unsupported("encrypted Parquet footer")
-    if tail[4:] != b"PAR1":
-        raise Unsupported("not a Parquet file")
-    n = int.from_bytes(tail[:4], "little")
-    if n <= 0 or n > size - 12:
-        raise Unsupported("bad footer length")
-    fh.seek(size - 8 - n)
-    meta, _ = T.loads(fh.read(n))
-    return meta
-
-
-def _subtrees(schema: list) -> list:
-    """[(first element, end, [leaf numbers])] for each top-level field."""
-    out = []
-    leaf = 0
-
-    def walk(i: int) -> tuple:
-        nonlocal leaf
-        kids = schema[i].get_value(5, 0) or 0
-        if kids == 0:
-            leaf += 1
-            return i + 1
-        j = i + 1
-        for _ in range(kids):
-            j = walk(j)
-        return j
-
-    i = 1
-    for _ in range(schema[0].get_value(5, 0) or 0):
-        first_leaf = leaf
-        end = walk(i)
-        out.append((i, end, list(range(first_leaf, leaf))))
-        i = end
-    if i != len(schema):
-        raise Unsupported("malformed Parquet schema")
-    return out
 
 
 def _footer_of(arrow_schema) -> T.Struct:
@@ -120,33 +79,11 @@ class _NewColumn:
     dict_bytes: int = 0
 
 
-def column_levels(elements: list, name: str) -> tuple:
-    """(is_list, max_rep, max_def, def_empty) of a top-level field's schema elements: a
-    3-level list of a primitive (optional or required group, repeated group, leaf) or a
-    primitive; anything else is Unsupported. A present value is at max_def; an empty
-    list has its group defined and its repeated group absent."""
-    reps = [e.get_value(3) for e in elements]
-    max_def = sum(r != _REQUIRED for r in reps)
-    max_rep = sum(r == _REPEATED for r in reps)
-    if len(elements) == 3 and reps[1] == _REPEATED and reps[2] != _REPEATED:
-        return True, max_rep, max_def, int(reps[0] == _OPTIONAL)
-    if len(elements) == 1 and reps[0] != _REPEATED:
-        return False, max_rep, max_def, 0
-    raise Unsupported(f"{name}: nesting")
-
-
-def chunk_range(md: T.Struct) -> tuple:
-    """(first byte, length) of a column chunk from its ColumnMetaData: its first page is
-    the dictionary (or index) page when there is one, else the first data page."""
-    starts = [md.get_value(9)] + [md.get_value(f) for f in (10, 11) if (md.get_value(f) or 0) > 0]
-    return min(starts), md.get_value(7)
-
-
 def _new_column(elements: list, name: str, kind: str, source: str) -> _NewColumn:
     """Levels of an added column from its schema elements (as pyarrow writes them)."""
     is_list, max_rep, max_def, def_empty = column_levels(elements, name)
     return _NewColumn(
-        name=name, kind=kind, source=source, ptype=elements[-1].get_value(1), path=[e.get_value(4) for e in elements],
+        name=name, kind=kind, source=source, ptype=elements[-1].get_value(SE.TYPE), path=[e.get_value(SE.NAME) for e in elements],
         is_list=is_list, max_rep=max_rep, max_def=max_def, def_null=0, def_empty=def_empty,
         def_present=max_def,
     )
@@ -242,7 +179,7 @@ class AppendWriter:
         meta = self.meta
         if 8 in meta or 9 in meta:
             self._fail("encrypted Parquet file")
-        schema = meta.get_value(2).values
+        schema = meta.get_value(FMD.SCHEMA).values
         subtrees = _subtrees(schema)
         n_fields = len(subtrees)
         n_out = len(out_arrow_schema)
@@ -252,11 +189,11 @@ class AppendWriter:
         if len(copy_fields) != n_copied:
             self._fail("schema mismatch")
         for i, fi in enumerate(copy_fields):
-            if fi >= n_fields or schema[subtrees[fi][0]].get_value(4) != out_arrow_schema.field(i).name.encode():
+            if fi >= n_fields or schema[subtrees[fi][0]].get_value(SE.NAME) != out_arrow_schema.field(i).name.encode():
                 self._fail("the Arrow schema does not follow the Parquet schema")
-        for rg in meta.get_value(4).values:
-            for cc in rg.get_value(1).values:
-                if cc.get_value(1) is not None or 8 in cc or 9 in cc:
+        for rg in meta.get_value(FMD.ROW_GROUPS).values:
+            for cc in rg.get_value(RG.COLUMNS).values:
+                if cc.get_value(CC.FILE_PATH) is not None or CC.CRYPTO_METADATA in cc or CC.ENCRYPTED_COLUMN_METADATA in cc:
                     self._fail("column chunks in other files or encrypted")
         self.copy_leaves = [leaf for fi in copy_fields for leaf in subtrees[fi][2]]
         self.all_copied = copy_fields == list(range(n_fields))
@@ -265,7 +202,7 @@ class AppendWriter:
         # footer pyarrow writes for the output schema (the added columns are its last
         # fields; its key-value metadata holds ARROW:schema).
         full_meta = _footer_of(out_arrow_schema)
-        full_schema = full_meta.get_value(2).values
+        full_schema = full_meta.get_value(FMD.SCHEMA).values
         added_fields = _subtrees(full_schema)[n_copied:]
         added_elements = full_schema[added_fields[0][0]:] if added_fields else []
         added_leaves = sum(len(leaves) for _, _, leaves in added_fields)
@@ -275,33 +212,33 @@ class AppendWriter:
             a, b, _ = subtrees[fi]
             elements.extend(schema[a:b])
         elements.extend(added_elements)
-        root.set(5, T.I32, n_copied + len(added))
+        root.set(SE.NUM_CHILDREN, T.I32, n_copied + len(added))
         self.new_columns = []
         for (a, b, _), (name, source) in zip(added_fields, added):
             kind = {"mask": "keep", "reason": "codes"}.get(source, "f64")
             self.new_columns.append(_new_column(full_schema[a:b], name, kind, source))
-        kv = list(full_meta.get_value(5, T.List(T.STRUCT, [])).values)
+        kv = list(full_meta.get_value(FMD.KEY_VALUE_METADATA, T.List(T.STRUCT, [])).values)
         from ..._core.version import __version__
 
         note = {"writer": f"cppo-native {__version__}", "appended_columns": [c.name for c in self.new_columns],
-                "copied_from": meta.get_value(6, b"").decode("utf-8", "replace")}
-        kv.append(T.Struct().set(1, T.BINARY, b"cppo_native").set(2, T.BINARY, json.dumps(note).encode()))
+                "copied_from": meta.get_value(FMD.CREATED_BY, b"").decode("utf-8", "replace")}
+        kv.append(T.Struct().set(KV.KEY, T.BINARY, b"cppo_native").set(KV.VALUE, T.BINARY, json.dumps(note).encode()))
 
         out = T.Struct()
-        out.set(1, T.I32, meta.get_value(1, 1))
-        out.set(2, T.LIST, T.List(T.STRUCT, elements))
-        out.set(5, T.LIST, T.List(T.STRUCT, kv))
+        out.set(FMD.VERSION, T.I32, meta.get_value(FMD.VERSION, 1))
+        out.set(FMD.SCHEMA, T.LIST, T.List(T.STRUCT, elements))
+        out.set(FMD.KEY_VALUE_METADATA, T.LIST, T.List(T.STRUCT, kv))
         if 6 in meta:
             out[6] = meta[6]
         if 7 in meta:
-            orders = meta.get_value(7).values
-            all_orders = full_meta.get_value(7, T.List(T.STRUCT, [])).values
+            orders = meta.get_value(FMD.COLUMN_ORDERS).values
+            all_orders = full_meta.get_value(FMD.COLUMN_ORDERS, T.List(T.STRUCT, [])).values
             new_orders = all_orders[len(all_orders) - added_leaves:] if added_leaves <= len(all_orders) else []
             if len(new_orders) == len(self.new_columns):
-                out.set(7, T.LIST, T.List(T.STRUCT, [orders[i] for i in self.copy_leaves] + list(new_orders)))
+                out.set(FMD.COLUMN_ORDERS, T.LIST, T.List(T.STRUCT, [orders[i] for i in self.copy_leaves] + list(new_orders)))
         self.footer = out
         self.row_groups: list = []
-        self.src_groups = meta.get_value(4).values
+        self.src_groups = meta.get_value(FMD.ROW_GROUPS).values
         self.rg_index = 0
         self.rows = 0
 
@@ -332,16 +269,17 @@ class AppendWriter:
         raw_size = sum(len(p) for p in parts)
         data = self._compress(parts, raw_size)
         head = T.Struct()
-        head.set(1, T.I32, _DICTIONARY_PAGE if dictionary else _DATA_PAGE)
-        head.set(2, T.I32, raw_size)
-        head.set(3, T.I32, sum(len(p) for p in data))
+        head.set(PH.TYPE, T.I32, _DICTIONARY_PAGE if dictionary else _DATA_PAGE)
+        head.set(PH.UNCOMPRESSED_PAGE_SIZE, T.I32, raw_size)
+        head.set(PH.COMPRESSED_PAGE_SIZE, T.I32, sum(len(p) for p in data))
         if dictionary:
-            head.set(7, T.STRUCT, T.Struct().set(1, T.I32, dictionary).set(2, T.I32, _PLAIN))
+            head.set(PH.DICTIONARY_PAGE_HEADER, T.STRUCT,
+                     T.Struct().set(DICT.NUM_VALUES, T.I32, dictionary).set(DICT.ENCODING, T.I32, _PLAIN))
         else:
-            dph = T.Struct().set(1, T.I32, num_values)
-            dph.set(2, T.I32, _RLE_DICTIONARY if c.kind == "codes" else _PLAIN)
-            dph.set(3, T.I32, _RLE).set(4, T.I32, _RLE)
-            head.set(5, T.STRUCT, dph)
+            dph = T.Struct().set(DPH.NUM_VALUES, T.I32, num_values)
+            dph.set(DPH.ENCODING, T.I32, _RLE_DICTIONARY if c.kind == "codes" else _PLAIN)
+            dph.set(DPH.DEFINITION_LEVEL_ENCODING, T.I32, _RLE).set(DPH.REPETITION_LEVEL_ENCODING, T.I32, _RLE)
+            head.set(PH.DATA_PAGE_HEADER, T.STRUCT, dph)
             c.num_values += num_values
         header = T.dumps(head)
         c.spool.write(header)
@@ -412,7 +350,7 @@ class AppendWriter:
     def end_row_group(self) -> None:
         """Writes the current input row group's copied chunks and the added columns."""
         src_rg = self.src_groups[self.rg_index]
-        num_rows = src_rg.get_value(3)
+        num_rows = src_rg.get_value(RG.NUM_ROWS)
         if self.rows != num_rows:
             raise ValueError(f"row group {self.rg_index} has {num_rows} rows, {self.rows} were added")
         self.rg_index += 1
@@ -424,24 +362,24 @@ class AppendWriter:
         total_unc = total_comp = 0
         src_fd = self.src.fileno()
         for leaf in self.copy_leaves:
-            cc = T.Struct(src_rg.get_value(1).values[leaf])
-            md = T.Struct(cc.get_value(3))
+            cc = T.Struct(src_rg.get_value(RG.COLUMNS).values[leaf])
+            md = T.Struct(cc.get_value(CC.META_DATA))
             start, length = chunk_range(md)
             _copy(src_fd, self.fd, start, length)
             delta = self.pos - start
-            for fid in (9, 10, 11):
+            for fid in CMD.PAGE_OFFSETS:
                 if md.get_value(fid) is not None and md.get_value(fid) > 0:
                     md.set(fid, T.I64, md.get_value(fid) + delta)
-            md.pop(14, None)  # Bloom filter: not copied
-            md.pop(15, None)
-            for fid in (4, 5, 6, 7):  # page indexes: not copied
+            md.pop(CMD.BLOOM_FILTER_OFFSET, None)  # Bloom filter: not copied
+            md.pop(CMD.BLOOM_FILTER_LENGTH, None)
+            for fid in CC.PAGE_INDEX:  # page indexes: not copied
                 cc.pop(fid, None)
-            if cc.get_value(2):
-                cc.set(2, T.I64, cc.get_value(2) + delta)
-            cc.set(3, T.STRUCT, md)
+            if cc.get_value(CC.FILE_OFFSET):
+                cc.set(CC.FILE_OFFSET, T.I64, cc.get_value(CC.FILE_OFFSET) + delta)
+            cc.set(CC.META_DATA, T.STRUCT, md)
             chunks.append(cc)
             self.pos += length
-            total_unc += md.get_value(6)
+            total_unc += md.get_value(CMD.TOTAL_UNCOMPRESSED_SIZE)
             total_comp += length
         for c in self.new_columns:
             start = self.pos
@@ -449,32 +387,32 @@ class AppendWriter:
             size = c.spool.size
             self.pos += size
             md = T.Struct()
-            md.set(1, T.I32, c.ptype)
+            md.set(CMD.TYPE, T.I32, c.ptype)
             encodings = [_PLAIN, _RLE, _RLE_DICTIONARY] if c.kind == "codes" else [_PLAIN, _RLE]
-            md.set(2, T.LIST, T.List(T.I32, encodings))
-            md.set(3, T.LIST, T.List(T.BINARY, list(c.path)))
-            md.set(4, T.I32, self.codec)
-            md.set(5, T.I64, c.num_values)
-            md.set(6, T.I64, c.uncompressed)
-            md.set(7, T.I64, size)
+            md.set(CMD.ENCODINGS, T.LIST, T.List(T.I32, encodings))
+            md.set(CMD.PATH_IN_SCHEMA, T.LIST, T.List(T.BINARY, list(c.path)))
+            md.set(CMD.CODEC, T.I32, self.codec)
+            md.set(CMD.NUM_VALUES, T.I64, c.num_values)
+            md.set(CMD.TOTAL_UNCOMPRESSED_SIZE, T.I64, c.uncompressed)
+            md.set(CMD.TOTAL_COMPRESSED_SIZE, T.I64, size)
             if c.kind == "codes":
-                md.set(11, T.I64, start)
-                md.set(9, T.I64, start + c.dict_bytes)
+                md.set(CMD.DICTIONARY_PAGE_OFFSET, T.I64, start)
+                md.set(CMD.DATA_PAGE_OFFSET, T.I64, start + c.dict_bytes)
             else:
-                md.set(9, T.I64, start)
-            chunks.append(T.Struct().set(2, T.I64, 0).set(3, T.STRUCT, md))
+                md.set(CMD.DATA_PAGE_OFFSET, T.I64, start)
+            chunks.append(T.Struct().set(CC.FILE_OFFSET, T.I64, 0).set(CC.META_DATA, T.STRUCT, md))
             total_unc += c.uncompressed
             total_comp += size
             c.spool.close()
         rg = T.Struct()
-        rg.set(1, T.LIST, T.List(T.STRUCT, chunks))
-        rg.set(2, T.I64, total_unc)
-        rg.set(3, T.I64, num_rows)
+        rg.set(RG.COLUMNS, T.LIST, T.List(T.STRUCT, chunks))
+        rg.set(RG.TOTAL_BYTE_SIZE, T.I64, total_unc)
+        rg.set(RG.NUM_ROWS, T.I64, num_rows)
         if self.all_copied and 4 in src_rg:
             rg[4] = src_rg[4]
-        rg.set(5, T.I64, rg_start)
-        rg.set(6, T.I64, total_comp)
-        rg.set(7, T.I16, len(self.row_groups))
+        rg.set(RG.FILE_OFFSET, T.I64, rg_start)
+        rg.set(RG.TOTAL_COMPRESSED_SIZE, T.I64, total_comp)
+        rg.set(RG.ORDINAL, T.I16, len(self.row_groups))
         self.row_groups.append(rg)
         self.rows = 0
         self._new_spools()
@@ -483,8 +421,8 @@ class AppendWriter:
         """Writes the footer and closes the files."""
         if self.rg_index != len(self.src_groups):
             raise ValueError(f"{self.rg_index} of {len(self.src_groups)} row groups written")
-        self.footer.set(3, T.I64, sum(rg.get_value(3) for rg in self.row_groups))
-        self.footer.set(4, T.LIST, T.List(T.STRUCT, self.row_groups))
+        self.footer.set(FMD.NUM_ROWS, T.I64, sum(rg.get_value(RG.NUM_ROWS) for rg in self.row_groups))
+        self.footer.set(FMD.ROW_GROUPS, T.LIST, T.List(T.STRUCT, self.row_groups))
         data = T.dumps(self.footer)
         _write_all(self.fd, data + len(data).to_bytes(4, "little") + b"PAR1")
         self.abort()

@@ -24,8 +24,17 @@ from typing import Optional
 import numpy as np
 
 from . import thrift as T
+from .fields import ColumnChunk as CC
+from .fields import ColumnMetaData as CMD
+from .fields import DataPageHeader as DPH
+from .fields import DataPageHeaderV2 as V2
+from .fields import DictionaryPageHeader as DICT
+from .fields import FileMetaData as FMD
+from .fields import PageHeader as PH
+from .fields import RowGroup as RG
+from .fields import SchemaElement as SE
 from ..._core.native import native_module
-from .append import Unsupported, _subtrees, chunk_range, column_levels, read_footer
+from .footer import Unsupported, _subtrees, chunk_range, column_levels, read_footer
 
 _CODEC_NAMES = {1: "snappy", 2: "gzip", 4: "brotli", 6: "zstd", 7: "lz4_raw"}
 _INT32, _INT64, _FLOAT, _DOUBLE = 1, 2, 4, 5
@@ -44,7 +53,7 @@ class _Column:
         self.leaf = leaf
         self.arrow_type = arrow_type
         leaf_el = elements[-1]
-        ptype = leaf_el.get_value(1)
+        ptype = leaf_el.get_value(SE.TYPE)
         if ptype not in (_INT32, _INT64, _FLOAT, _DOUBLE):
             raise Unsupported(f"{name}: physical type {ptype}")
         self.width = 4 if ptype in (_INT32, _FLOAT) else 8
@@ -77,9 +86,9 @@ class FastReader:
         self.fh = open(path, "rb")
         try:
             self.meta = meta if meta is not None else read_footer(self.fh)
-            schema = self.meta.get_value(2).values
+            schema = self.meta.get_value(FMD.SCHEMA).values
             top = _subtrees(schema)
-            by_name = {schema[a].get_value(4).decode("utf-8", "replace"): (a, b, leaves) for a, b, leaves in top}
+            by_name = {schema[a].get_value(SE.NAME).decode("utf-8", "replace"): (a, b, leaves) for a, b, leaves in top}
             self.columns = []
             for name in names:
                 if name not in by_name:
@@ -94,7 +103,7 @@ class FastReader:
             self.fh.close()
             raise
         self.view = memoryview(self.map)
-        self.groups = self.meta.get_value(4).values
+        self.groups = self.meta.get_value(FMD.ROW_GROUPS).values
         self.native = native_module()
 
     @classmethod
@@ -121,14 +130,14 @@ class FastReader:
         import pyarrow as pa
 
         rg = self.groups[index]
-        rows = rg.get_value(3)
-        chunks = rg.get_value(1).values
+        rows = rg.get_value(RG.NUM_ROWS)
+        chunks = rg.get_value(RG.COLUMNS).values
         arrays = []
         for col in self.columns:
-            md = chunks[col.leaf].get_value(3)
+            md = chunks[col.leaf].get_value(CC.META_DATA)
             if md is None:
                 raise Unsupported("no column metadata")
-            if md.get_value(5) > MAX_CHUNK_VALUES:
+            if md.get_value(CMD.NUM_VALUES) > MAX_CHUNK_VALUES:
                 raise Unsupported("row group too large to decode whole")
             values, offsets = self._decode(col, md)
             if col.arrow_dtype != col.dtype:
@@ -150,7 +159,7 @@ class FastReader:
     def _decode(self, col: _Column, md: T.Struct):
         import pyarrow as pa
 
-        codec = md.get_value(4)
+        codec = md.get_value(CMD.CODEC)
         if codec != 0 and codec not in _CODEC_NAMES:
             raise Unsupported(f"codec {codec}")
         name = _CODEC_NAMES.get(codec)
@@ -158,7 +167,7 @@ class FastReader:
         end = pos + length
         if end > len(self.view):
             raise Unsupported("column chunk past the end of the file")
-        total = md.get_value(5)
+        total = md.get_value(CMD.NUM_VALUES)
         kinds, counts, encodings, reps, defs, bodies = [], [], [], [], [], []
         seen = 0
 
@@ -180,27 +189,29 @@ class FastReader:
             if pos >= end:
                 raise Unsupported("column chunk ends early")
             head, used = T.loads(self.view[pos:min(end, pos + (1 << 16))])
-            ptype, usize, csize = head.get_value(1), head.get_value(2), head.get_value(3)
+            ptype = head.get_value(PH.TYPE)
+            usize, csize = head.get_value(PH.UNCOMPRESSED_PAGE_SIZE), head.get_value(PH.COMPRESSED_PAGE_SIZE)
             body = self.view[pos + used:pos + used + csize]
             pos += used + csize
             if ptype == 2:  # dictionary page
-                dph = head.get_value(7)
-                page(0, dph.get_value(1), dph.get_value(2), inflate(body, usize))
+                dph = head.get_value(PH.DICTIONARY_PAGE_HEADER)
+                page(0, dph.get_value(DICT.NUM_VALUES), dph.get_value(DICT.ENCODING), inflate(body, usize))
             elif ptype == 0:  # data page v1
-                dph = head.get_value(5)
-                if (col.max_def and dph.get_value(3) != _RLE) or (col.max_rep and dph.get_value(4) != _RLE):
+                dph = head.get_value(PH.DATA_PAGE_HEADER)
+                if (col.max_def and dph.get_value(DPH.DEFINITION_LEVEL_ENCODING) != _RLE) or (
+                        col.max_rep and dph.get_value(DPH.REPETITION_LEVEL_ENCODING) != _RLE):
                     raise Unsupported("level encoding")
-                page(1, dph.get_value(1), dph.get_value(2), inflate(body, usize))
-                seen += dph.get_value(1)
+                page(1, dph.get_value(DPH.NUM_VALUES), dph.get_value(DPH.ENCODING), inflate(body, usize))
+                seen += dph.get_value(DPH.NUM_VALUES)
             elif ptype == 3:  # data page v2: levels uncompressed, then the values
-                h = head.get_value(8)  # (num_nulls counts empty lists too: the levels decide)
-                dl, rl = h.get_value(5), h.get_value(6)
+                h = head.get_value(PH.DATA_PAGE_HEADER_V2)  # (num_nulls counts empty lists too: the levels decide)
+                dl, rl = h.get_value(V2.DEFINITION_LEVELS_BYTE_LENGTH), h.get_value(V2.REPETITION_LEVELS_BYTE_LENGTH)
                 values = body[rl + dl:]
-                compressed = h.get_value(7, True) and name is not None
-                page(2, h.get_value(1), h.get_value(4),
+                compressed = h.get_value(V2.IS_COMPRESSED, True) and name is not None
+                page(2, h.get_value(V2.NUM_VALUES), h.get_value(V2.ENCODING),
                      inflate(values, usize - rl - dl) if compressed else np.frombuffer(values, np.uint8),
                      np.frombuffer(body[:rl], np.uint8), np.frombuffer(body[rl:rl + dl], np.uint8))
-                seen += h.get_value(1)
+                seen += h.get_value(V2.NUM_VALUES)
             elif ptype == 1:  # index page: nothing to read
                 continue
             else:
