@@ -143,7 +143,7 @@ def emulated_mask(log_probs, old_log_probs, advantages, response_mask=None, *, g
     div_array = None if divergence is None or isinstance(divergence, str) else divergence
     params = make_params(divergence=divergence, **knobs)
     prep = _prepare.prepare(log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens,
-                             per_row_advantages, convert=_arrays.to_numpy)
+                             per_row_advantages, convert=_arrays.to_numpy, widen_int_advantages=False)
     ex = executor if executor is not None else EmuExecutor(geometry)
     mask, reason, threshold, gate, row_budget, counts = _cuda.run(prep, params, return_info, validate, ex, geometry)
     shape = prep.shape

@@ -685,3 +685,23 @@ def test_hard_selection_path_production_geometry(ceiling, quantile, ties):
     info = _check_with_ceiling(lp, lq, adv, valid, d, knobs, PRODUCTION)
     # the quantile landed inside the window, so the selection really ran
     assert ((info["row_budget"] > KNOBS["delta_b"]) & (info["row_budget"] < ceiling * KNOBS["delta_b"])).all()
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32", "uint8"])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_integer_advantages_are_converted_by_the_launch_plan(dtype, per_row):
+    """Integer advantages reach the CUDA plan unconverted (prepare leaves them for CUDA
+    inputs) and are converted by the executor inside the caller's stream scope."""
+    rng = np.random.default_rng(5)
+    lp = -rng.exponential(0.3, size=(3, 200))
+    lq = np.minimum(lp + rng.normal(0, 0.05, size=lp.shape), 0.0)
+    adv = rng.integers(0, 3, size=3 if per_row else lp.shape) - (0 if dtype == "uint8" else 1)
+    adv = adv.astype(dtype)
+    ex = EmuExecutor(SMALL)
+    calls = []
+    astype = ex.astype
+    ex.astype = lambda arr, dt: calls.append((str(arr.dtype), dt)) or astype(arr, dt)
+    mask, info = emulated_mask(lp, lq, adv, return_info=True, executor=ex, **KNOBS)
+    assert calls == [(dtype, "float64")]
+    case = Case(lp, lq, adv.astype(np.float64), None, None, None, dict(KNOBS), per_row)
+    assert_within_tolerance(mask, info, cppo_mask_reference(*case.args(), **case.kwargs()))

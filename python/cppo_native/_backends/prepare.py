@@ -41,8 +41,11 @@ def prepare(
     cu_seqlens: Any,
     per_row_advantages: Optional[bool] = None,
     convert: Optional[Callable[[Any, str], Any]] = None,
+    widen_int_advantages: Optional[bool] = None,
 ) -> Prepared:
-    """Validate shapes/dtypes/devices of the caller's arrays and convert them."""
+    """Validate shapes/dtypes/devices of the caller's arrays and convert them.
+    Integer advantages become float64 here for CPU inputs; for CUDA inputs (or with
+    ``widen_int_advantages=False``) the backend converts them, on the caller's stream."""
     as_array = lambda x: np.asarray(x) if isinstance(x, (list, tuple)) else x  # noqa: E731
     log_probs, old_log_probs, advantages = as_array(log_probs), as_array(old_log_probs), as_array(advantages)
     response_mask, divergence, cu_seqlens = as_array(response_mask), as_array(divergence), as_array(cu_seqlens)
@@ -140,7 +143,9 @@ def prepare(
         raise ValueError(f"advantages must have shape {want}, got {adv_shape}")
     if per_row:
         adv = adv.reshape(num_rows)
-    if not dtype_name(adv).startswith(("float", "bfloat")) and not (bf16["advantages"]):
+    if widen_int_advantages is None:
+        widen_int_advantages = src.device == "cpu"
+    if widen_int_advantages and not dtype_name(adv).startswith(("float", "bfloat")) and not bf16["advantages"]:
         adv = adv.astype("float64")
     arrays["advantages"] = adv
     return Prepared(

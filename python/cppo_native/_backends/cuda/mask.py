@@ -22,6 +22,7 @@ import math
 import re
 import struct
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -142,6 +143,19 @@ def _torch():
 _STREAMS: dict = {}
 
 
+class _StreamRef:
+    """The CUDA stream protocol (version 0) for a torch stream, whatever torch's version;
+    keeps the torch stream alive as long as CuPy's wrapper."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __cuda_stream__(self):
+        return 0, int(self.stream.cuda_stream)
+
+
 def _torch_stream_scope(cupy, device_index: int):
     """CuPy's current stream set to torch's current stream on that device."""
     torch = _torch()
@@ -152,9 +166,9 @@ def _torch_stream_scope(cupy, device_index: int):
         if len(_STREAMS) > 64:
             _STREAMS.clear()
         from_external = getattr(cupy.cuda.Stream, "from_external", None)  # CuPy >= 14
-        if from_external is not None and hasattr(current, "__cuda_stream__"):
-            stream = from_external(current)
-        else:
+        if from_external is not None:
+            stream = from_external(_StreamRef(current))
+        else:  # CuPy 13 (ExternalStream is deprecated from CuPy 14 on)
             stream = cupy.cuda.ExternalStream(current.cuda_stream, device_index)
         _STREAMS[key] = stream
     return stream
@@ -284,6 +298,9 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
     geometry = GEOMETRY if geometry is None else geometry
     block = geometry["CPPO_BLOCK"]
     tile = block * geometry["CPPO_ITEMS"]
+    if not prep.bf16.get("advantages", False) and not _dtype_name(prep.advantages).startswith("float"):
+        # integer advantages: converted here, inside the caller's stream scope (compute)
+        prep = dataclasses.replace(prep, advantages=ex.astype(prep.advantages, "float64"))
     lp, lq, adv = prep.log_probs, prep.old_log_probs, prep.advantages
     valid, div, cu = prep.valid, prep.divergence, prep.cu_seqlens
     packed = cu is not None
