@@ -5,12 +5,16 @@ EXT := python/cppo_native/_native.abi3.so
 
 .PHONY: build-dev venv demo test test-python test-rust build-inplace bench bench-pipeline bench-gpu wheel clean
 
-# A virtual environment with the test/bench dependencies and cppo-native installed
-# (editable: maturin builds the Rust extension in release mode).
+# The test environment (~6.2 GB: CUDA torch, ray, verl's test dependencies; ~3 min on
+# a fresh machine) with cppo-native installed editable (maturin builds the Rust
+# extension in release mode). Only `make test`, `make bench*` and `make build-dev` need it.
 $(VENV)/.deps: pyproject.toml
+	@echo "== [1/3] creating $(VENV) (the test environment, ~6.2 GB)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,verl-test]'
+	@echo "== [2/3] installing the test dependencies and building cppo-native (several minutes)"
+	$(PY) -m pip install --progress-bar on -e '.[test,verl-test]'
+	@echo "== [3/3] installing verl 0.9.1 without its dependencies"
 	$(PY) -m pip install -q --no-deps 'verl==0.9.1'  # the real verl, without its heavy deps
 	touch $@
 
@@ -26,11 +30,25 @@ build-inplace:
 	cargo build --release --features python
 	cp target/release/libcppo_native.so $(EXT)
 
+# The main job's light environment: only the [cli] extra (numpy, pyarrow, tqdm,
+# matplotlib; ~370 MB) and cppo-native built from this checkout (non-editable, so it is
+# rebuilt when the sources change).
+DEMO_VENV ?= .venv-demo
+DEMO_SOURCES := pyproject.toml Cargo.toml $(shell find rust python -name '*.rs' -o -name '*.py' -o -name '*.cu' -o -name 'Cargo.toml' 2>/dev/null)
+
+$(DEMO_VENV)/.deps: $(DEMO_SOURCES)
+	@echo "== [1/2] creating $(DEMO_VENV) (numpy, pyarrow, tqdm, matplotlib: ~370 MB)"
+	test -x $(DEMO_VENV)/bin/python || python3 -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/python -m pip install -q --upgrade pip
+	@echo "== [2/2] building cppo-native (Rust, release mode; a few minutes the first time) and installing it"
+	$(DEMO_VENV)/bin/python -m pip install --progress-bar on '.[cli]'
+	touch $@
+
 # Main job: mask built-in sample rollouts with the CLI; writes Parquet, a per-reason
 # summary and PNG diagnostics under out/.
-demo: build-dev
+demo: $(DEMO_VENV)/.deps
 	mkdir -p out
-	$(VENV)/bin/cppo-mask --sample 2000 --out out/sample_masked.parquet --plot out/plots --force
+	$(DEMO_VENV)/bin/cppo-mask --sample 2000 --out out/sample_masked.parquet --plot out/plots --force --progress
 
 test-rust:
 	cargo test --release
@@ -53,8 +71,10 @@ bench-pipeline: build-dev
 bench-gpu: build-dev
 	$(PY) bench/gpu.py
 
-wheel:
-	maturin build --release
+# An abi3 wheel in target/wheels/ (maturin, the build backend, installed into the venv).
+wheel: venv
+	$(PY) -m pip install -q 'maturin>=1.7,<2'
+	$(VENV)/bin/maturin build --release
 
 clean:
-	rm -rf target dist $(EXT)
+	rm -rf target dist $(EXT) $(DEMO_VENV)

@@ -30,8 +30,9 @@ Decisions (where the spec is silent):
   (``... got nan at row R, token C``). Null flags in the response mask are an error.
 - **Per-row advantage nulls** read as NaN too, so they are an error only for a row
   that has a valid token.
-- ``position_weight="shuffled"`` seeds each row's permutation with its index within the
-  batch handed to the backend, so that ablation depends on the batch boundaries.
+- ``position_weight="shuffled"`` seeds each row's permutation with its index in the
+  input (``row_offset`` plus its index in the batch), so results do not depend on how
+  the input is batched.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ try:
     import pyarrow as pa
 except ImportError as exc:  # pragma: no cover - exercised only without pyarrow
     raise ImportError(
-        "cppo_native.arrow needs pyarrow; install it with `pip install 'cppo-native[arrow]'` "
-        f"(or `pip install pyarrow`): {exc}"
+        "cppo_native.arrow needs pyarrow; install it with `pip install pyarrow` "
+        f"(or, from a cppo-native checkout, `pip install '.[arrow]'`): {exc}"
     ) from exc
 
 from ._io.arrow_columns import (  # noqa: E402 (after the pyarrow check)
@@ -204,8 +205,9 @@ def compute_batch(
     """CPPO mask, reasons, thresholds and row budgets for one RecordBatch.
 
     ``knobs`` are the keyword arguments of :func:`cppo_native.cppo_mask` (``delta`` and
-    ``delta_b`` required; ``divergence`` may name an estimator). ``row_offset`` is added
-    to row numbers in error messages (the batch's first row within a larger table).
+    ``delta_b`` required; ``divergence`` may name an estimator). ``row_offset`` is the
+    batch's first row within a larger table: added to row numbers in error messages, and
+    part of the shuffled ablation's seed (rows are seeded by their index in the table).
     A Table is accepted and has its chunks combined (one copy) — prefer
     :func:`mask_table`, which works chunk by chunk.
     """
@@ -272,7 +274,7 @@ def compute_batch(
         prep = dispatch.prepare_mask_inputs(lp_values, lq_values, advantages, valid, _array_or_none(divergence),
                                             lp.offsets, per_row)
         mask, reason, threshold, gate, row_budget, counts = dispatch.run_mask_numpy(
-            prep, params, num_threads=threads, want_gate=include_gate
+            prep, params, num_threads=threads, want_gate=include_gate, first_row=row_offset
         )
     except ValueError as exc:
         raise _rewrite_bad_value(exc, names, row_offset) from None

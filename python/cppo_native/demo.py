@@ -8,25 +8,24 @@ from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
-from . import REASON_NAMES, cppo_mask
+from . import cppo_mask
+from ._io.summary import Summary
 from .sample import make_rollout_batch
 
 
-def summary_table(info, title: str) -> str:
-    counts = np.asarray(info.reason_counts)
-    valid = int(counts[1:].sum())
-    lines = [title, f"  {'outcome':<28}{'tokens':>12}{'share of valid':>16}"]
-    for code in range(1, 5):
-        share = counts[code] / valid if valid else 0.0
-        lines.append(f"  {code} {REASON_NAMES[code]:<26}{int(counts[code]):>12,}{share:>15.2%}")
-    kept = int(counts[1] + counts[2])
-    lines.append(f"  {'kept (1 + 2)':<28}{kept:>12,}{(kept / valid if valid else 0):>15.2%}")
-    budget = np.asarray(info.row_budget)
-    lines.append(f"  per-row budget delta_b_row: mean {budget.mean():.4f}, min {budget.min():.4f}, max {budget.max():.4f}")
-    return "\n".join(lines)
+def summary_table(info, knobs: dict, seconds: float) -> str:
+    """The per-reason table ``cppo-mask`` prints, for a padded ``[B, L]`` result."""
+    reason = np.asarray(info.reason)
+    rows, length = reason.shape
+    summary = Summary(knobs)
+    summary.update(SimpleNamespace(
+        reason_counts=np.asarray(info.reason_counts, dtype=np.int64), offsets=np.arange(rows + 1) * length,
+        reason_values=reason.ravel(), row_budget_values=np.asarray(info.row_budget)))
+    return summary.table(seconds)
 
 
 def main(argv=None) -> None:
@@ -49,9 +48,10 @@ def main(argv=None) -> None:
         cppo_mask(*args, **knobs, adaptive_budget=adaptive)  # warm-up
         t0 = time.perf_counter()
         mask, info = cppo_mask(*args, **knobs, adaptive_budget=adaptive, return_info=True)
-        ms = (time.perf_counter() - t0) * 1e3
-        title = f"{'adaptive' if adaptive else 'fixed'} budget ({ms:.1f} ms with return_info, Rust CPU backend):"
-        print(summary_table(info, title))
+        seconds = time.perf_counter() - t0
+        print(f"{'adaptive' if adaptive else 'fixed'} budget ({seconds * 1e3:.1f} ms with return_info, Rust CPU "
+              "backend; the table cppo-mask prints, padding counted as invalid):")
+        print(summary_table(info, dict(knobs, adaptive_budget=adaptive), seconds))
         print()
     # The uniform (DPPO-style) trust region for comparison: no position weight, no budget.
     mask_uniform = cppo_mask(*args, **knobs, position_weight=False, prefix_budget=False)

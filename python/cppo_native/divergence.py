@@ -67,6 +67,7 @@ def _shape(x: Any) -> tuple:
 
 
 def _num_threads(num_threads: Optional[int]) -> int:
+    """0 (all cores) for None; else checked like the mask's (at most max(64, 4 x cores))."""
     return check_num_threads(num_threads) or 0
 
 

@@ -3,6 +3,7 @@
 - :class:`PositionStats` accumulates, batch by batch, per-position counts of valid and
   masked tokens and the distribution of the effective threshold c_t;
   :func:`plot_positions` draws the mask rate by reason and the threshold by position.
+- :class:`Collector` feeds both from the CLI's batches and writes the two PNGs.
 - :class:`RowCapture` keeps one response; :func:`plot_response` draws it as in the
   paper's Figure 3: weighted divergence bars w_t*D_t coloured by outcome, the token
   threshold delta, the prefix-adjusted threshold c_t, and the prefix-average divergence
@@ -24,7 +25,7 @@ try:
     from matplotlib.ticker import MaxNLocator
 except ImportError as exc:  # pragma: no cover - exercised only without matplotlib
     raise ImportError(
-        "plots need matplotlib; install it with `pip install 'cppo-native[cli]'` (or `pip install matplotlib`)"
+        "plots need matplotlib; install it with `pip install matplotlib` (or, from a cppo-native checkout, `pip install '.[cli]'`)"
     ) from exc
 
 # One colour per reason code (0 invalid .. 4 masked by the prefix budget).
@@ -208,7 +209,7 @@ class RowCapture:
     """The inputs and outputs of one response (copies of its slices)."""
 
     row: int  # row index in the table
-    row_in_batch: int  # row index in the batch handed to the backend (shuffled weights)
+    row_in_batch: int  # row index in the batch handed to the backend
     log_probs: np.ndarray
     old_log_probs: np.ndarray
     advantages: np.ndarray  # per token
@@ -236,7 +237,7 @@ def row_terms(cap: RowCapture, knobs: dict) -> tuple:
     else:
         w = np.array([position_weight(c, T, w_min) for c in range(n)])
         if pw == "shuffled":
-            perm = shuffle_permutation(len(valid_cols), int(knobs.get("shuffle_seed", 0)), cap.row_in_batch)
+            perm = shuffle_permutation(len(valid_cols), int(knobs.get("shuffle_seed", 0)), cap.row)
             base = w[valid_cols].copy()
             w[valid_cols] = base[perm]
     lp = cap.log_probs.astype(np.float64)
@@ -362,3 +363,84 @@ def capture_row(
         threshold=np.array(threshold[a:b]),
         row_budget=float(row_budget),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# The CLI's plots (``cppo-mask --plot DIR``).
+
+
+class Collector:
+    """Accumulates :class:`PositionStats` and picks the drawn response from the CLI's
+    batches (``update(result, row_offset)`` per :class:`cppo_native.arrow.ArrowMaskResult`),
+    then writes ``positions.png`` and ``response.png`` into ``directory`` (``finish``).
+    ``row``: the response to draw, or None for the best :func:`pick_score`."""
+
+    def __init__(self, directory: str, knobs: dict, row: Optional[int] = None) -> None:
+        self.directory = directory
+        self.knobs = knobs
+        self.row = row
+        self.delta = float(knobs["delta"])
+        self.stats = PositionStats(delta=self.delta)
+        self.capture: Optional[RowCapture] = None
+        self.best = -1.0
+
+    def update(self, res: Any, row_offset: int) -> None:
+        off = res.offsets
+        self.stats.update(off, res.reason_values, res.threshold_values)
+        n_rows = off.shape[0] - 1
+        if n_rows == 0:
+            return
+        if self.row is not None:
+            local = self.row - row_offset
+            if not 0 <= local < n_rows:
+                return
+        else:
+            r = res.reason_values
+            counts = np.empty((n_rows, 5), np.int64)
+            for code in range(5):
+                cs = np.concatenate(([0], np.cumsum(r == code, dtype=np.int64)))
+                counts[:, code] = cs[off[1:]] - cs[off[:-1]]
+            lengths = np.diff(off)
+            min_thr = np.zeros(n_rows)
+            nonempty = lengths > 0
+            if nonempty.any():
+                min_thr[nonempty] = np.minimum.reduceat(res.threshold_values, off[:-1][nonempty])
+            score = pick_score(counts, lengths.astype(np.float64), min_thr, self.delta)
+            local = int(np.argmax(score))
+            if score[local] <= self.best:
+                return
+            self.best = float(score[local])
+        inp = res.inputs
+        self.capture = capture_row(
+            row_offset + local, local, off, inp["log_probs"], inp["old_log_probs"], inp["advantages"],
+            inp["advantage_per_row"], inp["valid"], inp["divergence"], res.reason_values, res.threshold_values,
+            res.row_budget_values[local],
+        )
+
+    def title(self, d: dict) -> str:
+        k = self.knobs
+        delta_b = float(k["delta_b"])
+        if k.get("adaptive_budget"):
+            m = float(k.get("budget_ceiling", 2.0))
+            mean = d.get("mean_row_budget")
+            budget = f"adaptive delta_b_row in [{delta_b:g}, {m * delta_b:g}]"
+            if mean is not None:
+                budget += f", mean {mean:.3g}"
+        else:
+            budget = f"delta_b={delta_b:g}"
+        return (f"CPPO masks over {d['rows']:,} responses, {d['valid_tokens']:,} valid tokens "
+                f"(delta={self.delta:g}, {budget}, w_min={float(k.get('w_min', 0.8)):g}): "
+                f"{100 * d['masked_share']:.1f}% masked")
+
+    def finish(self, summary: Any) -> None:
+        """Writes the PNGs; ``summary``: the CLI's summary (``as_dict``, ``rows``).
+        Raises ValueError if the requested row was never seen."""
+        import os
+
+        os.makedirs(self.directory, exist_ok=True)
+        plot_positions(self.stats, os.path.join(self.directory, "positions.png"), title=self.title(summary.as_dict(1.0)))
+        if self.capture is None:
+            if self.row is not None:
+                raise ValueError(f"--plot-row {self.row} is out of range (the input has {summary.rows} rows)")
+            return
+        plot_response(self.capture, self.knobs, os.path.join(self.directory, "response.png"))

@@ -47,8 +47,8 @@ def mask_dataset(
         import ray.data  # noqa: F401
     except ImportError as exc:
         raise ImportError(
-            "cppo_native.ray needs Ray Data; install it with `pip install 'cppo-native[ray]'` "
-            f"(or `pip install 'ray[data]'`): {exc}"
+            "cppo_native.ray needs Ray Data; install it with `pip install 'ray[data]'` "
+            f"(or, from a cppo-native checkout, `pip install '.[ray]'`): {exc}"
         ) from exc
     knobs = dict(_knobs(dict(knobs)))
     if knobs.get("num_threads") is None:

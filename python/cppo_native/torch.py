@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 try:
     import torch  # PyTorch itself: absolute import, not this module
 except ImportError as exc:  # pragma: no cover - exercised only without torch
-    raise ImportError("cppo_native.torch needs PyTorch: pip install 'cppo-native[torch]'") from exc
+    raise ImportError("cppo_native.torch needs PyTorch: pip install torch (or, from a cppo-native checkout, pip install '.[torch]')") from exc
 
 from .mask import cppo_mask
 

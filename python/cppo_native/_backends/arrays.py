@@ -51,6 +51,8 @@ def source_of(x: Any, name: str) -> Source:
     if isinstance(x, np.ndarray):
         return Source("numpy", "cpu", 0)
     if _is_torch(x):
+        if x.layout != _torch().strided:
+            raise TypeError(f"{name}: {x.layout} torch tensors are not supported; pass a dense tensor ({name}.to_dense())")
         if x.device.type == "cpu":
             return Source("torch", "cpu", 0)
         if x.device.type == "cuda":
@@ -79,7 +81,8 @@ def dtype_name(x: Any) -> str:
     try:
         return _DTYPE_NAMES[dt]  # str(dtype) is slow for NumPy/CuPy dtypes
     except (KeyError, TypeError):
-        name = str(dt).replace("torch.", "")
+        # NumPy/CuPy: the name without byte order ('>f8' is float64, byte-swapped later).
+        name = dt.name if isinstance(dt, np.dtype) else str(dt).replace("torch.", "")
         try:
             _DTYPE_NAMES[dt] = name
         except TypeError:  # unhashable dtype object
@@ -150,6 +153,9 @@ class Prepared:
 
 def check_offsets(cu: np.ndarray, total: int) -> np.ndarray:
     """cu_seqlens as contiguous int64, checked: starts at 0, non-decreasing, ends at total."""
+    if cu.dtype.kind == "u" and cu.size and cu.max() > np.iinfo(np.int64).max:
+        i = int(np.argmax(cu > np.iinfo(np.int64).max))
+        raise ValueError(f"cu_seqlens[{i}]={int(cu[i])} does not fit in int64 (offsets must be at most 2**63 - 1)")
     cu = np.ascontiguousarray(cu, dtype=np.int64)
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")

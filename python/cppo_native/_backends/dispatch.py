@@ -50,11 +50,13 @@ def run_mask(prep: Prepared, params: MaskParams, *, return_info: bool, validate:
     )
 
 
-def run_mask_numpy(prep: Prepared, params: MaskParams, *, num_threads: Optional[int], want_gate: bool) -> tuple:
+def run_mask_numpy(prep: Prepared, params: MaskParams, *, num_threads: Optional[int], want_gate: bool,
+                   first_row: int = 0) -> tuple:
     """The CPU backend's NumPy outputs with info (for the Arrow layer, which writes only
-    what it keeps)."""
+    what it keeps); ``first_row``: the batch's first row in the input (seeds the
+    shuffled ablation by the row's index in the input)."""
     from . import cpu
 
     if prep.source.device != "cpu":  # pragma: no cover - the Arrow layer hands NumPy arrays
         raise TypeError("expected CPU arrays")
-    return cpu.compute(prep, params, True, num_threads or 0, want_gate=want_gate)
+    return cpu.compute(prep, params, True, num_threads or 0, want_gate=want_gate, first_row=first_row)

@@ -28,6 +28,19 @@ def _adopt(x: Any, source: Source, name: str) -> Any:
     return import_dlpack(x, name)
 
 
+def _list_array(x: Any, name: str) -> Any:
+    """A (nested) Python list or tuple as a NumPy array; other inputs unchanged."""
+    if not isinstance(x, (list, tuple)):
+        return x
+    try:
+        return np.asarray(x)
+    except ValueError:
+        raise ValueError(
+            f"{name}: a nested list must be rectangular, got rows of different lengths; pad them (with a "
+            "response_mask) or pack them into one flat list with cu_seqlens"
+        ) from None
+
+
 # ---------------------------------------------------------------------------------------
 # Shape and dtype rules, shared by every backend.
 
@@ -46,9 +59,9 @@ def prepare(
     """Validate shapes/dtypes/devices of the caller's arrays and convert them.
     Integer advantages become float64 here for CPU inputs; for CUDA inputs (or with
     ``widen_int_advantages=False``) the backend converts them, on the caller's stream."""
-    as_array = lambda x: np.asarray(x) if isinstance(x, (list, tuple)) else x  # noqa: E731
-    log_probs, old_log_probs, advantages = as_array(log_probs), as_array(old_log_probs), as_array(advantages)
-    response_mask, divergence, cu_seqlens = as_array(response_mask), as_array(divergence), as_array(cu_seqlens)
+    log_probs, old_log_probs = _list_array(log_probs, "log_probs"), _list_array(old_log_probs, "old_log_probs")
+    advantages, response_mask = _list_array(advantages, "advantages"), _list_array(response_mask, "response_mask")
+    divergence, cu_seqlens = _list_array(divergence, "divergence"), _list_array(cu_seqlens, "cu_seqlens")
     named = [("log_probs", log_probs), ("old_log_probs", old_log_probs), ("advantages", advantages)]
     if response_mask is not None:
         named.append(("response_mask", response_mask))

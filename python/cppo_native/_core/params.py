@@ -240,10 +240,26 @@ def make_params(**values: Any) -> MaskParams:
     return MaskParams(**out)
 
 
+def max_threads() -> int:
+    """The most threads a call may ask for: max(64, 4 x the machine's cores). Far more
+    threads than cores only costs (a request for 100,000 threads kept a 2-core machine
+    busy for minutes); the floor of 64 keeps configurations portable between machines."""
+    import os
+
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
 def check_num_threads(num_threads: Optional[int]) -> Optional[int]:
-    """``num_threads``: None (all cores) or an int >= 1."""
+    """``num_threads``: None (all cores) or an int in [1, :func:`max_threads`]."""
     if num_threads is not None and (
         isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral) or num_threads < 1
     ):
         raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
+    if num_threads is not None and num_threads > max_threads():
+        import os
+
+        raise ValueError(
+            f"num_threads={num_threads} is far above this machine's {os.cpu_count()} cores; at most "
+            f"{max_threads()} (max(64, 4 x cores)) are allowed; None uses every core"
+        )
     return None if num_threads is None else int(num_threads)

@@ -57,7 +57,8 @@ _OFFSET_CODES = {"int64": 0, "uint64": 0, "int32": 1, "uint32": 2}
 
 
 def install_hint() -> str:
-    return "pip install cppo-native[cuda12] (CUDA 12) or pip install cppo-native[cuda13] (CUDA 13)"
+    return ("pip install cupy-cuda12x (CUDA 12) or cupy-cuda13x (CUDA 13); from a cppo-native checkout: "
+            "pip install '.[cuda12]' or '.[cuda13]'")
 
 
 def _require_cupy():

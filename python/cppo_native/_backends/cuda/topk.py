@@ -4,7 +4,7 @@ UNVERIFIED ON HARDWARE: this launcher and its kernel were written without access
 GPU. The kernel compiles with NVRTC for sm_90 (no register spills); its tests
 (``tests/test_topk_logits_gpu.py``) and benchmark (``bench/gpu_topk.py``) have not run.
 
-Needs CuPy (``pip install 'cppo-native[cuda12]'`` or ``[cuda13]``) and torch CUDA tensors.
+Needs CuPy (``pip install cupy-cuda12x``, or ``pip install '.[cuda12]'`` from a checkout; or ``[cuda13]``) and torch CUDA tensors.
 The kernel is compiled once per process (NVRTC, cached by CuPy) and launched on torch's
 current stream; the host is synchronised only to check for bad values
 (``validate=True``, one small read).
@@ -42,8 +42,8 @@ def _cupy():
         import cupy
     except ImportError as exc:
         raise ImportError(
-            "topk_divergence_from_logits needs CuPy: pip install 'cppo-native[cuda12]' (cupy-cuda12x) "
-            "or 'cppo-native[cuda13]' (cupy-cuda13x)"
+            "topk_divergence_from_logits needs CuPy: pip install cupy-cuda12x (CUDA 12) or cupy-cuda13x "
+            "(CUDA 13); from a cppo-native checkout: pip install '.[cuda12]' or '.[cuda13]'"
         ) from exc
     return cupy
 
