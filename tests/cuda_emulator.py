@@ -39,9 +39,12 @@ def compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def build(geometry: dict) -> ctypes.CDLL:
-    """Compiles (once per geometry and source version, cached on disk) and loads."""
-    key = tuple(sorted(geometry.items()))
+def build(geometry: dict, targs: tuple = (0, 0, 0, 4, 0)) -> ctypes.CDLL:
+    """Compiles the kernels instantiated for one dtype set (`targs`, the template
+    arguments of _cuda.kernel_name) once per geometry, dtype set and source version
+    (cached on disk) and loads them."""
+    targs_text = ", ".join(str(int(t)) for t in targs)
+    key = tuple(sorted(geometry.items())) + (("CPPO_EMU_TARGS", targs_text),)
     if key in _LIBS:
         return _LIBS[key]
     cxx = compiler()
@@ -56,10 +59,14 @@ def build(geometry: dict) -> ctypes.CDLL:
     if not lib_path.exists():
         tmp = out_dir / f"emu_{digest}.{os.getpid()}.tmp.so"
         cmd = [
-            cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-w",
+            # -fno-gnu-unique: the __shared__ arrays are static locals of templates, which
+            # g++ would otherwise bind across every loaded build (geometries, dtype sets).
+            cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-w", "-fno-gnu-unique",
+            "-fvisibility=hidden",
             "-include", str(HERE / "emu_cuda.h"),
             f'-DCPPO_KERNEL_SOURCE="{kernel}"',
             *[f"-D{k}={v}" for k, v in geometry.items()],
+            f"-DCPPO_EMU_TARGS={targs_text}",
             str(HERE / "emu_main.cpp"), "-o", str(tmp),
         ]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -70,6 +77,7 @@ def build(geometry: dict) -> ctypes.CDLL:
         ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong,
     ]
     lib.emu_args_size.restype = ctypes.c_ulong
+    lib.emu_targs.restype = ctypes.c_char_p
     if lib.emu_args_size() != _cuda.args_layout().packer.size:
         raise RuntimeError("Args struct size differs between the .cu and the CUDA launcher's packing")
     _LIBS[key] = lib
@@ -82,10 +90,12 @@ class EmulatorError(RuntimeError):
 
 class EmuExecutor:
     """_cuda.run's executor interface on NumPy memory. New buffers are filled with
-    garbage so that a position the kernels forget to write shows up in the results."""
+    garbage so that a position the kernels forget to write shows up in the results.
+    Kernels are launched by name expression (``cppo_stats<1, 1, 1, 4, 1>``), like CuPy's
+    RawModule functions; each dtype set is its own build."""
 
-    def __init__(self, lib: ctypes.CDLL):
-        self.lib = lib
+    def __init__(self, geometry: dict):
+        self.geometry = geometry
         self.launches: list = []
         self.keep: list = []
 
@@ -110,9 +120,11 @@ class EmuExecutor:
         return out
 
     def launch(self, name: str, grid: int, block: int, packed_args: bytes) -> None:
-        self.launches.append((name, grid, block))
+        base, targs = name.split("<", 1)
+        lib = build(self.geometry, tuple(int(t) for t in targs.rstrip(">").split(",")))
+        self.launches.append((base, grid, block, name))
         err = ctypes.create_string_buffer(512)
-        rc = self.lib.emu_launch(name.encode(), grid, block, packed_args, len(packed_args), err, len(err))
+        rc = lib.emu_launch(name.encode(), grid, block, packed_args, len(packed_args), err, len(err))
         if rc:
             raise EmulatorError(f"{name}: {err.value.decode()}")
 
@@ -131,8 +143,8 @@ def emulated_mask(log_probs, old_log_probs, advantages, response_mask=None, *, g
     div_array = None if divergence is None or isinstance(divergence, str) else divergence
     params = make_params(divergence=divergence, **knobs)
     prep = _prepare.prepare(log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens,
-                             per_row_advantages, convert=_arrays.to_numpy)
-    ex = executor if executor is not None else EmuExecutor(build(geometry))
+                             per_row_advantages, convert=_arrays.to_numpy, widen_int_advantages=False)
+    ex = executor if executor is not None else EmuExecutor(geometry)
     mask, reason, threshold, gate, row_budget, counts = _cuda.run(prep, params, return_info, validate, ex, geometry)
     shape = prep.shape
     if not return_info:

@@ -11,6 +11,7 @@ ImportError. The kernels' logic is also checked without a GPU in test_gpu_emulat
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 
 import numpy as np
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 from cppo_native import cppo_mask, cppo_mask_reference
 from cppo_native._backends.cuda import mask as _cuda
 from gpu_compare import assert_within_tolerance
-from nvrtc import compile_source, find_nvrtc, spills, version
+from nvrtc import compile_program, cupy_options, find_nvrtc, flush_to_zero_conversions, ptx_function, spills, version
 from strategies import Case, cases
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
@@ -40,20 +41,59 @@ needs_nvrtc = pytest.mark.skipif(
 )
 
 
+# Dtype sets compiled here: (log_probs, old_log_probs, advantages, divergence codes; mask
+# width), as _cuda.template_args makes them. float32, bfloat16, float16, float64 inputs,
+# a given divergence, each mask width.
+DTYPE_SETS = [(1, 1, 1, 4, 1), (3, 3, 3, 4, 1), (2, 2, 2, 2, 2), (0, 0, 0, 0, 8), (1, 3, 0, 4, 4), (1, 1, 1, 4, 0)]
+
+
+def _compile_like_cupy(arch, targs):
+    """The kernels of one dtype set compiled with exactly the options CuPy 14.2 passes to
+    NVRTC for cupy.RawModule(code, options=_cuda.compile_options(), name_expressions=...)."""
+    names = [_cuda.kernel_name(k, targs) for k in _cuda.KERNELS]
+    out = compile_program(NVRTC, _cuda.kernel_source(), cupy_options(_cuda.compile_options(), arch), names,
+                          filename="kern.cu")
+    assert out.cubin and out.ptx and set(out.lowered) == set(names), (version(NVRTC), out.log)
+    return out, names
+
+
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_kernel_source_compiles_with_nvrtc(arch):
-    log = compile_source(NVRTC, _cuda.kernel_source(), arch, _cuda.compile_options())
-    for kernel in _cuda.KERNELS:
-        assert f"Compiling entry function '{kernel}'" in log, (version(NVRTC), log)
+def test_kernel_source_compiles_with_cupys_options(arch):
+    assert cupy_options(("-std=c++17",), arch) == [
+        "-std=c++17", "-ftz=true", f"-arch={arch}", "--device-as-default-execution-space"]
+    for targs in DTYPE_SETS[:2] if arch == "sm_80" else DTYPE_SETS:
+        out, names = _compile_like_cupy(arch, targs)
+        for name in names:
+            assert f"Compiling entry function '{out.lowered[name]}'" in out.log, (version(NVRTC), out.log)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("targs", DTYPE_SETS)
+def test_inputs_are_widened_without_flush_to_zero_under_cupys_options(targs):
+    """CuPy always adds -ftz=true, under which (double)float compiles to cvt.ftz.f64.f32
+    and float32/bfloat16 subnormals become 0. The kernels load every input as raw bits
+    and widen with integer operations and float64 arithmetic: no float32 load and no
+    float32 -> float64 conversion may appear in any kernel."""
+    out, names = _compile_like_cupy("sm_90", targs)
+    for name in names:
+        body = ptx_function(out.ptx, out.lowered[name])
+        widening = [line.strip() for line in body.splitlines() if re.search(r"\bcvt(\.\w+)*\.f64\.f32\b", line)]
+        assert widening == [], (name, widening)
+        float_loads = [line.strip() for line in body.splitlines() if re.search(r"\bld(\.\w+)*\.f32\b", line)]
+        assert float_loads == [], (name, float_loads)
+        assert not [line for line in flush_to_zero_conversions(body) if "cvt" in line], name
 
 
 @needs_nvrtc
 def test_streaming_kernels_do_not_spill_on_sm90():
     # The two kernels that stream every position keep their working set in registers.
-    log = compile_source(NVRTC, _cuda.kernel_source(), "sm_90", _cuda.compile_options())
-    found = spills(log)
-    assert found.get("cppo_stats") == 0 and found.get("cppo_mask_tiles") == 0, (version(NVRTC), log)
+    for targs in DTYPE_SETS:
+        out, names = _compile_like_cupy("sm_90", targs)
+        found = spills(out.log)
+        for kernel in ("cppo_stats", "cppo_mask_tiles"):
+            lowered = out.lowered[_cuda.kernel_name(kernel, targs)]
+            assert found.get(lowered) == 0, (targs, version(NVRTC), out.log)
 
 
 def test_args_layout_matches_kernel_source():

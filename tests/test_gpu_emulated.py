@@ -288,11 +288,13 @@ def test_at_most_four_launches_and_one_pass_over_tiles():
         (dict(KNOBS, adaptive_budget=True), ["cppo_stats", "cppo_rows", "cppo_mask_tiles"]),
         (dict(KNOBS, position_weight="shuffled"), ["cppo_shuffle", "cppo_stats", "cppo_rows", "cppo_mask_tiles"]),
     ]:
-        ex = EmuExecutor(build(SMALL))
+        ex = EmuExecutor(SMALL)
         emulated_mask(lp, lp - 0.01, np.ones(3), executor=ex, **knobs)
-        assert [name for name, _, _ in ex.launches] == expect
+        assert [name for name, _, _, _ in ex.launches] == expect
+        # one instantiation per dtype set: float64 inputs, no divergence array, no mask
+        assert {full for _, _, _, full in ex.launches} == {f"{n}<0, 0, 0, 4, 0>" for n in expect}
         tiles = -(-3000 // (SMALL["CPPO_BLOCK"] * SMALL["CPPO_ITEMS"]))
-        assert dict((n, g) for n, g, _ in ex.launches)["cppo_mask_tiles"] == tiles
+        assert dict((n, g) for n, g, _, _ in ex.launches)["cppo_mask_tiles"] == tiles
 
 
 def test_inputs_untouched():
@@ -445,15 +447,21 @@ class FakeCupyArray:
         return np.asarray(self._a, dtype=dtype)
 
 
-def _fake_cupy(lib, calls):
+def _fake_cupy(geometry, calls, modules):
     import types
 
     class Module:
-        def __init__(self, code, options):
+        def __init__(self, code, options, name_expressions):
             assert code == _cuda.kernel_source()
             assert options == _cuda.compile_options()
+            self.names = name_expressions
+            self.lib = build(geometry, tuple(int(t) for t in name_expressions[0].split("<")[1][:-1].split(",")))
+            modules.append(name_expressions)
 
         def get_function(self, name):
+            assert name in self.names  # only name expressions given at compile time resolve
+            lib = self.lib
+
             def launch(grid, block, args):
                 (struct_arg,) = args
                 assert isinstance(struct_arg, np.ndarray) and struct_arg.shape == (1,)
@@ -468,7 +476,7 @@ def _fake_cupy(lib, calls):
     cp = types.ModuleType("cupy")
     cp.ndarray = FakeCupyArray
     cp.int16 = np.int16
-    cp.RawModule = lambda code, options: Module(code, options)
+    cp.RawModule = lambda code, options, name_expressions: Module(code, options, name_expressions)
     cp.empty = lambda n, dtype: FakeCupyArray(np.empty(n, dtype=dtype))
     cp.asarray = lambda a: FakeCupyArray(np.ascontiguousarray(a))
     cp.cuda = types.SimpleNamespace(Device=_FakeDevice)
@@ -477,9 +485,9 @@ def _fake_cupy(lib, calls):
 
 def test_public_api_through_the_cupy_executor(monkeypatch):
     geometry = dict(_cuda.GEOMETRY)
-    lib = build(geometry)
     calls: list = []
-    cp = _fake_cupy(lib, calls)
+    modules: list = []
+    cp = _fake_cupy(geometry, calls, modules)
     monkeypatch.setitem(sys.modules, "cupy", cp)
     monkeypatch.setattr(_cuda, "_MODULES", {})
     rng = np.random.default_rng(4)
@@ -490,7 +498,9 @@ def test_public_api_through_the_cupy_executor(monkeypatch):
     knobs = dict(KNOBS, adaptive_budget=True)
     mask, info = cppo_native.cppo_mask(cp.asarray(lp), cp.asarray(lq), cp.asarray(adv), cp.asarray(valid),
                                        return_info=True, **knobs)
-    assert calls == ["cppo_stats", "cppo_rows", "cppo_mask_tiles"]
+    targs = "0, 0, 0, 4, 1"  # float64 inputs, computed divergence, 1-byte mask
+    assert calls == [f"cppo_stats<{targs}>", f"cppo_rows<{targs}>", f"cppo_mask_tiles<{targs}>"]
+    assert modules == [tuple(f"{k}<{targs}>" for k in _cuda.KERNELS)]
     assert isinstance(mask, FakeCupyArray) and isinstance(info.reason, FakeCupyArray)
     case = Case(lp, lq, adv, valid, None, None, knobs)
     ref = cppo_mask_reference(*case.args(), **case.kwargs())
@@ -500,3 +510,198 @@ def test_public_api_through_the_cupy_executor(monkeypatch):
     valid[1, 3] = True
     with pytest.raises(ValueError, match=r"log_probs must be finite and <= 0 .* \(row 1, column 3\)"):
         cppo_native.cppo_mask(cp.asarray(lp_bad), cp.asarray(lq), cp.asarray(adv), cp.asarray(valid), **knobs)
+    assert len(modules) == 1  # compiled once per device and dtype set, functions cached
+
+
+# ---------------------------------------------------------------------------------------
+# Exact widening (spec: inputs widened exactly, subnormals included, whatever the
+# compiler's flush-to-zero flags). The kernels widen float32/float16/bfloat16 from their
+# bits with integer operations and float64 arithmetic (test_gpu.py checks the PTX under
+# CuPy's -ftz=true has no float32 -> float64 conversion); here the same code runs on the
+# CPU against NumPy's exact conversions.
+
+
+def _widen(code, raw):
+    import ctypes
+
+    lib = build(SMALL)
+    raw = np.ascontiguousarray(raw)
+    out = np.empty(raw.size, dtype=np.float64)
+    assert lib.emu_widen(ctypes.c_int(code), raw.ctypes.data_as(ctypes.c_void_p),
+                         out.ctypes.data_as(ctypes.c_void_p), ctypes.c_ulong(raw.size)) == 0
+    return out
+
+
+def _same_bits(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint64), want[~nan].view(np.uint64))  # -0.0 kept too
+
+
+def test_widening_is_exact_for_every_half_and_bfloat16_pattern():
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    _same_bits(_widen(2, bits), bits.view(np.float16).astype(np.float64))
+    bf16 = torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16).to(torch.float64).numpy()
+    _same_bits(_widen(3, bits), bf16)
+
+
+def test_widening_is_exact_for_float32_subnormals_and_edges():
+    rng = np.random.default_rng(0)
+    sub = np.arange(0, 1 << 23, 97, dtype=np.uint32)  # subnormal mantissas (and zero)
+    edges = np.array([0, 1, 2, 0x7FFFFF, 0x800000, 0x800001, 0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FC00000,
+                      0x3F800000, 0x00400000], dtype=np.uint32)
+    bits = np.concatenate([sub, edges, rng.integers(0, 1 << 32, size=200_000, dtype=np.uint64).astype(np.uint32)])
+    bits = np.concatenate([bits, bits | np.uint32(0x80000000)])
+    with np.errstate(invalid="ignore"):  # NaN patterns (compared as NaN only)
+        want = bits.view(np.float32).astype(np.float64)
+    _same_bits(_widen(1, bits), want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_subnormal_inputs_are_not_flushed(dtype):
+    """Subnormal advantages, log-probs and divergences of the input dtype: a positive
+    subnormal advantage with lp > lq moves away from mu (flushed to 0 it would count as
+    toward mu and be kept), a subnormal divergence is within the threshold."""
+    tdt = getattr(torch, dtype)
+    tiny = float(torch.finfo(tdt).smallest_normal) / 4  # a subnormal of that dtype
+    n = 300
+    lp = np.full((2, n), -0.5)
+    lq = np.full((2, n), -2.0)  # D = |e^-0.5 - e^-2| = 0.47 > delta: masked unless toward mu
+    adv = np.full((2, n), tiny)
+    adv[1] = -tiny
+    lp[:, ::7] = -tiny  # subnormal log-probs (still <= 0, valid)
+    div = np.full((2, n), 0.3)
+    div[:, ::5] = tiny
+
+    def low(a):
+        t = torch.from_numpy(a).to(tdt)
+        return t, t.to(torch.float64).numpy()
+
+    (lp_t, lp64), (lq_t, lq64), (adv_t, adv64), (div_t, div64) = low(lp), low(lq), low(adv), low(div)
+    assert (np.abs(adv64) > 0).all() and (np.abs(adv64) < float(torch.finfo(tdt).smallest_normal)).all()
+    for with_div in (False, True):
+        knobs = dict(KNOBS, adaptive_budget=True)
+        mask, info = emulated_mask(lp_t, lq_t, adv_t, divergence=div_t if with_div else None, return_info=True,
+                                   **knobs)
+        case = Case(lp64, lq64, adv64, None, div64 if with_div else None, None, knobs)
+        ref = cppo_mask_reference(*case.args(), **case.kwargs())
+        assert_within_tolerance(mask, info, ref)
+        reason = np.asarray(info["reason"])
+        assert (reason[1] == 1).all()  # negative advantage, lp > lq: toward mu
+        assert (reason[0] != 1).any()  # positive subnormal advantage: not toward mu
+
+
+# ---------------------------------------------------------------------------------------
+# budget_ceiling m (adaptive budget = clamp(k Q_q(D), delta_b, m delta_b)) and the hard
+# selection path in the production geometry: more in-window candidates than fit in shared
+# memory (5120), so radix passes over the re-read row narrow them first.
+
+
+def _spec_row_budgets(d, valid, quantile, scale, delta_b, ceiling):
+    """Eq. 22 as the spec writes it (sorted values, h = q (n - 1), linear interpolation)."""
+    out = []
+    for row, v in zip(d, valid):
+        x = np.sort(row[v].astype(np.float64))
+        if x.size == 0:
+            out.append(delta_b)
+            continue
+        h = quantile * (x.size - 1)
+        lo, hi = int(np.floor(h)), int(np.ceil(h))
+        q = x[lo] + (h - np.floor(h)) * (x[hi] - x[lo])
+        out.append(min(max(scale * q, delta_b), ceiling * delta_b))
+    return np.array(out)
+
+
+def _check_with_ceiling(lp, lq, adv, valid, d, knobs, geometry):
+    """Row budgets exactly as the spec computes them; masks, reasons, thresholds and
+    gates as the reference with each row's budget as a fixed delta_b."""
+    mask, info = emulated_mask(lp, lq, adv, valid, divergence=d, return_info=True, geometry=geometry, **knobs)
+    budgets = _spec_row_budgets(d, valid, knobs.get("budget_quantile", 0.9), knobs.get("budget_scale", 1.0),
+                                knobs["delta_b"], knobs["budget_ceiling"])
+    np.testing.assert_array_equal(info["row_budget"], budgets)
+    full = cppo_mask_reference(lp, lq, adv, valid, divergence=d, **knobs)  # the reference has the knob too
+    np.testing.assert_array_equal(info["row_budget"], full.row_budget)
+    fixed = {k: v for k, v in knobs.items() if k not in ("adaptive_budget", "budget_ceiling", "budget_quantile",
+                                                          "budget_scale")}
+    for r in range(lp.shape[0]):
+        case = Case(lp[r:r + 1], lq[r:r + 1], adv[r:r + 1], valid[r:r + 1], d[r:r + 1], None,
+                    dict(fixed, delta_b=float(budgets[r])))
+        ref = cppo_mask_reference(*case.args(), **case.kwargs())
+        row_info = {k: (v[r:r + 1] if k in ("reason", "threshold", "gate") else v) for k, v in info.items()}
+        row_info["row_budget"] = info["row_budget"][r:r + 1]
+        row_info["reason_counts"] = np.bincount(row_info["reason"].reshape(-1), minlength=5).astype(np.int64)
+        assert_within_tolerance(mask[r:r + 1], row_info, ref)
+    np.testing.assert_array_equal(info["reason_counts"], np.bincount(info["reason"].reshape(-1), minlength=5))
+    return info
+
+
+def ceiling_case(rows, length, ceiling, in_window_fraction, seed, ties=False):
+    rng = np.random.default_rng(seed)
+    delta_b = KNOBS["delta_b"]
+    d = rng.uniform(0.0, 0.95 * delta_b, size=(rows, length))
+    inside = rng.random((rows, length)) < in_window_fraction
+    window = rng.uniform(delta_b, ceiling * delta_b, size=(rows, length))
+    if ties:
+        window = rng.choice(np.linspace(delta_b, ceiling * delta_b, 5), size=(rows, length))
+    d = np.where(inside, window, d)
+    d[:, : length // 20] = rng.uniform(ceiling * delta_b * 1.5, 0.5, size=(rows, length // 20))
+    lp = -rng.exponential(0.3, size=(rows, length))
+    lq = np.minimum(lp + rng.normal(0, 0.05, size=(rows, length)), 0.0)
+    valid = rng.random((rows, length)) < 0.9
+    return lp, lq, rng.normal(size=(rows, length)), valid, d
+
+
+@pytest.mark.parametrize("ceiling", [1.0, 2.0, 5.0])
+@pytest.mark.parametrize("quantile", [0.9, 0.5, 0.05])
+def test_budget_ceiling(ceiling, quantile):
+    for seed, (fraction, ties) in enumerate([(0.3, False), (0.9, True), (0.0, False)]):
+        lp, lq, adv, valid, d = ceiling_case(3, 400, ceiling, fraction, seed, ties)
+        knobs = dict(KNOBS, adaptive_budget=True, budget_quantile=quantile, budget_ceiling=ceiling)
+        _check_with_ceiling(lp, lq, adv, valid, d, knobs, SMALL)
+
+
+def test_budget_ceiling_two_is_the_default():
+    lp, lq, adv, valid, d = ceiling_case(3, 400, 2.0, 0.5, 3)
+    knobs = dict(KNOBS, adaptive_budget=True)
+    _, a = emulated_mask(lp, lq, adv, valid, divergence=d, return_info=True, **knobs)
+    _, b = emulated_mask(lp, lq, adv, valid, divergence=d, return_info=True, budget_ceiling=2.0, **knobs)
+    np.testing.assert_array_equal(a["row_budget"], b["row_budget"])
+    ref = cppo_mask_reference(lp, lq, adv, valid, divergence=d, **knobs)
+    np.testing.assert_array_equal(a["row_budget"], ref.row_budget)
+
+
+@pytest.mark.parametrize("ceiling,quantile,ties", [(2.0, 0.9, False), (5.0, 0.5, False), (2.0, 0.7, True)])
+def test_hard_selection_path_production_geometry(ceiling, quantile, ties):
+    """A 12,000-token row with ~7,500 valid divergences inside the clamp window: more
+    candidates than the 5,120 that fit in shared memory, so the exact quantile needs
+    radix passes over the re-read row before the gather (the path the GPU takes for long
+    rows whose quantile lands inside the window)."""
+    lp, lq, adv, valid, d = ceiling_case(2, 12_000, ceiling, 0.7, 17, ties)
+    valid_d = np.where(valid, d, np.nan)
+    in_window = (valid_d >= KNOBS["delta_b"]) & (valid_d <= ceiling * KNOBS["delta_b"])
+    assert (in_window.sum(axis=1) > PRODUCTION["CPPO_SELECT_CAP"]).all()
+    knobs = dict(KNOBS, adaptive_budget=True, budget_quantile=quantile, budget_ceiling=ceiling)
+    info = _check_with_ceiling(lp, lq, adv, valid, d, knobs, PRODUCTION)
+    # the quantile landed inside the window, so the selection really ran
+    assert ((info["row_budget"] > KNOBS["delta_b"]) & (info["row_budget"] < ceiling * KNOBS["delta_b"])).all()
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32", "uint8"])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_integer_advantages_are_converted_by_the_launch_plan(dtype, per_row):
+    """Integer advantages reach the CUDA plan unconverted (prepare leaves them for CUDA
+    inputs) and are converted by the executor inside the caller's stream scope."""
+    rng = np.random.default_rng(5)
+    lp = -rng.exponential(0.3, size=(3, 200))
+    lq = np.minimum(lp + rng.normal(0, 0.05, size=lp.shape), 0.0)
+    adv = rng.integers(0, 3, size=3 if per_row else lp.shape) - (0 if dtype == "uint8" else 1)
+    adv = adv.astype(dtype)
+    ex = EmuExecutor(SMALL)
+    calls = []
+    astype = ex.astype
+    ex.astype = lambda arr, dt: calls.append((str(arr.dtype), dt)) or astype(arr, dt)
+    mask, info = emulated_mask(lp, lq, adv, return_info=True, executor=ex, **KNOBS)
+    assert calls == [(dtype, "float64")]
+    case = Case(lp, lq, adv.astype(np.float64), None, None, None, dict(KNOBS), per_row)
+    assert_within_tolerance(mask, info, cppo_mask_reference(*case.args(), **case.kwargs()))

@@ -155,16 +155,22 @@ struct KernelEntry {
     void (*fn)(const Args);
 };
 
+// The kernels are templates on the input dtypes; a build instantiates one dtype set,
+// CPPO_EMU_TARGS (e.g. -DCPPO_EMU_TARGS=1,1,1,4,1), as the GPU path's name expressions do.
+#define EMU_STR2(...) #__VA_ARGS__
+#define EMU_STR(...) EMU_STR2(__VA_ARGS__)
+
 static const KernelEntry kKernels[] = {
-    {"cppo_shuffle", cppo_shuffle},
-    {"cppo_stats", cppo_stats},
-    {"cppo_rows", cppo_rows},
-    {"cppo_mask_tiles", cppo_mask_tiles},
+    {"cppo_shuffle", cppo_shuffle<CPPO_EMU_TARGS>},
+    {"cppo_stats", cppo_stats<CPPO_EMU_TARGS>},
+    {"cppo_rows", cppo_rows<CPPO_EMU_TARGS>},
+    {"cppo_mask_tiles", cppo_mask_tiles<CPPO_EMU_TARGS>},
 };
 
-extern "C" unsigned long emu_args_size() { return sizeof(Args); }
+extern "C" __attribute__((visibility("default"))) unsigned long emu_args_size() { return sizeof(Args); }
+extern "C" __attribute__((visibility("default"))) const char* emu_targs() { return EMU_STR(CPPO_EMU_TARGS); }
 
-extern "C" int emu_launch(const char* kernel, unsigned grid, unsigned block, const void* args,
+extern "C" __attribute__((visibility("default"))) int emu_launch(const char* kernel, unsigned grid, unsigned block, const void* args,
                           unsigned long args_size, char* error, unsigned long error_size) {
     auto fail = [&](const std::string& msg) {
         std::snprintf(error, error_size, "%s", msg.c_str());
@@ -173,8 +179,11 @@ extern "C" int emu_launch(const char* kernel, unsigned grid, unsigned block, con
     static emu::Launch launch;
     emu::Launch& l = launch;
     l.kernel = nullptr;
+    // `kernel` is the base name or the name expression of this build's instantiation.
+    const std::string requested(kernel);
     for (const auto& k : kKernels) {
-        if (std::string(k.name) == kernel) l.kernel = k.fn;
+        const std::string base(k.name);
+        if (requested == base || requested == base + "<" + emu_targs() + ">") l.kernel = k.fn;
     }
     if (!l.kernel) return fail(std::string("unknown kernel ") + kernel);
     if (args_size != sizeof(Args)) return fail("argument block has the wrong size");
@@ -199,5 +208,20 @@ extern "C" int emu_launch(const char* kernel, unsigned grid, unsigned block, con
         }
     }
     emu::L = nullptr;
+    return 0;
+}
+
+// The kernels' input widening (FloatIn<CODE>::widen, the code the GPU runs) over n raw
+// values: code 1 float32 bits (uint32), 2 float16 bits, 3 bfloat16 bits (uint16).
+extern "C" __attribute__((visibility("default"))) int emu_widen(int code, const void* in, double* out,
+                                                                unsigned long n) {
+    for (unsigned long i = 0; i < n; ++i) {
+        switch (code) {
+            case F32: out[i] = FloatIn<F32>::widen(((const uint32_t*)in)[i]); break;
+            case F16: out[i] = FloatIn<F16>::widen(((const uint16_t*)in)[i]); break;
+            case BF16: out[i] = FloatIn<BF16>::widen(((const uint16_t*)in)[i]); break;
+            default: return 1;
+        }
+    }
     return 0;
 }

@@ -71,11 +71,14 @@ def prepare(
     per_row_advantages: Optional[bool] = None,
     convert: Optional[Callable[[Any, str], Any]] = None,
     backend: str = "native",
+    widen_int_advantages: Optional[bool] = None,
 ) -> Prepared:
     """Validate shapes/dtypes/devices of the caller's arrays and convert them: to NumPy
     (CPU) or CuPy (CUDA) for the native backends, to torch tensors on the caller's
     device for ``backend="torch"`` (``convert`` overrides the choice, e.g. for the CUDA
-    emulator in the tests)."""
+    emulator in the tests). Integer advantages become float64 here for CPU inputs and
+    the torch backend; for CUDA inputs of the native backend (or with
+    ``widen_int_advantages=False``) the backend converts them, on the caller's stream."""
     log_probs, old_log_probs = _list_array(log_probs, "log_probs"), _list_array(old_log_probs, "old_log_probs")
     advantages, response_mask = _list_array(advantages, "advantages"), _list_array(response_mask, "response_mask")
     divergence, cu_seqlens = _list_array(divergence, "divergence"), _list_array(cu_seqlens, "cu_seqlens")
@@ -174,7 +177,9 @@ def prepare(
         raise ValueError(f"advantages must have shape {want}, got {adv_shape}")
     if per_row:
         adv = adv.reshape(num_rows)
-    if not dtype_name(adv).startswith(("float", "bfloat")) and not (bf16["advantages"]):
+    if widen_int_advantages is None:
+        widen_int_advantages = src.device == "cpu" or backend == "torch"
+    if widen_int_advantages and not dtype_name(adv).startswith(("float", "bfloat")) and not bf16["advantages"]:
         adv = adv.to(_torch().float64) if _is_torch(adv) else adv.astype("float64")
     arrays["advantages"] = adv
     return Prepared(

@@ -22,6 +22,7 @@ import math
 import re
 import struct
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +32,7 @@ import numpy as np
 from ..._core.errors import bad_value_error
 from ..._core.params import MaskParams
 from ..arrays import Prepared, Source, check_offsets
+from .instances import _dtype_name, kernel_name, template_args
 
 KERNEL_PATH = Path(__file__).with_name("kernels") / "cppo_mask.cu"
 
@@ -43,23 +45,14 @@ GEOMETRY = {
 }
 COMPILE_OPTIONS = ("-std=c++17", "--fmad=false")
 KERNELS = ("cppo_shuffle", "cppo_stats", "cppo_rows", "cppo_mask_tiles")
+# What CuPy 14.2 appends to a RawModule's options (cupy/cuda/compiler.py,
+# _compile_with_cache_cuda and _compile_using_nvrtc_no_warning; include paths aside).
+# The kernels must be exact under these: tests/nvrtc.py compiles with exactly them.
+CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 
 _NSTAT = 10  # doubles per piece statistic (ST_* in the .cu)
 _NO_ERROR = (1 << 64) - 1
 
-# dtype codes shared with the .cu
-_FLOAT_CODES = {"float64": 0, "float32": 1, "float16": 2}
-_BF16 = 3
-_MASK_CODES = {
-    "bool": 1, "int8": 1, "uint8": 1,
-    "int16": 2, "uint16": 2,
-    "int32": 3, "uint32": 3,
-    "int64": 4, "uint64": 4,
-    "float16": 5,
-    "float32": 6,
-    "float64": 7,
-}
-_MASK_BF16 = 5  # bfloat16 bits: zero iff the 15 low bits are zero, like float16
 _OFFSET_CODES = {"int64": 0, "uint64": 0, "int32": 1, "uint32": 2}
 
 
@@ -124,17 +117,20 @@ def compile_options(geometry: Optional[dict] = None) -> tuple:
     return COMPILE_OPTIONS + tuple(f"-D{k}={v}" for k, v in geometry.items())
 
 
-_MODULES: dict = {}  # device id -> {kernel name: cupy RawKernel function}
+_MODULES: dict = {}  # (device id, template args) -> {kernel: cupy RawKernel function}
 
 
-def _functions(cupy, device_id: int) -> dict:
-    """The kernels compiled for one device (CuPy's NVRTC, cached per device and on disk)."""
-    fns = _MODULES.get(device_id)
+def _functions(cupy, device_id: int, targs: tuple) -> dict:
+    """The kernels of one dtype set compiled for one device (CuPy's NVRTC with name
+    expressions; cached here per device and dtype set, and on disk by CuPy)."""
+    key = (device_id, targs)
+    fns = _MODULES.get(key)
     if fns is None:
+        names = tuple(kernel_name(k, targs) for k in KERNELS)
         with cupy.cuda.Device(device_id):
-            module = cupy.RawModule(code=kernel_source(), options=compile_options())
-            fns = {name: module.get_function(name) for name in KERNELS}
-        _MODULES[device_id] = fns
+            module = cupy.RawModule(code=kernel_source(), options=compile_options(), name_expressions=names)
+            fns = {name: module.get_function(name) for name in names}
+        _MODULES[key] = fns
     return fns
 
 
@@ -149,6 +145,19 @@ def _torch():
 _STREAMS: dict = {}
 
 
+class _StreamRef:
+    """The CUDA stream protocol (version 0) for a torch stream, whatever torch's version;
+    keeps the torch stream alive as long as CuPy's wrapper."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __cuda_stream__(self):
+        return 0, int(self.stream.cuda_stream)
+
+
 def _torch_stream_scope(cupy, device_index: int):
     """CuPy's current stream set to torch's current stream on that device."""
     torch = _torch()
@@ -159,9 +168,9 @@ def _torch_stream_scope(cupy, device_index: int):
         if len(_STREAMS) > 64:
             _STREAMS.clear()
         from_external = getattr(cupy.cuda.Stream, "from_external", None)  # CuPy >= 14
-        if from_external is not None and hasattr(current, "__cuda_stream__"):
-            stream = from_external(current)
-        else:
+        if from_external is not None:
+            stream = from_external(_StreamRef(current))
+        else:  # CuPy 13 (ExternalStream is deprecated from CuPy 14 on)
             stream = cupy.cuda.ExternalStream(current.cuda_stream, device_index)
         _STREAMS[key] = stream
     return stream
@@ -227,26 +236,6 @@ def from_cupy(arr: Any, source: Source) -> Any:
 # The launch plan.
 
 
-_DTYPE_NAMES: dict = {}
-
-
-def _dtype_name(arr: Any) -> str:
-    dt = arr.dtype  # str(numpy dtype) costs microseconds; the per-call budget is tight
-    name = _DTYPE_NAMES.get(dt)
-    if name is None:
-        name = _DTYPE_NAMES[dt] = str(dt)
-    return name
-
-
-def _float_code(arr: Any, is_bf16: bool, name: str) -> int:
-    if is_bf16:
-        return _BF16
-    dt = _dtype_name(arr)
-    if dt not in _FLOAT_CODES:
-        raise TypeError(f"{name}: dtype {dt} is not supported on CUDA")
-    return _FLOAT_CODES[dt]
-
-
 def _strides(arr: Any) -> tuple:
     """Element strides (s0, s1) of a 1-D or 2-D array; (0, 0) for None."""
     if arr is None:
@@ -259,13 +248,15 @@ def _strides(arr: Any) -> tuple:
 
 def _window(params: MaskParams) -> tuple:
     """Bounds on D outside which the adaptive budget is clamped anyway: Q <= lo gives
-    delta_b, Q >= hi gives 2 delta_b (checked in float64, as the kernel computes)."""
-    k, b = params.budget_scale, params.delta_b
+    delta_b, Q >= hi gives m delta_b, m = budget_ceiling (checked in float64, as the
+    kernel computes)."""
+    k, b, m = params.budget_scale, params.delta_b, params.budget_ceiling
     lo = b / k
     while lo > 0 and k * lo > b:
         lo = math.nextafter(lo, 0.0)
-    hi = 2.0 * b / k
-    while k * hi < 2.0 * b:
+    top = m * b
+    hi = top / k
+    while k * hi < top:
         hi = math.nextafter(hi, math.inf)
     return lo, hi
 
@@ -309,6 +300,9 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
     geometry = GEOMETRY if geometry is None else geometry
     block = geometry["CPPO_BLOCK"]
     tile = block * geometry["CPPO_ITEMS"]
+    if not prep.bf16.get("advantages", False) and not _dtype_name(prep.advantages).startswith("float"):
+        # integer advantages: converted here, inside the caller's stream scope (compute)
+        prep = dataclasses.replace(prep, advantages=ex.astype(prep.advantages, "float64"))
     lp, lq, adv = prep.log_probs, prep.old_log_probs, prep.advantages
     valid, div, cu = prep.valid, prep.divergence, prep.cu_seqlens
     packed = cu is not None
@@ -336,7 +330,7 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
         row_budget = ex.empty(rows, "float64")
         counts = ex.empty(5, "int64")
 
-    bf16 = prep.bf16
+    targs, valid_bits = template_args(prep)
     window_lo, window_hi = _window(params) if adaptive else (0.0, 0.0)
     fields = {
         "log_probs": ex.ptr(lp),
@@ -346,12 +340,7 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
         "divergence": ex.ptr(div) if div is not None else 0,
         "cu_seqlens": ex.ptr(cu) if packed else 0,
         "cu_s0": _strides(cu)[0],
-        "lp_type": _float_code(lp, bf16.get("log_probs", False), "log_probs"),
-        "lq_type": _float_code(lq, bf16.get("old_log_probs", False), "old_log_probs"),
-        "adv_type": _float_code(adv, bf16.get("advantages", False), "advantages"),
-        "div_type": _float_code(div, bf16.get("divergence", False), "divergence") if div is not None else 0,
-        "valid_type": (_MASK_BF16 if bf16.get("response_mask", False) else _MASK_CODES[_dtype_name(valid)])
-        if valid is not None else 0,
+        "valid_bits": valid_bits,
         "cu_type": _OFFSET_CODES[_dtype_name(cu)] if packed else 0,
         "rows": rows,
         "cols": cols,
@@ -370,6 +359,7 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
         "adaptive": int(adaptive),
         "budget_quantile": params.budget_quantile,
         "budget_scale": params.budget_scale,
+        "budget_ceiling": params.budget_ceiling,
         "window_lo": window_lo,
         "window_hi": window_hi,
         "check_offsets": int(validate),
@@ -395,12 +385,13 @@ def run(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, e
     layout = args_layout()
     packed_args = layout.packer.pack(*(fields[name] for name in layout.names))
 
+    name = {k: kernel_name(k, targs) for k in KERNELS}
     if shuffled and rows > 0:
-        ex.launch("cppo_shuffle", rows, block, packed_args)
-    ex.launch("cppo_stats", max(tiles, 1), block, packed_args)
-    ex.launch("cppo_rows", max(rows, 1), block, packed_args)
+        ex.launch(name["cppo_shuffle"], rows, block, packed_args)
+    ex.launch(name["cppo_stats"], max(tiles, 1), block, packed_args)
+    ex.launch(name["cppo_rows"], max(rows, 1), block, packed_args)
     if tiles > 0:
-        ex.launch("cppo_mask_tiles", tiles, block, packed_args)
+        ex.launch(name["cppo_mask_tiles"], tiles, block, packed_args)
 
     if validate:
         bad_key, offsets_flag = (int(v) for v in ex.read_u64(work, ws.error, 2))
@@ -447,7 +438,7 @@ class _CupyExecutor:
         self.cupy = cupy
         self.device = source.index
         self.torch = _torch() if source.framework == "torch" else None
-        self.fns = _functions(cupy, source.index)
+        self.fns: dict = {}
 
     def empty(self, count: int, dtype: str):
         if self.torch is not None:
@@ -463,8 +454,13 @@ class _CupyExecutor:
         return arr.astype(dtype)
 
     def launch(self, name: str, grid: int, block: int, packed_args: bytes) -> None:
+        fn = self.fns.get(name)
+        if fn is None:
+            targs = tuple(int(t) for t in name[name.index("<") + 1:-1].split(","))
+            self.fns = _functions(self.cupy, self.device, targs)
+            fn = self.fns[name]
         args = np.frombuffer(packed_args, dtype=args_layout().dtype)  # one struct, by value
-        self.fns[name]((grid,), (block,), (args,))
+        fn((grid,), (block,), (args,))
 
     def read_u64(self, work, offset: int, count: int) -> np.ndarray:
         view = work[offset:offset + 8 * count]

@@ -57,8 +57,7 @@ typedef double f64;
 // Codes shared with _cuda.py (and the Rust/Python enums of the same meaning).
 enum { PW_LINEAR = 0, PW_NONE = 1, PW_SHUFFLED = 2 };
 enum { DIV_TV = 0, DIV_KL = 1, DIV_GIVEN = 2 };
-enum { F64 = 0, F32 = 1, F16 = 2, BF16 = 3 };                                    // float inputs
-enum { M_ALL = 0, M_I8 = 1, M_I16 = 2, M_I32 = 3, M_I64 = 4, M_F16 = 5, M_F32 = 6, M_F64 = 7 };  // valid flags
+enum { F64 = 0, F32 = 1, F16 = 2, BF16 = 3, F_NONE = 4 };  // float inputs (template parameters)
 enum { CU_I64 = 0, CU_I32 = 1, CU_U32 = 2 };                                     // cu_seqlens
 enum { INVALID = 0, KEPT_TOWARD_MU = 1, KEPT_WITHIN = 2, MASKED_TOKEN = 3, MASKED_PREFIX = 4 };
 // Fields of the per-piece statistics (doubles; counts are exact below 2^53).
@@ -75,13 +74,13 @@ enum { ST_N, ST_LAST, ST_A0, ST_A1, ST_S0, ST_S1, ST_BELOW, ST_CAND, ST_MAX_BELO
     X(u64, divergence) X(u64, cu_seqlens)                                               \
     X(i64, lp_s0) X(i64, lp_s1) X(i64, lq_s0) X(i64, lq_s1) X(i64, adv_s0) X(i64, adv_s1) \
     X(i64, valid_s0) X(i64, valid_s1) X(i64, div_s0) X(i64, div_s1) X(i64, cu_s0)      \
-    X(i64, lp_type) X(i64, lq_type) X(i64, adv_type) X(i64, div_type) X(i64, valid_type) \
-    X(i64, cu_type)                                                                     \
+    X(u64, valid_bits) X(i64, cu_type)                                                  \
     X(i64, rows) X(i64, cols) X(i64, positions) X(i64, packed) X(i64, tiles)            \
     X(i64, adv_per_row)                                                                 \
     X(f64, delta) X(f64, delta_b) X(f64, w_min) X(i64, horizon) X(i64, position_weight) \
     X(u64, shuffle_seed) X(i64, prefix_budget) X(i64, divergence_mode) X(i64, adaptive) \
-    X(f64, budget_quantile) X(f64, budget_scale) X(f64, window_lo) X(f64, window_hi)    \
+    X(f64, budget_quantile) X(f64, budget_scale) X(f64, budget_ceiling)                 \
+    X(f64, window_lo) X(f64, window_hi)                                                 \
     X(i64, check_offsets)                                                               \
     X(u64, piece_stats) X(u64, piece_prefix) X(u64, row_horizon) X(u64, row_budget)     \
     X(u64, shuffle_columns) X(u64, shuffle_weight) X(u64, error)                         \
@@ -114,44 +113,71 @@ static __device__ __forceinline__ bool is_finite(double x) {
 static __device__ __forceinline__ double py_min(double a, double b) { return b < a ? b : a; }
 static __device__ __forceinline__ double py_max(double a, double b) { return b > a ? b : a; }
 
-static __device__ __forceinline__ double half_bits_to_double(u32 h) {
-    const u32 sign = h >> 15, exponent = (h >> 10) & 31, mantissa = h & 1023;
-    double v;
-    if (exponent == 0) {
-        v = (double)mantissa * 5.9604644775390625e-08;  // subnormal: mantissa * 2^-24 (exact)
-    } else if (exponent == 31) {
-        v = mantissa ? __longlong_as_double(0x7ff8000000000000LL) : pos_inf();
-    } else {
-        v = __longlong_as_double((i64)(((u64)(exponent - 15 + 1023) << 52) | ((u64)mantissa << 42)));
-    }
-    return sign ? -v : v;
+// ---------------------------------------------------------------------------------
+// Input element types: template parameters of every kernel (one instantiation per
+// dtype set, compiled on demand by name expression). Floats are loaded as raw bits and
+// widened with integer operations plus exact float64 arithmetic only: no float32
+// instruction ever touches an input, so CuPy's -ftz=true (under which (double)float
+// becomes cvt.ftz.f64.f32) cannot flush float32/float16/bfloat16 subnormals to zero.
+
+// float32 bits -> double, exactly (normal: rebias the exponent; subnormal: m * 2^-149,
+// an exact float64 product; inf/NaN: all-ones exponent, payload kept). Branch-free.
+static __device__ __forceinline__ double f32_bits_to_double(u32 b) {
+    const u32 e = (b >> 23) & 0xffu, m = b & 0x7fffffu;
+    const u64 sign = (u64)(b >> 31) << 63;
+    const u64 normal = ((u64)(e + (1023u - 127u)) << 52) | ((u64)m << 29);
+    const u64 special = 0x7ff0000000000000ULL | ((u64)m << 29);
+    const u64 sub = (u64)__double_as_longlong((double)m * __longlong_as_double((i64)((1023ULL - 149) << 52)));
+    const u64 mag = e == 0 ? sub : (e == 0xffu ? special : normal);
+    return __longlong_as_double((i64)(mag | sign));
 }
 
-static __device__ __forceinline__ double bf16_bits_to_double(u32 h) {
-    return (double)__uint_as_float(h << 16);
+// float16 bits -> double, exactly (subnormal: m * 2^-24).
+static __device__ __forceinline__ double f16_bits_to_double(u32 h) {
+    const u32 e = (h >> 10) & 31u, m = h & 1023u;
+    const u64 sign = (u64)((h >> 15) & 1u) << 63;
+    const u64 normal = ((u64)(e + (1023u - 15u)) << 52) | ((u64)m << 42);
+    const u64 special = 0x7ff0000000000000ULL | ((u64)m << 42);
+    const u64 sub = (u64)__double_as_longlong((double)m * __longlong_as_double((i64)((1023ULL - 24) << 52)));
+    const u64 mag = e == 0 ? sub : (e == 31u ? special : normal);
+    return __longlong_as_double((i64)(mag | sign));
 }
 
-static __device__ __forceinline__ double load_float(u64 base, i64 type, i64 offset) {
-    switch (type) {
-        case F64: return ((const double*)base)[offset];
-        case F32: return (double)((const float*)base)[offset];
-        case F16: return half_bits_to_double(((const unsigned short*)base)[offset]);
-        default: return bf16_bits_to_double(((const unsigned short*)base)[offset]);
-    }
-}
+// Float inputs (F_NONE: no array, e.g. the divergence when it is computed).
+template <int CODE> struct FloatIn;
+template <> struct FloatIn<F64> {
+    typedef u64 raw;
+    static __device__ __forceinline__ double widen(u64 b) { return __longlong_as_double((i64)b); }
+};
+template <> struct FloatIn<F32> {
+    typedef u32 raw;
+    static __device__ __forceinline__ double widen(u32 b) { return f32_bits_to_double(b); }
+};
+template <> struct FloatIn<F16> {
+    typedef unsigned short raw;
+    static __device__ __forceinline__ double widen(unsigned short b) { return f16_bits_to_double(b); }
+};
+template <> struct FloatIn<BF16> {
+    typedef unsigned short raw;
+    static __device__ __forceinline__ double widen(unsigned short b) { return f32_bits_to_double((u32)b << 16); }
+};
+template <> struct FloatIn<F_NONE> {
+    typedef unsigned char raw;
+    static __device__ __forceinline__ double widen(unsigned char) { return 0.0; }
+};
 
-// Nonzero means valid. Floats compare with 0.0 (so -0.0 is not valid, NaN is).
-static __device__ __forceinline__ bool load_flag(u64 base, i64 type, i64 offset) {
-    switch (type) {
-        case M_ALL: return true;
-        case M_I8: return ((const unsigned char*)base)[offset] != 0;
-        case M_I16: return ((const unsigned short*)base)[offset] != 0;
-        case M_I32: return ((const u32*)base)[offset] != 0;
-        case M_I64: return ((const u64*)base)[offset] != 0;
-        case M_F16: return (((const unsigned short*)base)[offset] & 0x7fffu) != 0;
-        case M_F32: return (((const u32*)base)[offset] & 0x7fffffffu) != 0;
-        default: return (((const u64*)base)[offset] & 0x7fffffffffffffffULL) != 0;
-    }
+// Valid flags by element width (0: no array, every position valid). A flag is set when
+// (bits & valid_bits) != 0, valid_bits chosen by the host: all ones for integers, all
+// but the sign bit for floats (-0.0 is not valid, NaN is).
+template <int W> struct FlagIn { typedef unsigned char raw; };
+template <> struct FlagIn<2> { typedef unsigned short raw; };
+template <> struct FlagIn<4> { typedef u32 raw; };
+template <> struct FlagIn<8> { typedef u64 raw; };
+
+// A load issued only where `pred` holds (a predicated load, not a branch).
+template <class T>
+static __device__ __forceinline__ T load_if(u64 base, i64 offset, bool pred) {
+    return pred ? ((const T*)base)[offset] : T(0);
 }
 
 // ---------------------------------------------------------------------------------
@@ -189,17 +215,11 @@ static __device__ __forceinline__ i64 at(const Args& a, i64 s0, i64 s1, i64 r, i
     return a.packed ? p * s0 : r * s0 + c * s1;
 }
 
-static __device__ __forceinline__ bool is_valid(const Args& a, i64 r, i64 c, i64 p) {
-    return load_flag(a.valid, a.valid_type, at(a, a.valid_s0, a.valid_s1, r, c, p));
-}
-static __device__ __forceinline__ double log_prob(const Args& a, i64 r, i64 c, i64 p) {
-    return load_float(a.log_probs, a.lp_type, at(a, a.lp_s0, a.lp_s1, r, c, p));
-}
-static __device__ __forceinline__ double old_log_prob(const Args& a, i64 r, i64 c, i64 p) {
-    return load_float(a.old_log_probs, a.lq_type, at(a, a.lq_s0, a.lq_s1, r, c, p));
-}
-static __device__ __forceinline__ double given_divergence(const Args& a, i64 r, i64 c, i64 p) {
-    return load_float(a.divergence, a.div_type, at(a, a.div_s0, a.div_s1, r, c, p));
+template <int VW>
+static __device__ __forceinline__ bool load_valid(const Args& a, i64 r, i64 c, i64 p, bool in_range) {
+    if (VW == 0) return in_range;
+    typedef typename FlagIn<VW>::raw F;
+    return (load_if<F>(a.valid, at(a, a.valid_s0, a.valid_s1, r, c, p), in_range) & (F)a.valid_bits) != 0;
 }
 
 // ---------------------------------------------------------------------------------
@@ -217,18 +237,58 @@ static __device__ double binary_kl(double lp, double lq) {
     return d > 0.0 ? d : 0.0;
 }
 
-// D_t at a valid position (lp, lq already loaded unless the divergence is given).
-static __device__ __forceinline__ double divergence_at(const Args& a, double lp, double lq, i64 r, i64 c, i64 p) {
-    if (a.divergence_mode == DIV_TV) return binary_tv(lp, lq);
-    if (a.divergence_mode == DIV_KL) return binary_kl(lp, lq);
-    return given_divergence(a, r, c, p);
-}
+// Template parameters of every kernel: the element types of log_probs, old_log_probs,
+// advantages, divergence (F_NONE unless given) and the valid flags' width.
+#define CPPO_TPARAMS int LP, int LQ, int ADV, int DV, int VW
+#define CPPO_TARGS LP, LQ, ADV, DV, VW
 
-// D_t loading only what the divergence mode needs.
-static __device__ __forceinline__ double load_divergence(const Args& a, i64 r, i64 c, i64 p) {
-    if (a.divergence_mode == DIV_GIVEN) return given_divergence(a, r, c, p);
-    return divergence_at(a, log_prob(a, r, c, p), old_log_prob(a, r, c, p), r, c, p);
-}
+// One thread's CPPO_ITEMS positions of a piece (p = begin + k * CPPO_BLOCK + threadIdx.x,
+// those with p < end), held as raw bits until used. Round 1 loads every item's valid
+// flag; round 2 every other input the caller asks for, of the valid items only
+// (predicated on the flag, so padding is never fetched). Every load of a round is
+// issued before any of its values is used.
+template <CPPO_TPARAMS>
+struct Items {
+    bool valid[CPPO_ITEMS];
+    typename FloatIn<LP>::raw lp[CPPO_ITEMS];
+    typename FloatIn<LQ>::raw lq[CPPO_ITEMS];
+    typename FloatIn<ADV>::raw adv[CPPO_ITEMS];
+    typename FloatIn<DV>::raw dv[CPPO_ITEMS];
+
+    __device__ __forceinline__ void load(const Args& a, i64 r, i64 rs, i64 begin, i64 end, bool want_lp,
+                                         bool want_adv) {
+#pragma unroll
+        for (int k = 0; k < CPPO_ITEMS; ++k) {
+            const i64 p = begin + (i64)k * CPPO_BLOCK + threadIdx.x;
+            valid[k] = load_valid<VW>(a, r, p - rs, p, p < end);
+        }
+#pragma unroll
+        for (int k = 0; k < CPPO_ITEMS; ++k) {
+            const i64 p = begin + (i64)k * CPPO_BLOCK + threadIdx.x;
+            const i64 c = p - rs;
+            const bool v = valid[k];
+            lp[k] = load_if<typename FloatIn<LP>::raw>(a.log_probs, at(a, a.lp_s0, a.lp_s1, r, c, p), v && want_lp);
+            lq[k] = load_if<typename FloatIn<LQ>::raw>(a.old_log_probs, at(a, a.lq_s0, a.lq_s1, r, c, p),
+                                                       v && want_lp);
+            adv[k] = load_if<typename FloatIn<ADV>::raw>(a.advantages, at(a, a.adv_s0, a.adv_s1, r, c, p),
+                                                         v && want_adv);
+            dv[k] = load_if<typename FloatIn<DV>::raw>(a.divergence, at(a, a.div_s0, a.div_s1, r, c, p),
+                                                       v && DV != F_NONE);
+        }
+    }
+    __device__ __forceinline__ double log_prob(int k) const { return FloatIn<LP>::widen(lp[k]); }
+    __device__ __forceinline__ double old_log_prob(int k) const { return FloatIn<LQ>::widen(lq[k]); }
+    __device__ __forceinline__ double advantage(int k) const { return FloatIn<ADV>::widen(adv[k]); }
+    // D_t: given, or computed from the log-probs (lp, lq passed when already widened).
+    __device__ __forceinline__ double divergence(const Args& a, int k, double p, double q) const {
+        if (DV != F_NONE) return FloatIn<DV>::widen(dv[k]);
+        return a.divergence_mode == DIV_KL ? binary_kl(p, q) : binary_tv(p, q);
+    }
+    __device__ __forceinline__ double divergence(const Args& a, int k) const {
+        if (DV != F_NONE) return FloatIn<DV>::widen(dv[k]);
+        return divergence(a, k, log_prob(k), old_log_prob(k));
+    }
+};
 
 // Paper Eq. 9 with t - 1 = column and T = horizon.
 static __device__ __forceinline__ double position_weight(i64 column, i64 horizon, double w_min) {
@@ -459,7 +519,8 @@ static __device__ void fisher_yates(T* cols, i64 n, u64 seed, i64 row) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_shuffle(const Args a) {
+template <CPPO_TPARAMS>
+__global__ void __launch_bounds__(CPPO_BLOCK) cppo_shuffle(const Args a) {
     __shared__ int local_cols[CPPO_SHUFFLE_CAP];
     const i64 r = blockIdx.x;
     if (r >= a.rows) return;
@@ -471,7 +532,7 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_shuffle(const Args
     i64 n = 0;
     for (i64 base = rs; base < re; base += CPPO_BLOCK) {
         const i64 p = base + threadIdx.x;
-        const bool v = p < re && is_valid(a, r, p - rs, p);
+        const bool v = load_valid<VW>(a, r, p - rs, p, p < re);
         i64 total;
         const i64 rank = block_exclusive_sum<i64>(v ? 1 : 0, total);
         if (v) cols[n + rank] = p - rs;
@@ -495,7 +556,7 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_shuffle(const Args
     i64 seen = 0;
     for (i64 base = rs; base < re; base += CPPO_BLOCK) {
         const i64 p = base + threadIdx.x;
-        const bool v = p < re && is_valid(a, r, p - rs, p);
+        const bool v = load_valid<VW>(a, r, p - rs, p, p < re);
         i64 total;
         const i64 rank = block_exclusive_sum<i64>(v ? 1 : 0, total);
         if (v) {
@@ -510,7 +571,8 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_shuffle(const Args
 // ---------------------------------------------------------------------------------
 // cppo_stats: per-piece statistics, one block per tile.
 
-extern "C" __global__ void __launch_bounds__(CPPO_BLOCK, 3) cppo_stats(const Args a) {
+template <CPPO_TPARAMS>
+__global__ void __launch_bounds__(CPPO_BLOCK, 3) cppo_stats(const Args a) {
     const i64 tile = blockIdx.x;
     if (tile == 0 && threadIdx.x == 0) {
         // Reset the error record and the counts (later kernels of this call write them).
@@ -528,13 +590,15 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK, 3) cppo_stats(const Arg
     walk_tile(
         a, ts, te,
         [&](i64 r, i64 rs, i64 begin, i64 end) {
+            Items<CPPO_TARGS> in;
+            in.load(a, r, rs, begin, end, DV == F_NONE, false);
             Stats s = stats_identity();
+#pragma unroll
             for (int k = 0; k < CPPO_ITEMS; ++k) {
+                if (!in.valid[k]) continue;
                 const i64 p = begin + (i64)k * CPPO_BLOCK + threadIdx.x;
-                if (p >= end) break;
                 const i64 c = p - rs;
-                if (!is_valid(a, r, c, p)) continue;
-                const double d = load_divergence(a, r, c, p);
+                const double d = in.divergence(a, k);
                 // w_t = a_t - kappa * b_t, with kappa known only once T is (cppo_rows).
                 double wa, wb;
                 if (seq_linear) {
@@ -589,16 +653,21 @@ struct SharedKeys {
 
 // The row's divergences inside the clamp window, recomputed from the inputs exactly
 // as cppo_stats computed them.
+template <CPPO_TPARAMS>
 struct RowKeys {
     const Args* a;
     i64 r, rs, re;
     template <class F>
     __device__ void each(F f) const {
-        for (i64 p = rs + threadIdx.x; p < re; p += CPPO_BLOCK) {
-            const i64 c = p - rs;
-            if (!is_valid(*a, r, c, p)) continue;
-            const double d0 = load_divergence(*a, r, c, p) + 0.0;
-            if (window_class(*a, d0) == 1) f(order_key(d0));
+        for (i64 begin = rs; begin < re; begin += TILE) {  // a tile's loads in flight at once
+            Items<CPPO_TARGS> in;
+            in.load(*a, r, rs, begin, re, DV == F_NONE, false);
+#pragma unroll
+            for (int k = 0; k < CPPO_ITEMS; ++k) {
+                if (!in.valid[k]) continue;
+                const double d0 = in.divergence(*a, k) + 0.0;
+                if (window_class(*a, d0) == 1) f(order_key(d0));
+            }
         }
     }
 };
@@ -668,7 +737,8 @@ static __device__ u64 radix_finish(const Src& src, u64 prefix, u64 known, int lo
 // re-read row narrow to a bucket that fits in shared memory (none if all fit), one
 // more pass gathers it together with the smallest key above it, and the rest of the
 // selection runs in shared memory.
-static __device__ void select_candidates(const Args& a, const RowKeys& row, i64 count, i64 k, bool want_next,
+template <class Row>
+static __device__ void select_candidates(const Args& a, const Row& row, i64 count, i64 k, bool want_next,
                                          u64& key, u64& next, bool& has_next) {
     __shared__ u64 gathered_keys[CPPO_SELECT_CAP];
     __shared__ u32 gathered;
@@ -697,8 +767,22 @@ static __device__ void select_candidates(const Args& a, const RowKeys& row, i64 
     key = radix_finish(keys, prefix, known, low, k);
     has_next = false;
     if (want_next) {
-        if (k + 1 < bucket) {
-            next = radix_finish(keys, prefix, known, low, k + 1);
+        // Rank k + 1 without a second descent: the same key if it repeats past rank k,
+        // else the smallest bucket key above it, else the smallest candidate above the
+        // bucket. (low == 0: every bucket key is equal, possibly more than were gathered.)
+        i64 at_most = 0;
+        u64 above_in = ~0ULL;
+        keys.each([&](u64 x) {
+            if (x <= key) ++at_most;
+            else if (x < above_in) above_in = x;
+        });
+        const i64 not_above = block_reduce_sum<i64>(at_most);
+        const u64 next_in = block_reduce_min<u64>(above_in);
+        if (k + 1 < bucket && (low == 0 || not_above > k + 1)) {
+            next = key;
+            has_next = true;
+        } else if (k + 1 < bucket && next_in != ~0ULL) {
+            next = next_in;
             has_next = true;
         } else if (next_above != ~0ULL) {
             next = next_above;
@@ -709,7 +793,9 @@ static __device__ void select_candidates(const Args& a, const RowKeys& row, i64 
 
 // delta_b_row (Eq. 22) for an adaptive row with n >= 1 valid tokens. Order statistics
 // below the window (Q <= window_lo: budget delta_b) or above it (Q > window_hi:
-// 2 delta_b) need no selection; otherwise x[floor h] and x[ceil h] are found exactly.
+// m delta_b, m = budget_ceiling) need no selection; otherwise x[floor h] and x[ceil h]
+// are found exactly.
+template <CPPO_TPARAMS>
 static __device__ double adaptive_budget(const Args& a, i64 r, i64 rs, i64 re, const Stats& row) {
     const i64 n = (i64)row.v[ST_N];
     const i64 below = (i64)row.v[ST_BELOW], cand = (i64)row.v[ST_CAND];
@@ -717,8 +803,8 @@ static __device__ double adaptive_budget(const Args& a, i64 r, i64 rs, i64 re, c
     const double h_floor = floor(h);
     const i64 lo = (i64)h_floor, hi = (i64)ceil(h);
     if (hi < below) return a.delta_b;
-    if (lo >= below + cand) return 2.0 * a.delta_b;
-    const RowKeys keys{&a, r, rs, re};
+    if (lo >= below + cand) return a.budget_ceiling * a.delta_b;
+    const RowKeys<CPPO_TARGS> keys{&a, r, rs, re};
     u64 key = 0, next = 0;
     bool has_next = false;
     double x_lo, x_hi;
@@ -735,10 +821,11 @@ static __device__ double adaptive_budget(const Args& a, i64 r, i64 rs, i64 re, c
     }
     const double q = x_lo + (h - h_floor) * (x_hi - x_lo);
     const double budget = py_max(a.budget_scale * q, a.delta_b);
-    return py_min(budget, 2.0 * a.delta_b);
+    return py_min(budget, a.budget_ceiling * a.delta_b);
 }
 
-extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_rows(const Args a) {
+template <CPPO_TPARAMS>
+__global__ void __launch_bounds__(CPPO_BLOCK) cppo_rows(const Args a) {
     __shared__ double carry[4];
     const i64 r = blockIdx.x;
     u64* error = (u64*)a.error;
@@ -793,7 +880,7 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_rows(const Args a)
     }
 
     double budget = a.delta_b;
-    if (a.adaptive && n > 0) budget = adaptive_budget(a, r, rs, re, row);
+    if (a.adaptive && n > 0) budget = adaptive_budget<CPPO_TARGS>(a, r, rs, re, row);
     if (threadIdx.x == 0) {
         ((i64*)a.row_horizon)[r] = horizon;
         ((double*)a.row_budget)[r] = budget;
@@ -806,7 +893,8 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_rows(const Args a)
 
 static __device__ __forceinline__ bool bad_log_prob(double x) { return !(is_finite(x) && x <= LOG_PROB_TOLERANCE); }
 
-extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_mask_tiles(const Args a) {
+template <CPPO_TPARAMS>
+__global__ void __launch_bounds__(CPPO_BLOCK) cppo_mask_tiles(const Args a) {
     const i64 tile = a.tiles - 1 - (i64)blockIdx.x;  // reverse order: reuse the stats pass's L2 lines
     const i64 ts = tile * TILE, te = imin(ts + TILE, a.positions);
     const bool info = a.out_reason != 0;
@@ -825,31 +913,31 @@ extern "C" __global__ void __launch_bounds__(CPPO_BLOCK) cppo_mask_tiles(const A
             const double* pre = (const double*)a.piece_prefix + (r + tile) * 2;
             const double s_before = pre[0], w_before = pre[1];
             const double row_advantage =
-                a.adv_per_row ? load_float(a.advantages, a.adv_type, r * a.adv_s0) : 0.0;
+                FloatIn<ADV>::widen(load_if<typename FloatIn<ADV>::raw>(a.advantages, r * a.adv_s0, a.adv_per_row));
 
-            bool valid[CPPO_ITEMS], toward_mu[CPPO_ITEMS];
+            Items<CPPO_TARGS> in;
+            in.load(a, r, rs, begin, end, true, !a.adv_per_row);
+            const bool* valid = in.valid;
+            bool toward_mu[CPPO_ITEMS];
             double zw[CPPO_ITEMS][2];  // (Z_t, v_t w_t)
 #pragma unroll
             for (int k = 0; k < CPPO_ITEMS; ++k) {
                 const i64 p = begin + (i64)k * CPPO_BLOCK + threadIdx.x;
                 const i64 c = p - rs;
-                valid[k] = p < end && is_valid(a, r, c, p);
                 toward_mu[k] = false;
                 zw[k][0] = 0.0;
                 zw[k][1] = 0.0;
                 if (valid[k]) {
-                    const double lp = log_prob(a, r, c, p);
-                    const double lq = old_log_prob(a, r, c, p);
-                    const double adv = a.adv_per_row
-                        ? row_advantage
-                        : load_float(a.advantages, a.adv_type, at(a, a.adv_s0, a.adv_s1, r, c, p));
-                    const double d = divergence_at(a, lp, lq, r, c, p);
+                    const double lp = in.log_prob(k);
+                    const double lq = in.old_log_prob(k);
+                    const double adv = a.adv_per_row ? row_advantage : in.advantage(k);
+                    const double d = in.divergence(a, k, lp, lq);
                     // Bad input: the first field that breaks the spec's rule here.
                     int field = -1;
                     if (bad_log_prob(lp)) field = 0;
                     else if (bad_log_prob(lq)) field = 1;
                     else if (!is_finite(adv)) field = 2;
-                    else if (a.divergence_mode == DIV_GIVEN && !(is_finite(d) && d >= 0.0)) field = 3;
+                    else if (DV != F_NONE && !(is_finite(d) && d >= 0.0)) field = 3;
                     if (field >= 0) {
                         const u64 key = (u64)p * 4 + (u64)field;
                         if (key < first_bad) first_bad = key;
