@@ -190,3 +190,22 @@ def test_matches_verls_own_dppo_losses(loss_mode, seed):
     # verl divides by (count + 1e-8): equal to ~1e-10 relative for these counts
     assert metrics["actor/pg_clipfrac"] == pytest.approx(masked_frac, rel=1e-9)
     assert int((mask & ~ours & (adv == 0)).sum()) > 0  # the A = 0 convention was exercised
+
+
+def test_unirl_toward_mu_recipe_from_conventions_doc():
+    """docs/conventions.md: zeroing lp - lq where rho rounds to 1 in the input dtype (the
+    peers' `A * (rho - 1) <= 0`) while passing the original D reproduces their test."""
+    from cppo_native.divergence import binary_tv
+
+    lq = torch.log(torch.tensor([[0.30, 0.40, 0.50, 0.60]], dtype=torch.float32))
+    lp = lq.clone()
+    lp[0, 0] = torch.log(torch.tensor(0.55))     # a big move away: exhausts the budget, c_t < 0 after it
+    lp[0, 2] = torch.nextafter(lq[0, 2], torch.tensor(0.0))  # one ulp up: rho rounds to 1 in float32
+    adv = torch.ones(1)
+    assert float(torch.exp(lp - lq)[0, 2]) == 1.0 and float(lp[0, 2] - lq[0, 2]) > 0
+    kw = dict(delta=0.15, delta_b=0.02)
+    spec = cppo_mask(lp, lq, adv, **kw)
+    assert not bool(spec[0, 2])  # the spec: moving away (by one ulp) and over budget
+    lp_for_sign = torch.where(torch.exp(lp - lq) == 1, lq, lp)
+    peer = cppo_mask(lp_for_sign, lq, adv, divergence=binary_tv(lp, lq), **kw)
+    assert bool(peer[0, 2]) and torch.equal(peer[:, [0, 1, 3]], spec[:, [0, 1, 3]])
