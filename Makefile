@@ -20,6 +20,11 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,verl-test,trl-test]'
 >>>>>>> trl
 	$(PY) -m pip install -q --no-deps 'verl==0.9.1'  # the real verl, without its heavy deps
+	# The real OpenRLHF for tests/test_openrlhf.py, without its deps (its loss module needs
+	# only torch). 0.11.2 has wheels for CPython 3.10-3.12 only; elsewhere the test skips.
+	if $(PY) -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))'; then \
+		$(PY) -m pip install -q --no-deps 'openrlhf==0.11.2'; \
+	else echo "openrlhf 0.11.2 has no wheel for this Python: tests/test_openrlhf.py will be skipped"; fi
 	touch $@
 
 venv: $(VENV)/.deps

@@ -11,6 +11,8 @@ with only the mask changed.
   rho < 1 - eps_low, with rho = exp(log_probs - old_log_probs).
 - :func:`dppo_mask`: DPPO (Qi et al. 2026): masked when moving away from mu and
   D_t > delta; the CPPO mask with ``position_weight=False, prefix_budget=False``.
+  Options: asymmetric ``delta_low``/``delta_high`` and verl's A = 0 convention
+  (``zero_advantage="negative"``).
 - :func:`trm_mask` (:func:`trm_max_mask`, :func:`trm_avg_mask`): TRM (Li et al. 2025):
   a row is dropped entirely when max_t D_t > delta_max or mean_t D_t > delta_avg over
   its valid tokens. The original uses a KL estimator, so D defaults to Binary KL here.
@@ -157,27 +159,70 @@ def ppo_clip_mask(
     return ops.wrap(valid & ~clipped)
 
 
+ZERO_ADVANTAGE_CONVENTIONS = ("toward_mu", "negative")
+
+
 def dppo_mask(
     log_probs: Any,
     old_log_probs: Any,
     advantages: Any,
     response_mask: Any = None,
     *,
-    delta: float,
+    delta: Optional[float] = None,
+    delta_low: Optional[float] = None,
+    delta_high: Optional[float] = None,
+    zero_advantage: str = "toward_mu",
     divergence: Any = None,
     cu_seqlens: Any = None,
     return_info: bool = False,
 ):
-    """DPPO's uniform divergence mask: kept when moving toward mu or D_t <= delta.
-    Exactly :func:`cppo_native.cppo_mask` with ``position_weight=False`` and
-    ``prefix_budget=False`` (same inputs, layouts, devices and errors)."""
+    """DPPO's uniform divergence mask: kept when moving toward mu or D_t <= the threshold.
+
+    With one ``delta`` this is exactly :func:`cppo_native.cppo_mask` with
+    ``position_weight=False`` and ``prefix_budget=False`` (same inputs, layouts, devices
+    and errors). Options for reproducing verl's DPPO losses (``docs/conventions.md``):
+
+    - ``delta_high`` / ``delta_low``: separate thresholds for tokens moving away from mu
+      with A > 0 (pi(y_t) pushed up: verl's ``clip_ratio_high``) and with A < 0 (pushed
+      down: ``clip_ratio_low``); each defaults to ``delta``.
+    - ``zero_advantage``: ``"toward_mu"`` (default, the spec: A = 0 is kept) or
+      ``"negative"`` (verl: A = 0 takes the A < 0 branch, so a token with A = 0 and
+      lp < lq is tested against ``delta_low``). A = 0 contributes nothing to the loss;
+      the convention changes the mask and its masked fraction only.
+
+    The options need NumPy or torch advantages. Asymmetric thresholds are computed as
+    two mask passes, one per advantage sign (each token is tested in exactly one); with
+    them ``return_info`` is refused, since the pass's ``threshold`` would name one delta.
+    """
     from .mask import cppo_mask
 
-    return cppo_mask(
-        log_probs, old_log_probs, advantages, response_mask,
-        delta=delta, delta_b=0.0, position_weight=False, prefix_budget=False,
-        divergence=divergence, cu_seqlens=cu_seqlens, return_info=return_info,
-    )
+    if zero_advantage not in ZERO_ADVANTAGE_CONVENTIONS:
+        raise ValueError(f'zero_advantage must be "toward_mu" or "negative", got {zero_advantage!r}')
+    if delta is None and (delta_low is None or delta_high is None):
+        raise ValueError("dppo_mask needs delta, or both delta_low and delta_high")
+    low = delta if delta_low is None else delta_low
+    high = delta if delta_high is None else delta_high
+    common = dict(delta_b=0.0, position_weight=False, prefix_budget=False, divergence=divergence,
+                  cu_seqlens=cu_seqlens)
+    if low == high and zero_advantage == "toward_mu":
+        return cppo_mask(log_probs, old_log_probs, advantages, response_mask, delta=low, return_info=return_info,
+                         **common)
+    if np.isscalar(advantages) or not (isinstance(advantages, np.ndarray) or _dispatch._is_torch(advantages)):
+        raise TypeError("dppo_mask with delta_low/delta_high or zero_advantage='negative' needs NumPy or torch "
+                        f"advantages, got {type(advantages).__name__}")
+    where = _dispatch._torch().where if _dispatch._is_torch(advantages) else np.where
+    adv = advantages.detach() if _dispatch._is_torch(advantages) else advantages
+    if zero_advantage == "negative":
+        adv = where(adv == 0, -1, adv)  # only the sign of A enters the mask
+    if low == high:
+        return cppo_mask(log_probs, old_log_probs, adv, response_mask, delta=low, return_info=return_info, **common)
+    if return_info:
+        raise ValueError("dppo_mask: return_info is not available with delta_low != delta_high")
+    # Zeroing the other sign makes those tokens "toward mu" (kept) in that pass; NaN/inf
+    # stay in both passes and are reported as in the mask.
+    up = cppo_mask(log_probs, old_log_probs, where(adv < 0, 0, adv), response_mask, delta=high, **common)
+    down = cppo_mask(log_probs, old_log_probs, where(adv > 0, 0, adv), response_mask, delta=low, **common)
+    return up & down
 
 
 def trm_mask(

@@ -74,14 +74,32 @@ def _row_advantages(advantages: torch.Tensor, shape: tuple) -> torch.Tensor:
     raise ValueError(f"advantages must have shape {want}, got {a_shape}")
 
 
-def _positive_int(name: str, v: Any, allow_none: bool = True) -> Optional[int]:
+def _positive_int(name: str, v: Any, allow_none: bool = True, pending: Optional[list] = None) -> Optional[int]:
+    """A number > 0, or a one-element tensor (e.g. a global token count from an
+    all-reduce) holding one. A CPU tensor is checked at once. A CUDA tensor is checked
+    by reading it on the host (one synchronisation) unless ``pending`` is given: then it
+    is appended there and the caller checks it in a host read it makes anyway."""
     if v is None and allow_none:
         return None
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        return v  # a device scalar (e.g. a global token count from an all-reduce)
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{name} must be a number > 0 or a one-element tensor, got a tensor of shape {tuple(v.shape)}")
+        if v.is_complex() or v.dtype == torch.bool:
+            raise ValueError(f"{name} must be a real number > 0, got a tensor of dtype {v.dtype}")
+        if pending is not None and v.device.type != "cpu":
+            pending.append((name, v))
+        else:
+            _check_positive_scalars([(name, v)], [bool(v.detach().reshape(()) > 0)])
+        return v
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0:
         raise ValueError(f"{name} must be {'None or ' if allow_none else ''}a number > 0, got {v!r}")
     return v
+
+
+def _check_positive_scalars(named: list, ok: list) -> None:
+    for (name, v), good in zip(named, ok):
+        if not good:
+            raise ValueError(f"{name} must be > 0, got a tensor holding {v.detach().reshape(()).item()!r}")
 
 
 def aggregate_loss(
@@ -106,16 +124,27 @@ def aggregate_loss(
     Data parallel (as in verl): with ``dp_size > 1`` pass the global ``batch_num_tokens``
     (token modes) or ``global_batch_size`` (sequence modes); the result is multiplied by
     ``dp_size`` so that averaging gradients over ranks gives the global mean. A
-    micro-batch with no valid token gives 0 (verl would give NaN).
+    micro-batch with no valid token gives 0 in every mode (verl would give NaN).
+
+    ``batch_num_tokens``, ``global_batch_size`` and ``loss_scale_factor`` may be numbers
+    or one-element tensors; either must be > 0 (``ValueError`` otherwise). A CUDA
+    tensor is checked with one device-to-host read here;
+    :func:`cppo_policy_loss` folds that check into its single metrics read instead.
     """
+    return _aggregate(loss_mat, response_mask, loss_agg_mode, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+                      global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor, pending=None)
+
+
+def _aggregate(loss_mat, response_mask, loss_agg_mode, *, dp_size, batch_num_tokens, global_batch_size,
+               loss_scale_factor, pending):
     _tensor(loss_mat, "loss_mat")
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {', '.join(LOSS_AGG_MODES)}, got {loss_agg_mode!r}")
     if isinstance(dp_size, bool) or not isinstance(dp_size, numbers.Integral) or dp_size < 1:
         raise ValueError(f"dp_size must be an int >= 1, got {dp_size!r}")
-    batch_num_tokens = _positive_int("batch_num_tokens", batch_num_tokens)
-    global_batch_size = _positive_int("global_batch_size", global_batch_size)
-    loss_scale_factor = _positive_int("loss_scale_factor", loss_scale_factor)
+    batch_num_tokens = _positive_int("batch_num_tokens", batch_num_tokens, pending=pending)
+    global_batch_size = _positive_int("global_batch_size", global_batch_size, pending=pending)
+    loss_scale_factor = _positive_int("loss_scale_factor", loss_scale_factor, pending=pending)
     valid = _valid_flags(response_mask, loss_mat)
     zero = torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device)
     masked = torch.where(valid, loss_mat, zero)
@@ -142,7 +171,9 @@ def aggregate_loss(
         global_batch_size = (row_tokens > 0).sum().clamp(min=1)
     loss = row_sum.sum() / global_batch_size * dp_size
     if loss_agg_mode == "seq-mean-token-sum-norm":
-        loss = loss / (loss_mat.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+        # The default factor is the padded length L; L = 0 (no tokens) divides by 1, so an
+        # empty batch gives 0 here as in every other mode.
+        loss = loss / (max(loss_mat.shape[-1], 1) if loss_scale_factor is None else loss_scale_factor)
     return loss
 
 
@@ -170,6 +201,15 @@ def masked_policy_loss(
     The computation runs in float32 (float64 when an input is float64); values at
     invalid positions (NaN, garbage) never reach the loss or the gradient.
     """
+    return _masked_policy_loss(
+        log_probs, old_log_probs, advantages, response_mask, weight, clip_ratio_c=clip_ratio_c,
+        loss_agg_mode=loss_agg_mode, token_weights=token_weights, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor, pending=None,
+    )
+
+
+def _masked_policy_loss(log_probs, old_log_probs, advantages, response_mask, weight, *, clip_ratio_c, loss_agg_mode,
+                        token_weights, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor, pending):
     for name, x in (("log_probs", log_probs), ("old_log_probs", old_log_probs), ("advantages", advantages),
                     ("weight", weight)):
         _tensor(x, name)
@@ -193,15 +233,19 @@ def masked_policy_loss(
     zero = torch.zeros((), dtype=cd, device=log_probs.device)
     with torch.no_grad():
         log_ratio = (log_probs.detach().to(cd) - old_log_probs.detach().to(cd)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        coef = -adv.detach().to(cd) * log_ratio.exp().clamp(max=clip_ratio_c) * weight.detach().to(cd)
+        factor = weight.detach().to(cd)
         if token_weights is not None:
-            coef = coef * token_weights.detach().to(cd)
-        coef = torch.where(valid, coef, zero)
-    # where() on log_probs itself keeps NaN at invalid positions out of the gradient.
-    loss_mat = coef * torch.where(valid, log_probs.to(cd), zero)
-    loss = aggregate_loss(
+            factor = factor * token_weights.detach().to(cd)
+        # Select, never multiply by 0: a huge advantage (inf after the cast to float32, or
+        # A * rho overflowing) times a 0 weight would be NaN at a masked token.
+        kept = valid & (factor != 0)
+        coef = torch.where(kept, -adv.detach().to(cd) * log_ratio.exp().clamp(max=clip_ratio_c) * factor, zero)
+    # where() on log_probs itself keeps NaN/-inf at dropped positions out of the loss and
+    # the gradient.
+    loss_mat = coef * torch.where(kept, log_probs.to(cd), zero)
+    loss = _aggregate(
         loss_mat, valid, loss_agg_mode, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-        global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
+        global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor, pending=pending,
     )
     return loss, loss_mat
 
@@ -303,18 +347,20 @@ def cppo_policy_loss(
             validate=validate, num_threads=num_threads, backend=backend,
         )
     weight = info.gate if soft else keep
-    loss, _ = masked_policy_loss(
+    pending: list = []  # device scalars (batch_num_tokens, ...) checked in the metrics' host read
+    loss, _ = _masked_policy_loss(
         log_probs, old_log_probs, advantages, response_mask, weight,
         clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode, token_weights=token_weights, dp_size=dp_size,
         batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
+        pending=pending,
     )
     metrics = _cppo_metrics(log_probs, old_log_probs, response_mask, keep, info, weight, divergence, soft,
-                            clip_ratio_c, delta_b, num_threads, backend, metrics_as_tensors)
+                            clip_ratio_c, delta_b, num_threads, backend, metrics_as_tensors, pending)
     return loss, metrics
 
 
 def _cppo_metrics(log_probs, old_log_probs, response_mask, keep, info, weight, divergence, soft, clip_ratio_c,
-                  delta_b, num_threads, backend, as_tensors) -> dict:
+                  delta_b, num_threads, backend, as_tensors, pending=()) -> dict:
     dev = log_probs.device
     f64 = torch.float64
     valid = _valid_flags(response_mask, log_probs)
@@ -366,7 +412,13 @@ def _cppo_metrics(log_probs, old_log_probs, response_mask, keep, info, weight, d
             values.append(mean(info.gate.to(dev)))
             names.append("gate_mean")
         stacked = torch.stack([v.to(f64).reshape(()) for v in values])
-        if as_tensors:
+        if as_tensors and not pending:
             return dict(zip(names, stacked.unbind()))
-        host = stacked.tolist()  # one device->host read
-    return dict(zip(names, host))
+        # Tensor-valued normalisers on the device are checked in the same host read (with
+        # metrics_as_tensors, that read exists only for them).
+        checks = [(v.detach().reshape(()).to(dev) > 0).to(f64) for _, v in pending]
+        host = torch.cat([stacked, torch.stack(checks)]).tolist() if checks else stacked.tolist()
+    _check_positive_scalars(list(pending), [h > 0 for h in host[len(values):]])
+    if as_tensors:
+        return dict(zip(names, stacked.unbind()))
+    return dict(zip(names, host[:len(values)]))
