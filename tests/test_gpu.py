@@ -120,7 +120,8 @@ class FakeCudaArray:
 def test_cuda_input_without_cupy_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` fail
     x = FakeCudaArray()
-    with pytest.raises(ImportError, match=r"pip install cppo-native\[cuda12\].*cppo-native\[cuda13\]"):
+    # The package is not on PyPI yet: the hint names CuPy's own wheels and the local extras.
+    with pytest.raises(ImportError, match=r"pip install cupy-cuda12x .*cupy-cuda13x.*pip install '\.\[cuda12\]' or '\.\[cuda13\]'"):
         cppo_mask(x, x, x, **KNOBS)
 
 
