@@ -12,13 +12,9 @@ $(VENV)/.deps: pyproject.toml
 	@echo "== [1/3] creating $(VENV) (the test environment, ~6.2 GB)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-<<<<<<< HEAD
 	@echo "== [2/3] installing the test dependencies and building cppo-native (several minutes)"
-	$(PY) -m pip install --progress-bar on -e '.[test,verl-test]'
-	@echo "== [3/3] installing verl 0.9.1 without its dependencies"
-=======
-	$(PY) -m pip install -q -e '.[test,verl-test,trl-test]'
->>>>>>> trl
+	$(PY) -m pip install --progress-bar on -e '.[test,verl-test,trl-test]'
+	@echo "== [3/3] installing verl 0.9.1 and openrlhf 0.11.2 without their dependencies"
 	$(PY) -m pip install -q --no-deps 'verl==0.9.1'  # the real verl, without its heavy deps
 	# The real OpenRLHF for tests/test_openrlhf.py, without its deps (its loss module needs
 	# only torch). 0.11.2 has wheels for CPython 3.10-3.12 only; elsewhere the test skips.
