@@ -17,6 +17,8 @@ pub mod params;
 pub mod parquet;
 /// Decoding the mask's input columns from Parquet pages (levels as runs).
 pub mod parquet_read;
+/// Rayon thread pools for an explicit thread count.
+pub mod pool;
 /// The row kernel.
 pub mod row;
 /// Token divergences (Top-K reduced, Binary) over positions.

@@ -10,7 +10,7 @@ use numpy::{PyArray1, PyArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use cppo_core::batch::with_threads;
+use cppo_core::pool::with_threads;
 use cppo_core::topk::{
     binary_divergence_batch, topk_divergence_batch, TopKBad, TopKInput, TopKKind,
 };

@@ -9,8 +9,9 @@ use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadwriteArrayDyn};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use cppo_core::batch::{compute_batch, with_threads, BatchInput, BatchOutput, Layout};
+use cppo_core::batch::{compute_batch, BatchInput, BatchOutput, Layout};
 use cppo_core::params::{Divergence, Params, PositionWeight};
+use cppo_core::pool::with_threads;
 
 use crate::arrays::{FloatArray, MaskArray};
 
