@@ -164,7 +164,9 @@ fn cppo_mask_into<'py>(
         valid: mask_in.as_ref().map(|m| m.view()),
         divergence: div.as_ref().map(|d| d.view()),
     };
-    let result = py.detach(|| with_threads(num_threads, || compute_batch(&params, &input, output)));
+    let result = py
+        .detach(|| with_threads(num_threads, || compute_batch(&params, &input, output)))
+        .map_err(crate::pool_error)?;
     Ok(match result {
         Ok(counts) => (counts, None),
         Err(bad) => (
