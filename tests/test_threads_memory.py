@@ -179,3 +179,46 @@ def test_thread_pool_that_cannot_start_is_an_error(threads):
         assert line.startswith("ERROR could not start"), line
         assert name in line, line
     assert lines[-1].startswith("OK")
+
+
+_HUGE_ROW = textwrap.dedent("""
+    import gc, sys
+    import numpy as np, psutil
+    from cppo_native import cppo_mask
+    from cppo_native.sample import make_rollout_batch
+
+    n, packed = int(sys.argv[1]), sys.argv[2] == "packed"
+    knobs = dict(delta=0.15, delta_b=0.02, adaptive_budget=True, return_info=True, num_threads=2)
+    proc = psutil.Process()
+    small = make_rollout_batch(2, 64, seed=5)
+    cppo_mask(small.log_probs, small.old_log_probs, small.advantages, small.response_mask, **knobs)
+    gc.collect()
+    start = proc.memory_info().rss
+    rng = np.random.default_rng(5)
+    lp = -rng.random(n)
+    lq = lp - 0.001
+    valid = np.ones(n, dtype=bool)
+    if packed:
+        extra, adv = dict(cu_seqlens=np.array([0, 100, n], dtype=np.int64)), np.ones(2)
+    else:
+        lp, lq, valid, adv, extra = lp[None], lq[None], valid[None], np.ones(1), {}
+    mask, info = cppo_mask(lp, lq, adv, valid, **knobs, **extra)
+    assert info.fractions["num_valid"] == n
+    del mask, info, lp, lq, valid
+    gc.collect()
+    print((proc.memory_info().rss - start) / 2**20)
+""")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_huge_row_does_not_keep_its_memory(layout):
+    """Per-thread row buffers grow to the longest row; after a call with a row above
+    the core's KEEP_ROW_BUFFERS_UP_TO (2**18 tokens) every thread frees them, so resident
+    memory returns near its level before the call (they would keep ~165 MiB here; a
+    2e7-token row kept ~650 MiB). In a fresh process: earlier calls' buffers would blur it."""
+    n = 5_000_000
+    res = subprocess.run([sys.executable, "-c", _HUGE_ROW, str(n), layout], capture_output=True, text=True,
+                         env=ENV, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    grown = float(res.stdout.split()[-1])
+    assert grown < 40, f"resident memory stayed {grown:.1f} MiB higher after a {n}-token row"

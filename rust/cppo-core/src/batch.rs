@@ -1,7 +1,7 @@
 //! A whole batch: typed, strided input views, padded or packed rows, rayon over rows.
 //!
 //! Each row is widened into per-thread float64 buffers (row-sized, reused across rows
-//! and calls) and handed to `row::compute_row`; outputs are written in place into
+//! and calls, freed after a call with a row above `KEEP_ROW_BUFFERS_UP_TO`) and handed to `row::compute_row`; outputs are written in place into
 //! caller-provided contiguous buffers, so a call allocates nothing of batch size.
 
 use std::cell::RefCell;
@@ -151,6 +151,27 @@ struct RowBuffers {
 
 thread_local! {
     static BUFFERS: RefCell<RowBuffers> = RefCell::new(RowBuffers::default());
+}
+
+/// Rows up to this many tokens keep their per-thread buffers between calls (at most
+/// ~12 MB a thread); after a call with a longer row, every thread of the pool frees its
+/// buffers, so one huge row does not keep its memory for the life of the process.
+pub const KEEP_ROW_BUFFERS_UP_TO: usize = 1 << 18;
+
+fn longest_row(layout: &Layout) -> usize {
+    match layout {
+        Layout::Padded { rows, cols } => (*rows > 0) as usize * cols,
+        Layout::Packed { offsets } => offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0),
+    }
+}
+
+/// Frees the row buffers of every thread of the current rayon pool.
+fn release_row_buffers() {
+    rayon::broadcast(|_| BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default()));
 }
 
 struct RowJob<'a> {
@@ -362,6 +383,9 @@ pub fn compute_batch(
             Err(e) => (Some(e), [0; 5]),
         })
         .reduce(|| (None, [0; 5]), merge);
+    if longest_row(&layout) > KEEP_ROW_BUFFERS_UP_TO {
+        release_row_buffers();
+    }
     match err {
         Some(e) => Err(e),
         None => Ok(counts),
