@@ -1,4 +1,4 @@
-//! cppo-core: the CPPO trust-region mask (`shared/spec/CPPO.md`), pure Rust.
+//! cppo-core: the CPPO trust-region mask (`docs/semantics.md`), pure Rust.
 //!
 //! `row` computes one row; `batch` runs typed, strided batches (`views`) over rayon.
 //! Nothing here knows about Python: the binding crate (`rust/cppo-py`) only converts

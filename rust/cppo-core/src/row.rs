@@ -1,4 +1,4 @@
-//! The CPPO mask for one row, in float64, exactly as `shared/spec/CPPO.md` defines it.
+//! The CPPO mask for one row, in float64, exactly as `docs/semantics.md` defines it.
 //!
 //! Pure Rust: no Python here. The arithmetic mirrors `python/cppo_native/reference.py`
 //! operation by operation (same order, same libm calls), so that float64 inputs give
