@@ -43,7 +43,8 @@ impl fmt::Display for PoolError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let what = match self.threads {
             0 => format!(
-                "the default thread pool (num_threads=None, {} cores)",
+                "the default thread pool (num_threads=None: RAYON_NUM_THREADS threads if set, \
+                 else one per core, {} here)",
                 cores()
             ),
             n => format!("{n} threads (num_threads={n})"),
