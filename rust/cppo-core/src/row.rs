@@ -1,4 +1,4 @@
-//! The CPPO mask for one row, in float64, exactly as `shared/spec/CPPO.md` defines it.
+//! The CPPO mask for one row, in float64, exactly as `docs/semantics.md` defines it.
 //!
 //! Pure Rust: no Python here. The arithmetic mirrors `python/cppo_native/reference.py`
 //! operation by operation (same order, same libm calls), so that float64 inputs give
@@ -142,8 +142,8 @@ fn bad_divergence(x: f64) -> bool {
     !(0.0..f64::INFINITY).contains(&x)
 }
 
-/// Computes one row of the mask (and the optional outputs). `row` seeds the shuffled
-/// ablation and is reported in errors.
+/// Computes one row of the mask (and the optional outputs). `row` (the index in the
+/// call) is reported in errors; `params.row_offset + row` seeds the shuffled ablation.
 ///
 /// On x86-64 CPUs with AVX2 the same code is compiled a second time with AVX2 enabled
 /// and chosen at run time (the wheel targets baseline x86-64): the loops without a
@@ -286,7 +286,7 @@ fn compute_row_impl<T: Widen>(
             shuffle_permutation(
                 cols.len(),
                 params.shuffle_seed,
-                row,
+                params.row_offset.wrapping_add(row as u64),
                 &mut scratch.permutation,
             );
             for (k, &c) in cols.iter().enumerate() {

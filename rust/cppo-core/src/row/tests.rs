@@ -15,6 +15,7 @@ fn params() -> Params {
         budget_ceiling: 2.0,
         position_weight: PositionWeight::Linear,
         shuffle_seed: 0,
+        row_offset: 0,
         prefix_budget: true,
         divergence: Divergence::Given,
     }
@@ -420,4 +421,34 @@ fn avx2_and_baseline_builds_agree() {
         assert_eq!(mask_only(true), mask_only(false), "case {case}");
         assert_eq!(mask_only(true).0, run(false, false).0, "case {case}");
     }
+}
+
+#[test]
+fn row_offset_shifts_the_shuffle_seed() {
+    // Row r of a call with row_offset k is seeded as row k + r (wrapping): the same
+    // permutation, whatever the split into calls; errors still name the row in the call.
+    let n = 12;
+    let d: Vec<f64> = (0..n).map(|i| 0.01 * (i % 5) as f64).collect();
+    let (lp, lq, adv) = (vec![-1.0; n], vec![-1.1; n], vec![1.0; n]);
+    let valid = vec![1u8; n];
+    let thresholds = |row_offset: u64, row: usize| {
+        let mut p = params();
+        p.position_weight = PositionWeight::Shuffled;
+        p.shuffle_seed = 11;
+        p.row_offset = row_offset;
+        let input = windowed(&valid, &lp, &lq, &adv, Some(&d));
+        let (mut m, mut r, mut t) = (vec![false; n], vec![0i8; n], vec![0.0; n]);
+        let out = RowOutput {
+            mask: &mut m,
+            reason: Some(&mut r),
+            threshold: Some(&mut t),
+            gate: None,
+        };
+        compute_row(&p, row, &input, &mut Scratch::default(), out).unwrap();
+        t
+    };
+    assert_eq!(thresholds(5, 0), thresholds(0, 5));
+    assert_eq!(thresholds(3, 4), thresholds(0, 7));
+    assert_eq!(thresholds(u64::MAX, 1), thresholds(0, 0));
+    assert_ne!(thresholds(5, 0), thresholds(0, 0));
 }
