@@ -137,7 +137,7 @@ class EmuExecutor:
 
 def emulated_mask(log_probs, old_log_probs, advantages, response_mask=None, *, geometry: Optional[dict] = None,
                   divergence=None, cu_seqlens=None, per_row_advantages=None, return_info=False, validate=True,
-                  executor=None, **knobs):
+                  executor=None, row_offset=0, **knobs):
     """cppo_mask's contract computed by the emulated kernels (NumPy / torch CPU inputs)."""
     geometry = SMALL if geometry is None else geometry
     div_array = None if divergence is None or isinstance(divergence, str) else divergence
@@ -145,7 +145,8 @@ def emulated_mask(log_probs, old_log_probs, advantages, response_mask=None, *, g
     prep = _prepare.prepare(log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens,
                              per_row_advantages, convert=_arrays.to_numpy, widen_int_advantages=False)
     ex = executor if executor is not None else EmuExecutor(geometry)
-    mask, reason, threshold, gate, row_budget, counts = _cuda.run(prep, params, return_info, validate, ex, geometry)
+    mask, reason, threshold, gate, row_budget, counts = _cuda.run(prep, params, return_info, validate, ex, geometry,
+                                                                     row_offset=row_offset)
     shape = prep.shape
     if not return_info:
         return mask.reshape(shape)
