@@ -77,3 +77,13 @@ def test_cuda_codes_and_knob_fields_agree_with_python():
                   adaptive_budget=1, prefix_budget=0)
     for knob, value in expect.items():
         assert filled[cuda_mask.KNOB_ARG_NAMES.get(knob, knob)] == value, knob
+
+
+def test_cuda_topk_field_codes_agree_with_python():
+    from cppo_native._backends.cuda import topk as topk_cuda
+
+    enums = _cu_enums(topk_cuda.KERNEL_PATH.read_text())
+    names = ["TK_" + name.upper() for name, _ in TOPK_FIELDS] + ["TK_LOGITS", "TK_TOPK_IDS_RANGE",
+                                                                 "TK_SAMPLED_IDS_RANGE"]
+    assert [enums[n] for n in names] == list(range(len(topk_cuda.FIELDS)))
+    assert [name for name, _ in topk_cuda.FIELDS[len(TOPK_FIELDS):]] == ["logits", "topk_ids", "sampled_ids"]
