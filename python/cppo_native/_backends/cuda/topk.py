@@ -106,14 +106,17 @@ def topk_divergence_from_logits(
         sampled_ids: sampled tokens ``[...]``; old_log_probs: log mu(y) ``[...]``.
         response_mask: optional ``[...]``; invalid positions give 0 and skip the row read.
         kind: ``"tv"`` or ``"kl"``. temperature: T > 0.
-        validate: read the per-row status once and raise on bad values.
+        validate: read the kernel's 8-byte error record once (one sync) and raise on bad
+            values; ``False`` never synchronises the host.
         return_log_probs: also return pi's log-probs at the sampled token ``[...]`` and
             at the top-K ids ``[..., K]`` (float64; no gradient).
 
     Returns:
         float64 ``[...]`` on the logits' device (or the triple with
-        ``return_log_probs``). Extra device memory: the float64 copies of the small
-        per-position inputs and the outputs (about ``N * (16 K + 40)`` bytes).
+        ``return_log_probs``). Extra device memory: the outputs (16 bytes per position,
+        plus ``8 K`` with ``return_log_probs``) and, where the small inputs are not
+        already int64/float64 and contiguous, their converted copies, made per chunk of
+        rows (at most ``CHUNK_BYTES`` = 32 MB at a time).
 
     Raises:
         ValueError naming the input, position, top-K slot and value (field order: a
@@ -124,6 +127,31 @@ def topk_divergence_from_logits(
     if torch is None or not isinstance(logits, torch.Tensor) or logits.device.type != "cuda":
         raise TypeError(f"logits must be a CUDA torch tensor, got {type(logits).__name__}"
                         + (f" on {logits.device}" if torch is not None and isinstance(logits, torch.Tensor) else ""))
+    return _compute(logits, topk_ids, topk_old_log_probs, sampled_ids, old_log_probs, response_mask, kind=kind,
+                    temperature=temperature, validate=validate, return_log_probs=return_log_probs)
+
+
+class _CupyLauncher:
+    """The compiled functions of one device and torch's current stream on it (the tests
+    substitute a launcher that runs the kernel source on the CPU emulator)."""
+
+    def __init__(self, index: int):
+        self.cp = _cupy()
+        self.index = index
+        self.stream = RawStream(torch_stream_ptr(index))
+
+    def scope(self):
+        if self.cp.cuda.runtime.getDevice() != self.index:
+            return self.cp.cuda.Device(self.index)
+        return contextlib.nullcontext()
+
+    def kernel(self, dt: int, vec: int):
+        return _kernel(self.cp, self.index, dt, vec)
+
+
+def _compute(logits, topk_ids, topk_old_log_probs, sampled_ids, old_log_probs, response_mask, *, kind, temperature,
+             validate, return_log_probs, launcher=None):
+    torch = _dispatch._torch()
     if kind not in ("tv", "kl"):
         raise ValueError(f"kind must be 'tv' or 'kl', got {kind!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
@@ -168,7 +196,7 @@ def topk_divergence_from_logits(
     if vocab >= 2**31:
         raise ValueError(f"the vocabulary size must be below 2**31, got {vocab}")
     dev = logits.device
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else 0)
     out = torch.empty(n, dtype=torch.float64, device=dev)
     out_lp = torch.empty(n, dtype=torch.float64, device=dev)  # also used by error messages
     out_topk = torch.empty((n, k), dtype=torch.float64, device=dev) if return_log_probs else None
@@ -183,17 +211,15 @@ def topk_divergence_from_logits(
         return 0 if t.dtype == dt and t.is_contiguous() else (t.shape[1] if t.dim() > 1 else 1) * 8
 
     if n:
-        cp = _cupy()
         elem = 4 if dtype == "float32" else 2
         aligned = flat.data_ptr() % 16 == 0 and (flat.stride(0) * elem) % 16 == 0
         vec = (16 // elem) if aligned else 1
-        stream = RawStream(torch_stream_ptr(index))
+        launcher = _CupyLauncher(index) if launcher is None else launcher
+        stream = launcher.stream
         converted = (needs(ids_all, torch.int64) + needs(mu_all, torch.float64) + needs(y_all, torch.int64)
                      + needs(lq_all, torch.float64) + (0 if valid_all is None else 1))
-        switch = cp.cuda.runtime.getDevice() != index
-        device_scope = cp.cuda.Device(index) if switch else contextlib.nullcontext()
-        with device_scope:
-            kernel = _kernel(cp, index, _DTYPE_CODES[dtype], vec)
+        with launcher.scope():
+            kernel = launcher.kernel(_DTYPE_CODES[dtype], vec)
             step = chunk_rows(n, k, converted)
             u64 = np.uint64
             for r0 in range(0, n, step):

@@ -22,10 +22,18 @@ typedef unsigned long long u64;
 #define CPPO_INF __int_as_float(0x7f800000)
 
 __device__ __forceinline__ float f16_bits_to_float(unsigned short h) {
+#ifdef CPPO_EMU  // the CPU emulator of the tests (tests/cuda_emu): no PTX
+    return ::emu::half_bits_to_float(h);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
+
+#ifndef CPPO_DYNAMIC_SHARED  // the emulator defines its own
+#define CPPO_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
 
 __device__ __forceinline__ float bf16_bits_to_float(unsigned short h) {
     return __uint_as_float(((unsigned int)h) << 16);
@@ -229,7 +237,7 @@ __global__ void __launch_bounds__(256) topk_divergence_from_logits(
 
     // ---- gathers: pi's log-probs at the top-K ids (dynamic shared memory) ----
     // [pi_k: K + 1 doubles][mu_k: K + 1 doubles][id_k: K ints]; 20 (K + 1) bytes.
-    extern __shared__ double dyn[];
+    CPPO_DYNAMIC_SHARED(double, dyn);
     double* pi_k = dyn;
     double* mu_k = dyn + (k + 1);
     int* id_k = reinterpret_cast<int*>(dyn + 2 * (k + 1));
