@@ -26,6 +26,9 @@ Writes bench/results/gpu-h200.json (or --out) with a ``rows`` list: B, L, dtype,
 speedup_vs_eager, speedup_vs_compile, kernel_over_floor, host_overhead_us, the times
 and the mask disagreements with the formula (allowed only where |Z_t - c_t| <= 1e-9).
 
+UNVERIFIED: written without a GPU; it has not run yet (its non-GPU parts are tested by
+tests/test_bench_gpu.py). tools/gpu_check.sh runs it.
+
     python bench/gpu.py [--out PATH] [--iters 30] [--quick] [--dtypes float32,bfloat16]
 """
 

@@ -16,6 +16,9 @@ before it. Also the fused result's largest deviation from a float64 reference on
 slice. Writes bench/results/gpu_topk-h200.json (or --out) with V, speedup_vs_compile,
 ratio_to_read_once, extra_mb and the details.
 
+UNVERIFIED: written without a GPU; it has not run yet (its non-GPU parts are tested by
+tests/test_bench_gpu.py). tools/gpu_check.sh runs it.
+
     python bench/gpu_topk.py [--n 8192] [--vocab 151936] [--k 20] [--reps 20] [--out PATH]
 """
 
