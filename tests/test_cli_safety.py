@@ -181,7 +181,6 @@ def test_budget_ceiling_flag_reaches_the_mask(tmp_path, capsys, monkeypatch):
     one_error(code, err, "budget_ceiling must be >= 1")
 
 
-@pytest.mark.xfail(reason="the Rust binding does not take budget_ceiling yet (rust/ rework)", strict=False)
 def test_budget_ceiling_end_to_end(tmp_path, capsys):
     table = sample_table(120, 48, seed=3, drift=0.2)
     src = tmp_path / "in.parquet"

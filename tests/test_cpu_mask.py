@@ -1,4 +1,4 @@
-"""The Rust CPU backend against the NumPy reference (shared/spec/CPPO.md)."""
+"""The Rust CPU backend against the NumPy reference (docs/semantics.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The torch backend (``backend="torch"``) against the NumPy reference.
 
-Rule applied: the spec's tolerance rule (shared/spec/CPPO.md, "Numerics"), not exact
+Rule applied: the spec's tolerance rule (docs/semantics.md, "Numerics"; the spec of arXiv 2606.10968), not exact
 equality. The torch backend calls torch's ``exp``/``log``/``expm1`` rather than the C
 library's, and on CUDA its ``cumsum`` sums in another order, so: masks and reason codes
 agree with the reference except where |Z_t - c_t| <= 1e-9 (Z_t and c_t from the

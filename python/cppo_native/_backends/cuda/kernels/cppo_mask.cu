@@ -1,7 +1,7 @@
-// CPPO trust-region mask on CUDA (spec: shared/spec/CPPO.md).
+// CPPO trust-region mask on CUDA (semantics: docs/semantics.md).
 //
 // Same contract and, operation by operation, the same float64 arithmetic as
-// python/cppo_native/reference.py and rust/src/core.rs; only the order of the prefix
+// python/cppo_native/reference.py and rust/cppo-core (row.rs); only the order of the prefix
 // sums differs (a parallel scan), which the spec allows (|Z_t - c_t| <= 1e-9).
 // Compile with --fmad=false so that no a*b+c is fused and rounded differently.
 //
@@ -225,7 +225,7 @@ static __device__ __forceinline__ bool load_valid(const Args& a, i64 r, i64 c, i
 }
 
 // ---------------------------------------------------------------------------------
-// The spec's formulas (reference.py, core.rs)
+// The spec's formulas (reference.py, rust/cppo-core)
 
 static __device__ __forceinline__ double binary_tv(double lp, double lq) { return fabs(exp(lp) - exp(lq)); }
 
@@ -299,7 +299,7 @@ static __device__ __forceinline__ double position_weight(i64 column, i64 horizon
     return 1.0 - (1.0 - w_min) * py_min(1.0, ratio);
 }
 
-// Order-preserving integer key of a double (-0.0 folded into +0.0, as core.rs does).
+// Order-preserving integer key of a double (-0.0 folded into +0.0, as the Rust core does).
 static __device__ __forceinline__ u64 order_key(double d) {
     const u64 b = (u64)__double_as_longlong(d + 0.0);
     return (b >> 63) ? ~b : (b | 0x8000000000000000ULL);
@@ -495,7 +495,7 @@ static __device__ void walk_tile(const Args& a, i64 ts, i64 te, OnPiece on_piece
 // ---------------------------------------------------------------------------------
 // cppo_shuffle: the shuffled ablation's weights, one block per row.
 
-// SplitMix64 seeded with (seed, row), identical to reference.py / core.rs; `row` is the
+// SplitMix64 seeded with (seed, row), identical to reference.py / rust/cppo-core; `row` is the
 // row's index in the whole input (row_offset + r), all arithmetic wrapping mod 2^64.
 struct SplitMix64 {
     u64 state;
