@@ -21,6 +21,8 @@ pub mod parquet_read;
 pub mod row;
 /// Token divergences (Top-K reduced, Binary) over positions.
 pub mod topk;
+/// The vectorisable exp (accurate to 1 ulp, identical bits in every build).
+pub mod vexp;
 pub mod views;
 /// Position weights and the shuffled ablation.
 pub mod weights;
