@@ -4,12 +4,13 @@
 //! operation by operation (same order, same libm calls), so that float64 inputs give
 //! bit-identical results.
 
-use crate::budget::adaptive_budget;
+use crate::budget::{adaptive_budget, clamp_window, WindowCounts};
 use crate::codes;
 use crate::codes::reason::{
     INVALID, KEPT_TOWARD_MU, KEPT_WITHIN_THRESHOLD, MASKED_PREFIX_BUDGET, MASKED_TOKEN_THRESHOLD,
 };
-use crate::divergence::{binary_kl, binary_tv_with, LOG_PROB_TOLERANCE};
+use crate::divergence::{binary_kl, LOG_PROB_TOLERANCE};
+use crate::vexp;
 use crate::params::{Divergence, Params, PositionWeight};
 use crate::weights::{position_weight, shuffle_permutation};
 
@@ -109,6 +110,40 @@ pub struct RowSummary {
     pub counts: [u64; 5],
 }
 
+/// Per-phase time of the row kernel, summed over calls and threads (nanoseconds):
+/// checks + divergence, budget, weights, scan + outputs. Only with the cargo feature
+/// `phase-timing` (for `examples/mask_bench.rs` and docs/cpu.md); otherwise a no-op.
+#[cfg(feature = "phase-timing")]
+pub static PHASE_NS: [std::sync::atomic::AtomicU64; 4] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 4];
+
+struct PhaseClock {
+    #[cfg(feature = "phase-timing")]
+    last: std::time::Instant,
+}
+
+impl PhaseClock {
+    #[inline(always)]
+    fn start() -> Self {
+        PhaseClock {
+            #[cfg(feature = "phase-timing")]
+            last: std::time::Instant::now(),
+        }
+    }
+    #[inline(always)]
+    fn lap(&mut self, _phase: usize) {
+        #[cfg(feature = "phase-timing")]
+        {
+            let now = std::time::Instant::now();
+            PHASE_NS[_phase].fetch_add(
+                (now - self.last).as_nanos() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            self.last = now;
+        }
+    }
+}
+
 /// Reusable per-thread buffers (row-sized, never batch-sized).
 #[derive(Default)]
 pub struct Scratch {
@@ -142,13 +177,77 @@ fn bad_divergence(x: f64) -> bool {
     !(0.0..f64::INFINITY).contains(&x)
 }
 
-/// Computes one row of the mask (and the optional outputs). `row` seeds the shuffled
-/// ablation and is reported in errors.
+/// The instruction-set variants of the row kernel, chosen at run time.
 ///
-/// On x86-64 CPUs with AVX2 the same code is compiled a second time with AVX2 enabled
-/// and chosen at run time (the wheel targets baseline x86-64): the loops without a
-/// loop-carried dependency then work on 4 doubles at a time. Both builds do the same
-/// IEEE operations in the same order (no FMA contraction), so results are identical.
+/// Every variant compiles the same Rust code (`compute_row_impl`) with another target
+/// feature set; the code does only IEEE-754 operations in a fixed order (no FMA
+/// contraction, no reassociation; `vexp` is branch-free arithmetic), so all variants
+/// return bit-identical results (`tests::all_isa_variants_agree`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// The crate's compile target (baseline x86-64: SSE2; aarch64: NEON).
+    Portable,
+    /// x86-64 with AVX2.
+    Avx2,
+    /// x86-64 with AVX-512 (F, DQ, BW, VL).
+    Avx512,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run the variant.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The variants this CPU can run, best last.
+    pub fn available() -> Vec<Isa> {
+        [Isa::Portable, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect()
+    }
+
+    /// The variant in use: the best one this CPU runs, or the one named by the
+    /// environment variable `CPPO_NATIVE_ISA` (`portable`, `avx2`, `avx512`; read once,
+    /// for tests and benchmarks; an unsupported name falls back to the best).
+    pub fn current() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let best = *Isa::available().last().expect("portable is always available");
+            match std::env::var("CPPO_NATIVE_ISA").ok().as_deref() {
+                Some(name) => Isa::available()
+                    .into_iter()
+                    .find(|i| i.name() == name)
+                    .unwrap_or(best),
+                None => best,
+            }
+        })
+    }
+}
+
+/// Computes one row of the mask (and the optional outputs). `row` seeds the shuffled
+/// ablation and is reported in errors. Runs the variant `Isa::current()`.
 pub fn compute_row<T: Widen>(
     params: &Params,
     row: usize,
@@ -156,17 +255,49 @@ pub fn compute_row<T: Widen>(
     scratch: &mut Scratch,
     out: RowOutput,
 ) -> Result<RowSummary, BadValue> {
+    compute_row_isa(Isa::current(), params, row, input, scratch, out)
+}
+
+/// `compute_row` with the given variant (which must be `supported`; an unsupported
+/// one runs the portable build).
+pub fn compute_row_isa<T: Widen>(
+    isa: Isa,
+    params: &Params,
+    row: usize,
+    input: &RowInput<T>,
+    scratch: &mut Scratch,
+    out: RowOutput,
+) -> Result<RowSummary, BadValue> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { compute_row_avx2(params, row, input, scratch, out) };
+    match isa {
+        // SAFETY: the CPU supports the features (checked by `supported`).
+        Isa::Avx512 if isa.supported() => {
+            return unsafe { compute_row_avx512(params, row, input, scratch, out) }
+        }
+        Isa::Avx2 if isa.supported() => {
+            return unsafe { compute_row_avx2(params, row, input, scratch, out) }
+        }
+        _ => {}
     }
+    let _ = isa;
     compute_row_impl(params, row, input, scratch, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn compute_row_avx2<T: Widen>(
+    params: &Params,
+    row: usize,
+    input: &RowInput<T>,
+    scratch: &mut Scratch,
+    out: RowOutput,
+) -> Result<RowSummary, BadValue> {
+    compute_row_impl(params, row, input, scratch, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512dq,avx512bw,avx512vl")]
+unsafe fn compute_row_avx512<T: Widen>(
     params: &Params,
     row: usize,
     input: &RowInput<T>,
@@ -240,10 +371,49 @@ fn compute_row_impl<T: Widen>(
             }
         };
     }
+    let mut clock = PhaseClock::start();
+    let mut window_counts = None;
     match params.divergence {
         Divergence::BinaryTv => {
-            let exp = crate::libm_exp::exp_fn();
-            fill_divergence!(|_, p, q| Ok(binary_tv_with(exp, p, q)))
+            // Branch-free so that it vectorises: check, D_t with the vectorisable exp
+            // (`vexp`, accurate to 1 ulp: the spec's tolerance rule applies), the
+            // direction. The first bad value, and the rare arguments below
+            // `vexp::TINY` (subnormal exp), are handled after the loop.
+            let (mut bad, mut tiny) = (0u8, 0u8);
+            // The adaptive budget's counts (`budget::WindowCounts`), in the same pass.
+            let (low, high) = clamp_window(params).unwrap_or((f64::NEG_INFINITY, f64::INFINITY));
+            let mut wc = WindowCounts::default();
+            for c in 0..n {
+                let v = valid[c] != 0;
+                let (p, q, a) = (lp[c].widen(), lq[c].widen(), adv[c]);
+                bad |= (v & (bad_log_prob(p) | bad_log_prob(q) | !a.is_finite())) as u8;
+                tiny |= (v & ((p < vexp::TINY) | (q < vexp::TINY))) as u8;
+                let d = (vexp::exp_fast(p) - vexp::exp_fast(q)).abs();
+                let d = if v { d } else { 0.0 };
+                div[c] = d;
+                toward[c] = (v & (a * (p - q) <= 0.0)) as u8;
+                wc.valid += v as usize;
+                wc.below += (v & (d < low)) as usize;
+                wc.above += (v & (d > high)) as usize;
+            }
+            if bad != 0 {
+                fill_divergence!(|_, _, _| Ok(0.0));
+                unreachable!("a bad value was flagged");
+            }
+            if tiny != 0 {
+                for c in 0..n {
+                    let (p, q) = (lp[c].widen(), lq[c].widen());
+                    if valid[c] != 0 && (p < vexp::TINY || q < vexp::TINY) {
+                        let d = (vexp::exp(p) - vexp::exp(q)).abs();
+                        wc.below -= (div[c] < low) as usize;
+                        wc.above -= (div[c] > high) as usize;
+                        wc.below += (d < low) as usize;
+                        wc.above += (d > high) as usize;
+                        div[c] = d;
+                    }
+                }
+            }
+            window_counts = Some(wc);
         }
         Divergence::BinaryKl => fill_divergence!(|_, p, q| Ok(binary_kl(p, q))),
         Divergence::Given => {
@@ -256,15 +426,23 @@ fn compute_row_impl<T: Widen>(
         }
     }
 
+    clock.lap(0);
     // Per-row budget (Eq. 22).
     let budget = if params.adaptive_budget {
-        adaptive_budget(params, &div[..n], valid, &mut scratch.selection)
+        adaptive_budget(
+            params,
+            &div[..n],
+            valid,
+            window_counts,
+            &mut scratch.selection,
+        )
     } else {
         params.delta_b
     };
 
     // v_t * w_t (Eq. 9): 0 at holes, so they add nothing to W; the shuffled ablation
     // permutes the weights among the row's valid positions.
+    clock.lap(1);
     let weight = sized(&mut scratch.weight, n);
     match params.position_weight {
         PositionWeight::Linear => {
@@ -296,6 +474,7 @@ fn compute_row_impl<T: Widen>(
         }
     }
 
+    clock.lap(2);
     let scan = Scan {
         delta: params.delta,
         budget,
@@ -344,6 +523,7 @@ fn compute_row_impl<T: Widen>(
         (None, None) if gate.is_none() => scan.mask_only(&mut mask[window]),
         _ => panic!("compute_row: reason and threshold come together, and the gate needs both"),
     }
+    clock.lap(3);
     Ok(RowSummary { budget, counts })
 }
 
