@@ -49,7 +49,14 @@ fn make(b: usize, l: usize, seed: u64) -> Batch {
             valid[r * l + c] = c < len;
         }
     }
-    Batch { b, l, lp, lq, adv, valid }
+    Batch {
+        b,
+        l,
+        lp,
+        lq,
+        adv,
+        valid,
+    }
 }
 
 fn params() -> Params {
@@ -73,7 +80,11 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let f64_inputs = args.iter().any(|a| a == "f64");
     let info = args.iter().any(|a| a == "info");
-    let reps: usize = args.iter().filter_map(|a| a.parse().ok()).next().unwrap_or(20);
+    let reps: usize = args
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .next()
+        .unwrap_or(20);
     let p = params();
     for (b, l) in [(256, 8192), (64, 8192), (16, 16384)] {
         let data = make(b, l, 1234);
@@ -96,9 +107,20 @@ fn main() {
             let mut all = Vec::new();
             for rep in 0..reps + 2 {
                 let input = BatchInput {
-                    layout: Layout::Padded { rows: data.b, cols: data.l },
-                    log_probs: if f64_inputs { FloatView::F64(lp64.view()) } else { FloatView::F32(lp32.view()) },
-                    old_log_probs: if f64_inputs { FloatView::F64(lq64.view()) } else { FloatView::F32(lq32.view()) },
+                    layout: Layout::Padded {
+                        rows: data.b,
+                        cols: data.l,
+                    },
+                    log_probs: if f64_inputs {
+                        FloatView::F64(lp64.view())
+                    } else {
+                        FloatView::F32(lp32.view())
+                    },
+                    old_log_probs: if f64_inputs {
+                        FloatView::F64(lq64.view())
+                    } else {
+                        FloatView::F32(lq32.view())
+                    },
                     advantages: FloatView::F64(adv.view()),
                     advantage_per_row: true,
                     valid: Some(MaskView::Bool(valid.view())),
@@ -123,7 +145,10 @@ fn main() {
             {
                 let ph: Vec<f64> = cppo_core::row::PHASE_NS
                     .iter()
-                    .map(|a| a.swap(0, std::sync::atomic::Ordering::Relaxed) as f64 / ((reps + 2) * b * l) as f64)
+                    .map(|a| {
+                        a.swap(0, std::sync::atomic::Ordering::Relaxed) as f64
+                            / ((reps + 2) * b * l) as f64
+                    })
                     .collect();
                 println!("    phases, ns per padded token summed over threads (checks+divergence, budget, weights, scan+outputs): {ph:.2?}");
             }
@@ -141,6 +166,10 @@ fn main() {
             );
         }
         let kept = mask.iter().filter(|&&m| m).count();
-        println!("    1->2 threads {:.2}x; kept {kept}; budget[0..4] {:?}", times[0] / times[1], &budget[..4]);
+        println!(
+            "    1->2 threads {:.2}x; kept {kept}; budget[0..4] {:?}",
+            times[0] / times[1],
+            &budget[..4]
+        );
     }
 }

@@ -86,8 +86,11 @@ pub(crate) fn adaptive_budget(
     let (delta_b, k) = (params.delta_b, params.budget_scale);
     let ceiling = params.budget_ceiling * delta_b;
     let clamp = |q: f64| (k * q).max(delta_b).min(ceiling);
-    let WindowCounts { valid: n, below, above } =
-        counts.unwrap_or_else(|| WindowCounts::count(params, div, valid));
+    let WindowCounts {
+        valid: n,
+        below,
+        above,
+    } = counts.unwrap_or_else(|| WindowCounts::count(params, div, valid));
     if n == 0 {
         return delta_b;
     }

@@ -4,14 +4,14 @@
 //! operation by operation (same order, same libm calls), so that float64 inputs give
 //! bit-identical results.
 
-use crate::budget::{adaptive_budget, clamp_window, WindowCounts};
+use crate::budget::{adaptive_budget, clamp_window};
 use crate::codes;
 use crate::codes::reason::{
     INVALID, KEPT_TOWARD_MU, KEPT_WITHIN_THRESHOLD, MASKED_PREFIX_BUDGET, MASKED_TOKEN_THRESHOLD,
 };
 use crate::divergence::{binary_kl, LOG_PROB_TOLERANCE};
-use crate::vexp;
 use crate::params::{Divergence, Params, PositionWeight};
+use crate::vexp;
 use crate::weights::{position_weight, shuffle_permutation};
 
 /// Which input held a bad value (`codes::field`; `FIELDS` in `_errors.py`).
@@ -77,18 +77,63 @@ pub struct RowInput<'a, T: Widen = f64> {
     pub window: std::ops::Range<usize>,
     pub log_probs: &'a [T],
     pub old_log_probs: &'a [T],
-    /// A_t per position (a per-row advantage is broadcast by the caller).
-    pub advantages: &'a [f64],
+    /// A_t: one per row, or per position (of the window).
+    pub advantages: Advantage<'a>,
     /// Caller-supplied divergence (`Divergence::Given` only).
     pub divergence: Option<&'a [f64]>,
+    /// Whether the row's Binary TV pass may be split into `SPLIT_CHUNK`-token chunks run
+    /// on the current rayon pool (for batches of few rows; the result is the same).
+    pub split: bool,
 }
 
-/// The span from the first to the last valid position (empty if none is valid).
-pub fn valid_window(valid: &[u8]) -> std::ops::Range<usize> {
-    match valid.iter().position(|&v| v != 0) {
-        Some(first) => first..valid.iter().rposition(|&v| v != 0).map_or(first, |l| l + 1),
-        None => 0..0,
+/// A_t of a row: one value for the whole row, or one per position of the window.
+#[derive(Clone, Copy)]
+pub enum Advantage<'a> {
+    Row(f64),
+    Token(&'a [f64]),
+}
+
+impl Advantage<'_> {
+    #[inline(always)]
+    fn at(&self, c: usize) -> f64 {
+        match self {
+            Advantage::Row(a) => *a,
+            Advantage::Token(a) => a[c],
+        }
     }
+    fn sub(&self, range: std::ops::Range<usize>) -> Self {
+        match self {
+            Advantage::Row(a) => Advantage::Row(*a),
+            Advantage::Token(a) => Advantage::Token(&a[range]),
+        }
+    }
+}
+
+/// Chunk size of a split Binary TV pass (fixed: the split never changes a result).
+pub const SPLIT_CHUNK: usize = 4096;
+
+/// The span from the first to the last valid position (empty if none is valid).
+/// Skips 64-byte blocks of zeros with a vectorisable test (padding is long).
+pub fn valid_window(valid: &[u8]) -> std::ops::Range<usize> {
+    const BLOCK: usize = 64;
+    let any = |b: &[u8]| b.iter().fold(0u8, |acc, &v| acc | v) != 0;
+    let mut start = 0;
+    while start + BLOCK <= valid.len() && !any(&valid[start..start + BLOCK]) {
+        start += BLOCK;
+    }
+    let first = match valid[start..].iter().position(|&v| v != 0) {
+        Some(i) => start + i,
+        None => return 0..0,
+    };
+    let mut end = valid.len();
+    while end >= first + BLOCK && !any(&valid[end - BLOCK..end]) {
+        end -= BLOCK;
+    }
+    let last = valid[first..end]
+        .iter()
+        .rposition(|&v| v != 0)
+        .expect("valid[first] != 0");
+    first..first + last + 1
 }
 
 /// One row's outputs; reason and threshold are both present or both absent, and the
@@ -234,7 +279,9 @@ impl Isa {
     pub fn current() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
-            let best = *Isa::available().last().expect("portable is always available");
+            let best = *Isa::available()
+                .last()
+                .expect("portable is always available");
             match std::env::var("CPPO_NATIVE_ISA").ok().as_deref() {
                 Some(name) => Isa::available()
                     .into_iter()
@@ -280,7 +327,7 @@ pub fn compute_row_isa<T: Widen>(
         _ => {}
     }
     let _ = isa;
-    compute_row_impl(params, row, input, scratch, out)
+    compute_row_impl(Isa::Portable, params, row, input, scratch, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -292,7 +339,7 @@ unsafe fn compute_row_avx2<T: Widen>(
     scratch: &mut Scratch,
     out: RowOutput,
 ) -> Result<RowSummary, BadValue> {
-    compute_row_impl(params, row, input, scratch, out)
+    compute_row_impl(Isa::Avx2, params, row, input, scratch, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -304,11 +351,12 @@ unsafe fn compute_row_avx512<T: Widen>(
     scratch: &mut Scratch,
     out: RowOutput,
 ) -> Result<RowSummary, BadValue> {
-    compute_row_impl(params, row, input, scratch, out)
+    compute_row_impl(Isa::Avx512, params, row, input, scratch, out)
 }
 
 #[inline(always)]
 fn compute_row_impl<T: Widen>(
+    isa: Isa,
     params: &Params,
     row: usize,
     input: &RowInput<T>,
@@ -322,7 +370,7 @@ fn compute_row_impl<T: Widen>(
     let (lp, lq, adv) = (
         &input.log_probs[..n],
         &input.old_log_probs[..n],
-        &input.advantages[..n],
+        input.advantages.sub(0..n),
     );
     let given = match params.divergence {
         Divergence::Given => Some(&input.divergence.expect("Given divergence needs an array")[..n]),
@@ -355,7 +403,7 @@ fn compute_row_impl<T: Widen>(
                     toward[c] = 0;
                     continue;
                 }
-                let (p, q, a) = (lp[c].widen(), lq[c].widen(), adv[c]);
+                let (p, q, a) = (lp[c].widen(), lq[c].widen(), adv.at(c));
                 if bad_log_prob(p) {
                     return Err(report(c, Field::LogProbs, p));
                 }
@@ -373,34 +421,57 @@ fn compute_row_impl<T: Widen>(
     }
     let mut clock = PhaseClock::start();
     let mut window_counts = None;
+    let mut weights_done = false;
     match params.divergence {
         Divergence::BinaryTv => {
-            // Branch-free so that it vectorises: check, D_t with the vectorisable exp
-            // (`vexp`, accurate to 1 ulp: the spec's tolerance rule applies), the
-            // direction. The first bad value, and the rare arguments below
-            // `vexp::TINY` (subnormal exp), are handled after the loop.
-            let (mut bad, mut tiny) = (0u8, 0u8);
-            // The adaptive budget's counts (`budget::WindowCounts`), in the same pass.
+            // One branch-free pass (`tv`): checks, D_t, direction, weights, counts. The
+            // first bad value, and the rare arguments below `vexp::TINY` (subnormal
+            // exp), are handled after it.
             let (low, high) = clamp_window(params).unwrap_or((f64::NEG_INFINITY, f64::INFINITY));
-            let mut wc = WindowCounts::default();
-            for c in 0..n {
-                let v = valid[c] != 0;
-                let (p, q, a) = (lp[c].widen(), lq[c].widen(), adv[c]);
-                bad |= (v & (bad_log_prob(p) | bad_log_prob(q) | !a.is_finite())) as u8;
-                tiny |= (v & ((p < vexp::TINY) | (q < vexp::TINY))) as u8;
-                let d = (vexp::exp_fast(p) - vexp::exp_fast(q)).abs();
-                let d = if v { d } else { 0.0 };
-                div[c] = d;
-                toward[c] = (v & (a * (p - q) <= 0.0)) as u8;
-                wc.valid += v as usize;
-                wc.below += (v & (d < low)) as usize;
-                wc.above += (v & (d > high)) as usize;
-            }
-            if bad != 0 {
+            let consts = tv::TvConsts {
+                low,
+                high,
+                weights: match params.position_weight {
+                    PositionWeight::Shuffled => tv::Weights::Skip,
+                    PositionWeight::Linear if horizon > 1 => tv::Weights::Linear,
+                    _ => tv::Weights::Ones,
+                },
+                horizon_m1: (horizon - 1) as f64,
+                one_minus_w_min: 1.0 - params.w_min,
+            };
+            weights_done = consts.weights != tv::Weights::Skip;
+            let weight = sized(&mut scratch.weight, n);
+            let stats = if input.split && n >= 2 * SPLIT_CHUNK {
+                use rayon::prelude::*;
+                div.par_chunks_mut(SPLIT_CHUNK)
+                    .zip(toward.par_chunks_mut(SPLIT_CHUNK))
+                    .zip(weight.par_chunks_mut(SPLIT_CHUNK))
+                    .enumerate()
+                    .map(|(i, ((d, t), w))| {
+                        let span = i * SPLIT_CHUNK..i * SPLIT_CHUNK + d.len();
+                        tv::tv_span_isa(
+                            isa,
+                            &consts,
+                            first + span.start,
+                            &lp[span.clone()],
+                            &lq[span.clone()],
+                            adv.sub(span.clone()),
+                            &valid[span],
+                            d,
+                            t,
+                            w,
+                        )
+                    })
+                    .reduce(tv::TvStats::default, tv::TvStats::merge)
+            } else {
+                tv::tv_span(&consts, first, lp, lq, adv, valid, div, toward, weight)
+            };
+            if stats.bad {
                 fill_divergence!(|_, _, _| Ok(0.0));
                 unreachable!("a bad value was flagged");
             }
-            if tiny != 0 {
+            let mut wc = stats.counts;
+            if stats.tiny {
                 for c in 0..n {
                     let (p, q) = (lp[c].widen(), lq[c].widen());
                     if valid[c] != 0 && (p < vexp::TINY || q < vexp::TINY) {
@@ -445,6 +516,7 @@ fn compute_row_impl<T: Widen>(
     clock.lap(1);
     let weight = sized(&mut scratch.weight, n);
     match params.position_weight {
+        _ if weights_done => {}
         PositionWeight::Linear => {
             for (c, w) in weight.iter_mut().enumerate() {
                 let pw = position_weight(first + c, horizon, params.w_min);
@@ -698,6 +770,8 @@ impl Scan<'_> {
         }
     }
 }
+
+mod tv;
 
 #[cfg(test)]
 mod tests;

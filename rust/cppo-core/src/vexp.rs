@@ -169,10 +169,30 @@ mod tests {
     fn args(count: usize) -> Vec<f64> {
         let mut state = 0x1234_5678_9ABC_DEF1u64;
         let mut out = vec![
-            0.0, -0.0, 1e-6, -1e-300, -5e-324, -1e-17, -0.5, -1.0, -0.34657359027997264,
-            0.34657359027997264, -0.3465735902799727, -700.0, -708.0, -708.3964185322641,
-            -708.4, -709.0, -720.0, -744.0, -745.0, -745.1332191019411, -745.14, -746.0,
-            -1e4, -1e300,
+            0.0,
+            -0.0,
+            1e-6,
+            -1e-300,
+            -5e-324,
+            -1e-17,
+            -0.5,
+            -1.0,
+            -0.34657359027997264,
+            0.34657359027997264,
+            -0.3465735902799727,
+            -700.0,
+            -708.0,
+            -708.3964185322641,
+            -708.4,
+            -709.0,
+            -720.0,
+            -744.0,
+            -745.0,
+            -745.1332191019411,
+            -745.14,
+            -746.0,
+            -1e4,
+            -1e300,
         ];
         // Around the reduction's boundaries (k ln2/2 for many k).
         for k in -2150..4 {
@@ -186,7 +206,8 @@ mod tests {
             state ^= state >> 7;
             state ^= state << 17;
             let u = (state >> 11) as f64 / (1u64 << 53) as f64;
-            let scale = [1e-12, 1e-6, 1e-3, 0.1, 0.35, 1.0, 5.0, 30.0, 300.0, 746.0][(state % 10) as usize];
+            let scale =
+                [1e-12, 1e-6, 1e-3, 0.1, 0.35, 1.0, 5.0, 30.0, 300.0, 746.0][(state % 10) as usize];
             out.push(-u * scale);
         }
         out
@@ -200,7 +221,11 @@ mod tests {
                 continue;
             }
             let e = ulp_error(x.exp(), x);
-            assert!(e < 1.0, "libm exp({x:e}) = {:e} is {e} ulps from the reference", x.exp());
+            assert!(
+                e < 1.0,
+                "libm exp({x:e}) = {:e} is {e} ulps from the reference",
+                x.exp()
+            );
         }
     }
 
@@ -228,7 +253,12 @@ mod tests {
             xs.len(),
             worst_normal
         );
-        assert!(worst.0 < 1.0, "max error {} ulp at x = {:e}", worst.0, worst.1);
+        assert!(
+            worst.0 < 1.0,
+            "max error {} ulp at x = {:e}",
+            worst.0,
+            worst.1
+        );
     }
 
     #[test]

@@ -87,8 +87,9 @@ fn windowed<'a>(
         window: w.clone(),
         log_probs: &lp[w.clone()],
         old_log_probs: &lq[w.clone()],
-        advantages: &adv[w.clone()],
+        advantages: Advantage::Token(&adv[w.clone()]),
         divergence: d.map(|d| &d[w.clone()]),
+        split: false,
     }
 }
 
@@ -405,7 +406,11 @@ fn all_isa_variants_agree() {
         };
         for gate in [false, true] {
             for &isa in &isas[1..] {
-                assert_eq!(run(isa, gate), run(Isa::Portable, gate), "case {case} {isa:?}");
+                assert_eq!(
+                    run(isa, gate),
+                    run(Isa::Portable, gate),
+                    "case {case} {isa:?}"
+                );
             }
         }
         let mask_only = |isa: Isa| {
@@ -420,8 +425,60 @@ fn all_isa_variants_agree() {
             (m, s.budget.to_bits())
         };
         for &isa in &isas[1..] {
-            assert_eq!(mask_only(isa), mask_only(Isa::Portable), "case {case} {isa:?}");
+            assert_eq!(
+                mask_only(isa),
+                mask_only(Isa::Portable),
+                "case {case} {isa:?}"
+            );
         }
-        assert_eq!(mask_only(Isa::Portable).0, run(Isa::Portable, false).0, "case {case}");
+        assert_eq!(
+            mask_only(Isa::Portable).0,
+            run(Isa::Portable, false).0,
+            "case {case}"
+        );
+    }
+}
+
+/// A long row's Binary TV pass split into `SPLIT_CHUNK` chunks over a rayon pool gives
+/// bit-identical outputs to the unsplit pass, at any pool size (exact equality).
+#[test]
+fn split_pass_matches_unsplit() {
+    let mut rng = SplitMix64::new(9, 0);
+    let mut uniform = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let n = 3 * SPLIT_CHUNK + 123;
+    let lp: Vec<f64> = (0..n).map(|_| -2.0 * uniform()).collect();
+    let lq: Vec<f64> = (0..n).map(|_| -2.0 * uniform()).collect();
+    let adv: Vec<f64> = (0..n).map(|_| uniform() - 0.5).collect();
+    let valid: Vec<u8> = (0..n).map(|_| (uniform() < 0.95) as u8).collect();
+    for (adaptive, weight) in [
+        (true, PositionWeight::Linear),
+        (false, PositionWeight::None),
+        (true, PositionWeight::Shuffled),
+    ] {
+        let mut p = params();
+        p.divergence = Divergence::BinaryTv;
+        p.adaptive_budget = adaptive;
+        p.position_weight = weight;
+        let run = |split: bool, threads: usize| {
+            let mut input = windowed(&valid, &lp, &lq, &adv, None);
+            input.split = split;
+            let (mut m, mut r, mut t, mut g) =
+                (vec![false; n], vec![0i8; n], vec![0.0; n], vec![0.0; n]);
+            let s = crate::batch::with_threads(threads, || {
+                let out = RowOutput {
+                    mask: &mut m,
+                    reason: Some(&mut r),
+                    threshold: Some(&mut t),
+                    gate: Some(&mut g),
+                };
+                compute_row(&p, 3, &input, &mut Scratch::default(), out).unwrap()
+            });
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            (m, r, bits(&t), bits(&g), s.budget.to_bits(), s.counts)
+        };
+        let want = run(false, 1);
+        for threads in [1, 2, 3] {
+            assert_eq!(run(true, threads), want, "{threads} threads");
+        }
     }
 }
