@@ -11,6 +11,8 @@ pub mod budget;
 pub mod codes;
 /// Binary token divergences.
 pub mod divergence;
+/// The benchmark's memory floor (one pass over the mask's bytes).
+pub mod floor;
 pub mod libm_exp;
 pub mod params;
 /// Parquet data pages of the added columns (levels as runs).
