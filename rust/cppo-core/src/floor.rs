@@ -10,7 +10,11 @@ const CHUNK: usize = 1 << 16;
 /// are not optimised away) and copies `copy_from` into `copy_to` (the same length): the
 /// traffic of a kernel that reads its inputs once and writes a byte per token.
 pub fn memory_floor(read: &[&[u8]], copy_from: &[u8], copy_to: &mut [u8]) -> u64 {
-    assert_eq!(copy_from.len(), copy_to.len(), "copy_from and copy_to differ in length");
+    assert_eq!(
+        copy_from.len(),
+        copy_to.len(),
+        "copy_from and copy_to differ in length"
+    );
     let or_words = |bytes: &[u8]| {
         // SAFETY: every bit pattern is a valid u64.
         let (head, words, tail) = unsafe { bytes.align_to::<u64>() };
@@ -29,7 +33,10 @@ pub fn memory_floor(read: &[&[u8]], copy_from: &[u8], copy_to: &mut [u8]) -> u64
     };
     let mut acc = 0u64;
     for bytes in read {
-        acc |= bytes.par_chunks(CHUNK).map(or_words).reduce(|| 0, |a, b| a | b);
+        acc |= bytes
+            .par_chunks(CHUNK)
+            .map(or_words)
+            .reduce(|| 0, |a, b| a | b);
     }
     copy_to
         .par_chunks_mut(CHUNK)

@@ -225,16 +225,17 @@ fn bad_divergence(x: f64) -> bool {
 /// The instruction-set variants of the row kernel, chosen at run time.
 ///
 /// Every variant compiles the same Rust code (`compute_row_impl`) with another target
-/// feature set; the code does only IEEE-754 operations in a fixed order (no FMA
-/// contraction, no reassociation; `vexp` is branch-free arithmetic), so all variants
-/// return bit-identical results (`tests::all_isa_variants_agree`).
+/// feature set; the code does only IEEE-754 operations in a fixed order (no implicit
+/// FMA contraction, no reassociation; `vexp`'s fused multiply-adds are explicit
+/// `mul_add`, correctly rounded in every build), so all variants return bit-identical
+/// results (`tests::all_isa_variants_agree`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     /// The crate's compile target (baseline x86-64: SSE2; aarch64: NEON).
     Portable,
-    /// x86-64 with AVX2.
+    /// x86-64 with AVX2 and FMA.
     Avx2,
-    /// x86-64 with AVX-512 (F, DQ, BW, VL).
+    /// x86-64 with AVX-512 (F, DQ, BW, VL) and FMA.
     Avx512,
 }
 
@@ -252,10 +253,14 @@ impl Isa {
         match self {
             Isa::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
                 std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("fma")
                     && std::arch::is_x86_feature_detected!("avx512dq")
                     && std::arch::is_x86_feature_detected!("avx512bw")
                     && std::arch::is_x86_feature_detected!("avx512vl")
@@ -331,7 +336,7 @@ pub fn compute_row_isa<T: Widen>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn compute_row_avx2<T: Widen>(
     params: &Params,
     row: usize,
@@ -343,7 +348,7 @@ unsafe fn compute_row_avx2<T: Widen>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")]
 unsafe fn compute_row_avx512<T: Widen>(
     params: &Params,
     row: usize,

@@ -153,7 +153,7 @@ pub(super) fn tv_span_isa<T: Widen>(
 ) -> TvStats {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx2")]
+        #[target_feature(enable = "avx2,fma")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn avx2<T: Widen>(
             k: &TvConsts,
@@ -168,7 +168,7 @@ pub(super) fn tv_span_isa<T: Widen>(
         ) -> TvStats {
             tv_span(k, col0, lp, lq, adv, valid, div, toward, weight)
         }
-        #[target_feature(enable = "avx2,avx512f,avx512dq,avx512bw,avx512vl")]
+        #[target_feature(enable = "avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn avx512<T: Widen>(
             k: &TvConsts,
