@@ -63,6 +63,17 @@ def batch(b, l, dtype="fp32"):
                                old_log_probs=data.old_log_probs.astype(DTYPES[dtype]))
 
 
+def _allow_recompiles():
+    """Each case, dtype and thread count compiles anew (shapes, dtypes and the thread
+    count are guards); past dynamo's default limit of 8 it would silently fall back to
+    eager, so the limit is raised."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+
+
 def runner(method, data, threads):
     """A zero-argument callable computing the mask with `method`."""
     if method == "cppo_native":
@@ -77,12 +88,14 @@ def runner(method, data, threads):
 
         lp, lq, adv, valid = (torch.from_numpy(x) for x in (data.log_probs, data.old_log_probs, data.advantages, data.response_mask))
         adv, valid, params = adv[:, None], valid != 0, mask_params(**KNOBS)
+        _allow_recompiles()
         fn = torch.compile(mask_padded, dynamic=False)
         return lambda: fn(lp, lq, adv, valid, None, params)[0]
     if method == "torch":
         targs = tuple(torch.from_numpy(x) for x in (data.log_probs, data.old_log_probs, data.advantages, data.response_mask))
         return lambda: torch_cppo_mask(*targs, **KNOBS)
     if method == "torch_compile":
+        _allow_recompiles()
         targs = tuple(torch.from_numpy(x) for x in (data.log_probs, data.old_log_probs, data.advantages, data.response_mask))
         fn = torch.compile(torch_cppo_mask, dynamic=False)
         return lambda: fn(*targs, **KNOBS)

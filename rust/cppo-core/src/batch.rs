@@ -343,7 +343,7 @@ pub fn compute_batch(
         None => (0..layout.num_rows()).map(|_| None).collect(),
     };
     // Few rows for the pool: split long rows' Binary TV pass too (same results).
-    let split = layout.num_rows() < 16 * rayon::current_num_threads();
+    let split = layout.num_rows() < 64 * rayon::current_num_threads();
     let jobs: Vec<RowJob> = masks
         .into_iter()
         .zip(reasons)
