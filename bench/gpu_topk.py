@@ -1,63 +1,45 @@
-"""Benchmark: Top-K divergence straight from the policy's logits on one GPU.
+"""GPU benchmark (the lent H200): Top-K divergence straight from the policy's logits.
 
-Compares, in one run on the same device and data:
-- eager PyTorch (the public way): float32 log_softmax of [N, V] logits / T, gather at the
-  top-K ids and the sampled token, then the bucketed divergence;
-- the same gather step under torch.compile;
-- a read-once bound: torch.amax over the logits (one pass over the same bytes);
-- cppo-native's fused CuPy kernel (online log-sum-exp + gather, no [N, V] float32).
-Reports median times (CUDA events), extra peak memory over the inputs, the kernel's
-maximum deviation from a float64 reference on a slice, and writes
-bench/results/gpu_topk.json.
+N = 8192 positions, V = 151936 (Qwen), K = 20, bfloat16 logits, Top-K TV. In one run on
+the same data, every variant warm and timed over >= 20 back-to-back calls between two
+CUDA events (averaged; no idle GPU between calls, so Python overhead overlaps):
 
-UNVERIFIED: written without access to a GPU; it has not run yet.
+- fused:     cppo_native.divergence.topk_divergence_from_logits(..., validate=False);
+- eager:     the PyTorch way: float32 log_softmax of [N, V] logits / T, gathers at the
+             top-K ids and the sampled token, then topk_divergence;
+- compiled:  the same with the log-softmax + gathers under torch.compile;
+- read_once: one reduction over the same logits (torch.amax over V): the time to read
+             the logits once, the floor for any exact method.
 
-    python bench/gpu_topk.py [--n 8192] [--vocab 151936] [--k 20] [--dtype bfloat16]
+Extra memory: torch.cuda.max_memory_allocated during one call minus what was allocated
+before it. Also the fused result's largest deviation from a float64 reference on a
+slice. Writes bench/results/gpu_topk-h200.json (or --out) with V, speedup_vs_compile,
+ratio_to_read_once, extra_mb and the details.
+
+UNVERIFIED: written without a GPU; it has not run yet (its non-GPU parts are tested by
+tests/test_bench_gpu.py). tools/gpu_check.sh runs it.
+
+    python bench/gpu_topk.py [--n 8192] [--vocab 151936] [--k 20] [--reps 20] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import gpu_common as gc  # noqa: E402
 
-from cppo_native import divergence as dv
-
-
-def timed(fn, reps: int, warmup: int = 3) -> float:
-    """Median milliseconds of fn() over reps runs (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+TARGETS = {"speedup_vs_compile": 1.3, "ratio_to_read_once": 1.25, "extra_mb": 64.0}
+REPORT_KEYS = ("V", "speedup_vs_compile", "ratio_to_read_once", "extra_mb", "gpu")
+DEFAULT_OUT = HERE / "results" / "gpu_topk-h200.json"
 
 
-def extra_peak_mb(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2**20
-
-
-def main() -> None:
-    p = argparse.ArgumentParser()
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=8192)
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--k", type=int, default=20)
@@ -65,15 +47,62 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--kind", default="tv", choices=["tv", "kl"])
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_topk.json"))
-    args = p.parse_args()
-    assert torch.cuda.is_available(), "needs a CUDA device"
-    dev = torch.device("cuda")
-    dtype = getattr(torch, args.dtype)
-    n, vocab, k, temp = args.n, args.vocab, args.k, args.temperature
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    args = p.parse_args(argv)
+    if args.reps < 20:
+        p.error("--reps must be >= 20 (the issue's averaging rule)")
+    if min(args.n, args.vocab) < 1 or not 0 <= args.k < args.vocab:
+        p.error("need n >= 1, vocab >= 1 and 0 <= k < vocab")
+    return args
 
+
+def summarize(args, ms: dict, extra_mb: dict, max_err: float, compile_s: dict) -> dict:
+    return {
+        "benchmark": "bench/gpu_topk.py",
+        "V": args.vocab,
+        "N": args.n,
+        "K": args.k,
+        "dtype": args.dtype,
+        "kind": args.kind,
+        "temperature": args.temperature,
+        "reps": args.reps,
+        "speedup_vs_compile": ms["compiled"] / ms["fused"],
+        "speedup_vs_eager": ms["eager"] / ms["fused"],
+        "ratio_to_read_once": ms["fused"] / ms["read_once"],
+        "extra_mb": extra_mb["fused"],
+        "extra_mb_all": extra_mb,
+        "ms": ms,
+        "max_abs_err_vs_float64": max_err,
+        "compile_seconds": compile_s,
+        "targets": TARGETS,
+        "targets_met": {
+            "speedup_vs_compile": ms["compiled"] / ms["fused"] >= TARGETS["speedup_vs_compile"],
+            "ratio_to_read_once": ms["fused"] / ms["read_once"] <= TARGETS["ratio_to_read_once"],
+            "extra_mb": extra_mb["fused"] < TARGETS["extra_mb"],
+        },
+    }
+
+
+def extra_peak_mb(torch, fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch = gc.require_cuda("bench/gpu_topk.py")
+    from cppo_native import divergence as dv
+
+    dev = torch.device("cuda")
+    n, vocab, k, temp = args.n, args.vocab, args.k, args.temperature
     g = torch.Generator(device=dev).manual_seed(0)
-    logits = (torch.randn(n, vocab, device=dev, generator=g) * 3.0).to(dtype)
+    logits = (torch.randn(n, vocab, device=dev, generator=g) * 3.0).to(getattr(torch, args.dtype))
     ids = torch.randint(0, vocab - k, (n, 1), device=dev, generator=g) + torch.arange(k, device=dev)
     tlq = torch.log_softmax(torch.randn(n, k + 1, device=dev, generator=g, dtype=torch.float64), -1)[:, :k]
     y = torch.where(torch.rand(n, device=dev, generator=g) < 0.5, ids[:, 0],
@@ -102,47 +131,32 @@ def main() -> None:
         return dv.topk_divergence_from_logits(logits, ids, tlq, y, lq, kind=args.kind, temperature=temp,
                                               validate=False)
 
-    t0 = time.time()
-    fused()  # NVRTC compile
-    compile_s = time.time() - t0
-    results = {
-        "eager_ms": timed(eager, args.reps),
-        "torch_compile_ms": timed(compiled, args.reps),
-        "read_once_ms": timed(read_once, args.reps),
-        "cppo_native_ms": timed(fused, args.reps),
-        "cppo_native_validate_ms": timed(lambda: dv.topk_divergence_from_logits(
-            logits, ids, tlq, y, lq, kind=args.kind, temperature=temp), args.reps),
-    }
-    memory = {
-        "eager_extra_mb": extra_peak_mb(eager),
-        "torch_compile_extra_mb": extra_peak_mb(compiled),
-        "cppo_native_extra_mb": extra_peak_mb(fused),
-    }
-    # accuracy on a slice against float64
+    compile_s = {}
+    for name, fn in (("fused_nvrtc", fused), ("torch_compile", compiled)):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        compile_s[name] = time.perf_counter() - t0
+    ms = {name: gc.events_per_call(torch, fn, args.reps) * 1e3
+          for name, fn in (("fused", fused), ("eager", eager), ("compiled", compiled), ("read_once", read_once))}
+    ms["fused_validate"] = gc.events_per_call(torch, lambda: dv.topk_divergence_from_logits(
+        logits, ids, tlq, y, lq, kind=args.kind, temperature=temp), args.reps) * 1e3
+    ms["fused_host"] = gc.host_time(torch, fused, args.reps) * 1e3
+    extra_mb = {name: extra_peak_mb(torch, fn) for name, fn in (("fused", fused), ("eager", eager),
+                                                                 ("compiled", compiled))}
     rows = slice(0, min(n, 256))
     lsm64 = torch.log_softmax(logits[rows].double() / temp, -1)
     want = dv.topk_divergence(lsm64.gather(-1, y[rows, None])[:, 0], lq[rows], lsm64.gather(-1, ids[rows]),
                               tlq[rows], ids[rows], y[rows], kind=args.kind)
-    got = fused()[rows]
-    report = {
-        "benchmark": "topk_divergence_from_logits",
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "shape": {"n": n, "vocab": vocab, "k": k, "dtype": args.dtype, "temperature": temp, "kind": args.kind},
-        "reps": args.reps,
-        "times_ms": results,
-        "speedup_vs_torch_compile": results["torch_compile_ms"] / results["cppo_native_ms"],
-        "ratio_to_read_once": results["cppo_native_ms"] / results["read_once_ms"],
-        "extra_memory_mb": memory,
-        "max_abs_err_vs_float64": float((got - want).abs().max()),
-        "nvrtc_compile_s": compile_s,
-        "targets": {"speedup_vs_torch_compile": ">= 1.3", "ratio_to_read_once": "<= 1.25", "extra_memory_mb": "< 64"},
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    max_err = float((fused()[rows] - want).abs().max())
+    report = summarize(args, ms, extra_mb, max_err, compile_s)
+    report.update(date=gc.utc_now(), gpu=gc.describe_gpu(torch), versions=gc.versions(torch))
+    path = gc.write_report(args.out, report, (), REPORT_KEYS)
+    print(f"fused {ms['fused']:.3f} ms | eager {ms['eager']:.3f} | compiled {ms['compiled']:.3f} | read once "
+          f"{ms['read_once']:.3f} | x{report['speedup_vs_compile']:.2f} compiled, "
+          f"{report['ratio_to_read_once']:.2f} x read-once, extra {report['extra_mb']:.1f} MB, "
+          f"max err {max_err:.2e}")
+    print(f"wrote {path}; targets met: {report['targets_met']}")
 
 
 if __name__ == "__main__":

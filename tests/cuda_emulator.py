@@ -39,18 +39,11 @@ def compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def build(geometry: dict, targs: tuple = (0, 0, 0, 4, 0)) -> ctypes.CDLL:
-    """Compiles the kernels instantiated for one dtype set (`targs`, the template
-    arguments of _cuda.kernel_name) once per geometry, dtype set and source version
-    (cached on disk) and loads them."""
-    targs_text = ", ".join(str(int(t)) for t in targs)
-    key = tuple(sorted(geometry.items())) + (("CPPO_EMU_TARGS", targs_text),)
-    if key in _LIBS:
-        return _LIBS[key]
+def _compile(kernel: Path, defines: list, key: tuple) -> ctypes.CDLL:
+    """g++ build of one kernel source against the shim (cached on disk by content)."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
-    kernel = _cuda.KERNEL_PATH
     parts = [kernel.read_bytes(), (HERE / "emu_cuda.h").read_bytes(), (HERE / "emu_main.cpp").read_bytes(), repr(key).encode()]
     digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     out_dir = Path(tempfile.gettempdir()) / "cppo_native_cuda_emu"
@@ -65,13 +58,24 @@ def build(geometry: dict, targs: tuple = (0, 0, 0, 4, 0)) -> ctypes.CDLL:
             "-fvisibility=hidden",
             "-include", str(HERE / "emu_cuda.h"),
             f'-DCPPO_KERNEL_SOURCE="{kernel}"',
-            *[f"-D{k}={v}" for k, v in geometry.items()],
-            f"-DCPPO_EMU_TARGS={targs_text}",
+            *defines,
             str(HERE / "emu_main.cpp"), "-o", str(tmp),
         ]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(tmp, lib_path)
-    lib = ctypes.CDLL(str(lib_path))
+    return ctypes.CDLL(str(lib_path))
+
+
+def build(geometry: dict, targs: tuple = (0, 0, 0, 4, 0)) -> ctypes.CDLL:
+    """Compiles the kernels instantiated for one dtype set (`targs`, the template
+    arguments of _cuda.kernel_name) once per geometry, dtype set and source version
+    (cached on disk) and loads them."""
+    targs_text = ", ".join(str(int(t)) for t in targs)
+    key = tuple(sorted(geometry.items())) + (("CPPO_EMU_TARGS", targs_text),)
+    if key in _LIBS:
+        return _LIBS[key]
+    lib = _compile(_cuda.KERNEL_PATH, [*[f"-D{k}={v}" for k, v in geometry.items()],
+                                       f"-DCPPO_EMU_TARGS={targs_text}"], key)
     lib.emu_launch.restype = ctypes.c_int
     lib.emu_launch.argtypes = [
         ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong,
@@ -82,6 +86,65 @@ def build(geometry: dict, targs: tuple = (0, 0, 0, 4, 0)) -> ctypes.CDLL:
         raise RuntimeError("Args struct size differs between the .cu and the CUDA launcher's packing")
     _LIBS[key] = lib
     return lib
+
+
+# ---------------------------------------------------------------------------------------
+# The Top-K kernel (kernels/topk_logits.cu): the launcher's argument tuple (NumPy
+# scalars, pointers as uint64) copied into the emulator's TopkArgs struct.
+
+
+class _TopkArgs(ctypes.Structure):
+    _fields_ = [
+        ("logits", ctypes.c_uint64), ("n_rows", ctypes.c_int64), ("vocab", ctypes.c_int64),
+        ("row_stride", ctypes.c_int64), ("temp", ctypes.c_double), ("c", ctypes.c_float), ("kind", ctypes.c_int32),
+        ("k", ctypes.c_int32), ("topk_ids", ctypes.c_uint64), ("topk_old", ctypes.c_uint64),
+        ("sampled_ids", ctypes.c_uint64), ("old_lp", ctypes.c_uint64), ("valid", ctypes.c_uint64),
+        ("has_valid", ctypes.c_int32), ("out_div", ctypes.c_uint64), ("out_lp", ctypes.c_uint64),
+        ("has_out_lp", ctypes.c_int32), ("out_topk_lp", ctypes.c_uint64), ("has_out_topk_lp", ctypes.c_int32),
+        ("error", ctypes.c_uint64), ("row_base", ctypes.c_int64),
+    ]
+
+
+def build_topk() -> ctypes.CDLL:
+    from cppo_native._backends.cuda import topk as _topk
+
+    key = ("topk",)
+    if key not in _LIBS:
+        lib = _compile(_topk.KERNEL_PATH, ["-DCPPO_EMU_TOPK"], key)
+        lib.emu_topk_args_size.restype = ctypes.c_ulong
+        lib.emu_topk_launch.restype = ctypes.c_int
+        lib.emu_topk_launch.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
+                                        ctypes.POINTER(_TopkArgs), ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong]
+        if lib.emu_topk_args_size() != ctypes.sizeof(_TopkArgs):
+            raise RuntimeError("TopkArgs differs between emu_main.cpp and tests/cuda_emulator.py")
+        _LIBS[key] = lib
+    return _LIBS[key]
+
+
+class EmuTopkLauncher:
+    """topk._compute's launcher interface on the emulator (CPU torch tensors)."""
+
+    stream = None
+
+    def __init__(self):
+        self.lib = build_topk()
+        self.launches: list = []
+
+    def scope(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def kernel(self, dt: int, vec: int):
+        def launch(grid, block, args, shared_mem, stream):
+            assert len(args) == len(_TopkArgs._fields_), len(args)
+            packed = _TopkArgs(*[a.item() for a in args])
+            self.launches.append((dt, vec, grid[0], block[0], shared_mem))
+            err = ctypes.create_string_buffer(512)
+            if self.lib.emu_topk_launch(dt, vec, grid[0], block[0], ctypes.byref(packed), shared_mem, err, len(err)):
+                raise EmulatorError(err.value.decode())
+
+        return launch
 
 
 class EmulatorError(RuntimeError):
@@ -137,7 +200,7 @@ class EmuExecutor:
 
 def emulated_mask(log_probs, old_log_probs, advantages, response_mask=None, *, geometry: Optional[dict] = None,
                   divergence=None, cu_seqlens=None, per_row_advantages=None, return_info=False, validate=True,
-                  executor=None, **knobs):
+                  executor=None, row_offset=0, **knobs):
     """cppo_mask's contract computed by the emulated kernels (NumPy / torch CPU inputs)."""
     geometry = SMALL if geometry is None else geometry
     div_array = None if divergence is None or isinstance(divergence, str) else divergence
@@ -145,7 +208,8 @@ def emulated_mask(log_probs, old_log_probs, advantages, response_mask=None, *, g
     prep = _prepare.prepare(log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens,
                              per_row_advantages, convert=_arrays.to_numpy, widen_int_advantages=False)
     ex = executor if executor is not None else EmuExecutor(geometry)
-    mask, reason, threshold, gate, row_budget, counts = _cuda.run(prep, params, return_info, validate, ex, geometry)
+    mask, reason, threshold, gate, row_budget, counts = _cuda.run(prep, params, return_info, validate, ex, geometry,
+                                                                     row_offset=row_offset)
     shape = prep.shape
     if not return_info:
         return mask.reshape(shape)

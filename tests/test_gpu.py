@@ -354,6 +354,48 @@ class TestOnDevice:
     def test_kernels_compiled_once_per_device(self):
         lp = -torch.rand(2, 10, device="cuda")
         cppo_mask(lp, lp, torch.ones(2, device="cuda"), **KNOBS)
-        fns = _cuda._MODULES[torch.cuda.current_device()]
+        key = (torch.cuda.current_device(), (1, 1, 1, 4, 0))  # float32 inputs, no mask
+        fns = _cuda._MODULES[key]
         cppo_mask(lp, lp, torch.ones(2, device="cuda"), **KNOBS)
-        assert _cuda._MODULES[torch.cuda.current_device()] is fns
+        assert _cuda._MODULES[key] is fns
+
+    def test_validate_false_can_be_captured_in_a_cuda_graph(self):
+        """No host synchronisation, no allocation outside torch's allocator, every launch
+        on torch's current stream: the call records into a CUDA graph and replays."""
+        g = torch.Generator(device="cuda").manual_seed(3)
+        lp = -torch.rand(32, 3000, device="cuda", generator=g)
+        lq = (lp + 0.05 * torch.randn(32, 3000, device="cuda", generator=g)).clamp(max=0)
+        adv = torch.randn(32, device="cuda", generator=g)
+        valid = torch.rand(32, 3000, device="cuda", generator=g) < 0.9
+        knobs = dict(KNOBS, adaptive_budget=True)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (compile) outside the capture
+            cppo_mask(lp, lq, adv, valid, validate=False, **knobs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            mask = cppo_mask(lp, lq, adv, valid, validate=False, **knobs)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = cppo_mask(lp, lq, adv, valid, **knobs)
+        assert torch.equal(mask, want)
+        lp.copy_(lq)  # new inputs in the same memory: the replay recomputes
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(mask, cppo_mask(lp, lq, adv, valid, **knobs))
+
+    def test_misaligned_views_and_bfloat16_by_pointer(self):
+        """Storage offsets and row strides reach the kernels as data_ptr()/stride()."""
+        g = torch.Generator(device="cuda").manual_seed(4)
+        big = -torch.rand(9, 2001, device="cuda", generator=g, dtype=torch.float64).to(torch.bfloat16)
+        lp_view = big[1:, 1:]  # a 2-byte storage offset and row stride 2001, not contiguous
+        assert lp_view.storage_offset() == 2002 and not lp_view.is_contiguous()
+        lq = (lp_view.double() * 0.9).to(torch.bfloat16)
+        adv = torch.randn(8, device="cuda", generator=g)
+        got, info = cppo_mask(lp_view, lq, adv, adaptive_budget=True, return_info=True, **KNOBS)
+        want, want_info = cppo_mask(lp_view.contiguous(), lq, adv, adaptive_budget=True, return_info=True, **KNOBS)
+        assert torch.equal(got, want) and torch.equal(info.threshold, want_info.threshold)  # same tiles, same bits
+        ref = cppo_mask_reference(lp_view.double().cpu().numpy(), lq.double().cpu().numpy(), adv.cpu().numpy(),
+                                  adaptive_budget=True, **KNOBS)
+        assert_within_tolerance(got, as_dict(info), ref, budget_rtol=1e-12)

@@ -447,8 +447,10 @@ class FakeCupyArray:
         return np.asarray(self._a, dtype=dtype)
 
 
-def _fake_cupy(geometry, calls, modules):
+def _fake_cupy(geometry, calls, modules, streams=None):
     import types
+
+    streams = [] if streams is None else streams
 
     class Module:
         def __init__(self, code, options, name_expressions):
@@ -462,16 +464,20 @@ def _fake_cupy(geometry, calls, modules):
             assert name in self.names  # only name expressions given at compile time resolve
             lib = self.lib
 
-            def launch(grid, block, args):
+            def launch(grid, block, args, shared_mem=0, stream=None):
+                # cupy.cuda.function.Function.__call__: a 1-element NumPy array is passed by
+                # value; `stream` is None (CuPy's current stream) or anything with .ptr
                 (struct_arg,) = args
                 assert isinstance(struct_arg, np.ndarray) and struct_arg.shape == (1,)
+                assert shared_mem == 0
                 calls.append(name)
+                streams.append(None if stream is None else stream.ptr)
                 err = __import__("ctypes").create_string_buffer(256)
                 raw = struct_arg.tobytes()
                 if lib.emu_launch(name.encode(), grid[0], block[0], raw, len(raw), err, 256):
                     raise RuntimeError(err.value.decode())
 
-            return launch
+            return types.SimpleNamespace(kernel=launch)  # RawKernel.kernel: the Function
 
     cp = types.ModuleType("cupy")
     cp.ndarray = FakeCupyArray
@@ -479,7 +485,7 @@ def _fake_cupy(geometry, calls, modules):
     cp.RawModule = lambda code, options, name_expressions: Module(code, options, name_expressions)
     cp.empty = lambda n, dtype: FakeCupyArray(np.empty(n, dtype=dtype))
     cp.asarray = lambda a: FakeCupyArray(np.ascontiguousarray(a))
-    cp.cuda = types.SimpleNamespace(Device=_FakeDevice)
+    cp.cuda = types.SimpleNamespace(Device=_FakeDevice, runtime=types.SimpleNamespace(getDevice=lambda: 0))
     return cp
 
 
@@ -511,6 +517,57 @@ def test_public_api_through_the_cupy_executor(monkeypatch):
     with pytest.raises(ValueError, match=r"log_probs must be finite and <= 0 .* \(row 1, column 3\)"):
         cppo_native.cppo_mask(cp.asarray(lp_bad), cp.asarray(lq), cp.asarray(adv), cp.asarray(valid), **knobs)
     assert len(modules) == 1  # compiled once per device and dtype set, functions cached
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_fast_path_through_the_cupy_executor(monkeypatch, dtype):
+    """The torch path of the real executor: tensors read by data_ptr()/stride() (no
+    DLPack, no CuPy array), outputs from torch.empty, launches on torch's current
+    stream by its raw handle, integer advantages converted by torch. CPU tensors stand
+    in for CUDA ones (the emulator reads host memory)."""
+    from cppo_native._backends import prepare as _prepare
+    from cppo_native._backends.arrays import Source
+    from cppo_native._backends.cuda import arrays as cuda_arrays
+    from cppo_native._core.params import make_params
+
+    geometry = dict(_cuda.GEOMETRY)
+    calls, modules, streams = [], [], []
+    cp = _fake_cupy(geometry, calls, modules, streams)
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setattr(_cuda, "_MODULES", {})
+    monkeypatch.setattr(_cuda, "torch_stream_ptr", lambda index: 0xC0FFEE)
+    monkeypatch.setattr(_cuda, "_torch_device", lambda torch_, index: torch.device("cpu"))
+    rng = np.random.default_rng(5)
+    big = torch.from_numpy(-rng.exponential(0.3, size=(4, 1301))).to(dtype)
+    lp = big[:, 1:]  # a storage offset and a row stride != length
+    lq = (lp.double() + torch.from_numpy(rng.normal(0, 0.05, size=lp.shape))).clamp(max=0).to(dtype).t().contiguous().t()
+    adv = torch.from_numpy(rng.integers(-2, 3, size=4))  # int64: converted by the launch plan
+    valid = torch.from_numpy(rng.random(lp.shape) < 0.9)
+    knobs = dict(KNOBS, adaptive_budget=True)
+    prep = _prepare.prepare(lp, lq, adv, valid, None, None, None, convert=cuda_arrays.torch_view,
+                            widen_int_advantages=False)
+    prep = __import__("dataclasses").replace(prep, source=Source("torch", "cuda", 0))
+    assert prep.log_probs is lp and prep.valid is valid  # no copy, no view, no DLPack
+    out = _cuda.compute(prep, make_params(**knobs), True, True)
+    mask, reason = out[0], out[1]
+    assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and isinstance(reason, torch.Tensor)
+    assert streams == [0xC0FFEE] * 3  # every launch on torch's current stream
+    code = 3 if dtype == torch.bfloat16 else 1
+    assert calls[0] == f"cppo_stats<{code}, {code}, 0, 4, 1>"
+    info = dict(reason=out[1].numpy().reshape(lp.shape), threshold=out[2].numpy().reshape(lp.shape),
+                gate=out[3].numpy().reshape(lp.shape), row_budget=out[4].numpy(), reason_counts=out[5].numpy())
+    case = Case(lp.double().numpy(), lq.double().numpy(), adv.double().numpy(), valid.numpy(), None, None, knobs)
+    ref = cppo_mask_reference(*case.args(), **case.kwargs())
+    assert_within_tolerance(mask.numpy().reshape(lp.shape), info, ref)
+    lp_bad = lp.clone()
+    lp_bad[2, 7] = float("nan")
+    valid[2, 7] = True
+    prep = _prepare.prepare(lp_bad, lq, adv, valid, None, None, None, convert=cuda_arrays.torch_view,
+                            widen_int_advantages=False)
+    prep = __import__("dataclasses").replace(prep, source=Source("torch", "cuda", 0))
+    with pytest.raises(ValueError, match=r"log_probs must be finite and <= 0 .* \(row 2, column 7\)"):
+        _cuda.compute(prep, make_params(**knobs), False, True)
+    assert len(modules) == 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -705,3 +762,46 @@ def test_integer_advantages_are_converted_by_the_launch_plan(dtype, per_row):
     assert calls == [(dtype, "float64")]
     case = Case(lp, lq, adv.astype(np.float64), None, None, None, dict(KNOBS), per_row)
     assert_within_tolerance(mask, info, cppo_mask_reference(*case.args(), **case.kwargs()))
+
+
+# ---------------------------------------------------------------------------------------
+# The shuffled ablation's row offset: row r of a call with row_offset k is seeded as row
+# k + r of the whole input (shuffle_seed ^ (k + r + 1) * C, wrapping), so a batch cut
+# out of a larger input gets the same permutations.
+
+
+@pytest.mark.parametrize("geometry", [SMALL, PRODUCTION])
+@pytest.mark.parametrize("offset", [1, 3])
+def test_row_offset_seeds_rows_as_in_the_whole_input(geometry, offset):
+    rng = np.random.default_rng(11)
+    rows, length = 6, 300 if geometry is SMALL else 9000  # > CPPO_SHUFFLE_CAP: the global-memory shuffle
+    lp = -rng.exponential(0.3, size=(rows, length))
+    lq = np.minimum(lp + rng.normal(0, 0.2, size=lp.shape), 0.0)
+    adv = rng.normal(size=rows)
+    valid = rng.random(lp.shape) < 0.85
+    knobs = dict(KNOBS, position_weight="shuffled", shuffle_seed=12345)
+    import types
+
+    whole = cppo_mask_reference(lp, lq, adv, valid, **knobs)
+    rows_of_whole = types.SimpleNamespace(**{k: getattr(whole, k)[offset:] for k in (
+        "mask", "reason", "threshold", "gate", "row_budget", "weighted_divergence")})
+    part, part_info = emulated_mask(lp[offset:], lq[offset:], adv[offset:], valid[offset:], geometry=geometry,
+                                    return_info=True, row_offset=offset, **knobs)
+    assert_within_tolerance(part, part_info, rows_of_whole)  # the spec's rule (scan order differs)
+    unshifted = emulated_mask(lp[offset:], lq[offset:], adv[offset:], valid[offset:], geometry=geometry,
+                              return_info=True, **knobs)[1]
+    assert np.abs(unshifted["threshold"] - part_info["threshold"]).max() > 1e-6  # the offset matters
+
+
+def test_row_offset_wraps_and_is_checked():
+    lp = -np.full((2, 40), 0.1)
+    knobs = dict(KNOBS, position_weight="shuffled", shuffle_seed=7)
+    # offset 2**64 - 1 makes row 1 the input's row 2**64 - 1 + 1 = 0 (mod 2**64), i.e. row 0 of offset 0
+    lq = np.minimum(lp + np.linspace(-0.3, 0.3, 80).reshape(2, 40), 0.0)
+    top = emulated_mask(lp, lq, np.ones(2), return_info=True, row_offset=2**64 - 1, **knobs)[1]
+    zero = emulated_mask(lp[::-1].copy(), lq[::-1].copy(), np.ones(2), return_info=True, **knobs)[1]
+    np.testing.assert_allclose(top["threshold"][1], zero["threshold"][0], rtol=0, atol=1e-9)
+    assert np.abs(top["threshold"][1] - top["threshold"][0]).max() > 1e-6
+    for bad in (-1, 2**64, 1.0, True):
+        with pytest.raises(ValueError, match="row_offset"):
+            emulated_mask(lp, lp, np.ones(2), row_offset=bad, **knobs)

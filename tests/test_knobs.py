@@ -101,3 +101,32 @@ def test_versions_agree():
     cargo = (ROOT / "Cargo.toml").read_text()
     m = re.search(r'^version\s*=\s*"([^"]+)"', cargo, re.M)
     assert m and m.group(1) == cppo_native.__version__
+
+
+def test_cli_has_one_flag_per_knob():
+    pytest.importorskip("pyarrow")
+    from cppo_native import cli
+
+    parser = cli.build_parser()
+    dests = {a.dest: a for a in parser._actions}
+    for k in KNOBS:
+        assert k.name in dests, f"no CLI flag for knob {k.name}"
+        assert k.flag in dests[k.name].option_strings or k.name == "prefix_budget", k.name
+        want = k.paper if k.required else k.default
+        if k.kind == "position_weight":
+            want = {True: "linear", False: "none"}.get(want, want)
+        assert dests[k.name].default == want, (k.name, dests[k.name].default, want)
+    args = parser.parse_args(["--sample", "3", "--budget-ceiling", "5"])
+    assert args.budget_ceiling == 5.0
+
+
+def test_custom_op_takes_every_normalised_knob():
+    pytest.importorskip("torch")
+    from cppo_native import ops
+
+    import torch
+
+    assert ops is not None  # registers the op
+    names = {a.name for a in torch.ops.cppo_native.mask.default._schema.arguments}
+    for f in dataclasses.fields(MaskParams):
+        assert f.name in names or f"{f.name}_mode" in names, f"custom op lacks {f.name}"

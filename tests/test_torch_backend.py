@@ -206,7 +206,7 @@ def test_missing_cupy_message_names_both_remedies(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
     with pytest.raises(ImportError) as err:
-        cuda_mask._require_cupy()
+        cuda_mask.require_cupy()
     assert "pip install cupy-cuda12x" in str(err.value) and 'backend="torch"' in str(err.value)
 
 

@@ -1,10 +1,13 @@
-"""The Rust extension (private). Called by ``cppo_native._cpu`` and ``divergence`` (the
-mask and divergences) and by ``_parquet`` / ``_parquet_read`` (Parquet pages).
+"""The Rust extension (private). Called by ``cppo_native._backends.cpu`` and
+``divergence`` (the mask and divergences) and by ``cppo_native._io.parquet.append`` /
+``.read`` (Parquet pages).
 
 Inputs are NumPy arrays of native byte order: float64/float32/float16, or int16 holding
 bfloat16 bit patterns, for the float inputs; bool/uint8/int8/int32/int64/float32/float64
 for ``valid``. Outputs are fresh C-contiguous arrays that the call fills. Parameters are
-validated by ``cppo_native._params``. The GIL is released while computing.
+validated by ``cppo_native._core.params``. The GIL is released while computing. A
+thread pool that cannot start (``num_threads`` threads, or one per core for 0) raises
+RuntimeError naming ``num_threads``.
 """
 
 from typing import Dict, List, Optional, Protocol, Tuple
@@ -13,7 +16,7 @@ import numpy as np
 
 class _MaskParams(Protocol):
     """What ``cppo_mask_into`` reads from ``params`` (by attribute): the fields of
-    ``cppo_native._params.MaskParams`` and its two code properties."""
+    ``cppo_native._core.params.MaskParams`` and its two code properties."""
 
     @property
     def delta(self) -> float: ...
@@ -90,9 +93,13 @@ def cppo_mask_into(
     *,
     params: _MaskParams,
     num_threads: int,
+    row_offset: int = 0,
 ) -> Tuple[Tuple[int, int, int, int, int], Optional[Tuple[int, int, int, float]]]:
     """Fills the outputs; returns (positions per reason code, None or the first bad
-    value as (field, row, column, value))."""
+    value as (field, row, column, value), ``row`` counted in this call).
+    ``row_offset`` (uint64): the index of the call's first row in the whole input; the
+    shuffled ablation seeds row r with ``shuffle_seed ^ (row_offset + r + 1) *
+    0xD1B54A32D192ED03`` (wrapping)."""
 
 # Token divergences (rust/cppo-core/src/topk.rs; called by cppo_native.divergence). Per-position
 # inputs are 1-D [N], top-K inputs 2-D [N, K] (any strides; ids int64/int32); `out` is

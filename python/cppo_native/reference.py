@@ -43,10 +43,12 @@ def position_weight(column: int, horizon: int, w_min: float) -> float:
 
 
 class SplitMix64:
-    """The shuffled ablation's generator (same constants in Rust and CUDA)."""
+    """The shuffled ablation's generator (same constants in Rust and CUDA), seeded for
+    row ``row`` of a call whose first row has index ``row_offset`` in the input:
+    ``seed ^ (row_offset + row + 1) * 0xD1B54A32D192ED03`` (mod 2**64)."""
 
-    def __init__(self, seed: int, row: int):
-        self.state = (seed ^ (((row + 1) * 0xD1B54A32D192ED03) & _U64)) & _U64
+    def __init__(self, seed: int, row: int, row_offset: int = 0):
+        self.state = (seed ^ (((row_offset + row + 1) * 0xD1B54A32D192ED03) & _U64)) & _U64
 
     def next(self) -> int:
         self.state = (self.state + 0x9E3779B97F4A7C15) & _U64
@@ -56,10 +58,10 @@ class SplitMix64:
         return z ^ (z >> 31)
 
 
-def shuffle_permutation(n: int, seed: int, row: int) -> list[int]:
-    """Fisher-Yates permutation of range(n) driven by SplitMix64(seed, row)."""
+def shuffle_permutation(n: int, seed: int, row: int, row_offset: int = 0) -> list[int]:
+    """Fisher-Yates permutation of range(n) driven by SplitMix64(seed, row, row_offset)."""
     perm = list(range(n))
-    rng = SplitMix64(seed, row)
+    rng = SplitMix64(seed, row, row_offset)
     for i in range(n - 1, 0, -1):
         j = rng.next() % (i + 1)
         perm[i], perm[j] = perm[j], perm[i]
@@ -131,8 +133,11 @@ def cppo_mask_reference(
     divergence: Any = None,
     cu_seqlens: Any = None,
     per_row_advantages: bool | None = None,
+    row_offset: int = 0,
 ) -> ReferenceResult:
-    """Reference CPPO mask over NumPy inputs; same arguments as :func:`cppo_native.cppo_mask`."""
+    """Reference CPPO mask over NumPy inputs; same arguments as :func:`cppo_native.cppo_mask`,
+    and ``row_offset``: the index of the first row in a larger input (the shuffled
+    ablation seeds row r as row ``row_offset + r``; errors name r)."""
     div_array = None if divergence is None or isinstance(divergence, str) else np.asarray(divergence)
     params = make_params(
         delta=delta,
@@ -176,6 +181,7 @@ def cppo_mask_reference(
         _reference_row(
             params, r, start, length, lp_f, lq_f, adv_f, per_row_adv, v_f, d_f,
             out_mask, out_reason, out_threshold, out_gate, row_budget, out_z, packed=cu is not None,
+            row_offset=row_offset,
         )
     return ReferenceResult(
         out_mask.reshape(shape),
@@ -188,7 +194,8 @@ def cppo_mask_reference(
 
 
 def _reference_row(p: MaskParams, r, start, length, lp_f, lq_f, adv_f, per_row_adv, v_f, d_f,
-                   out_mask, out_reason, out_threshold, out_gate, row_budget, out_z, packed) -> None:
+                   out_mask, out_reason, out_threshold, out_gate, row_budget, out_z, packed,
+                   row_offset: int = 0) -> None:
     valid = [bool(v_f[start + c]) for c in range(length)]
     valid_cols = [c for c in range(length) if valid[c]]
 
@@ -216,7 +223,7 @@ def _reference_row(p: MaskParams, r, start, length, lp_f, lq_f, adv_f, per_row_a
     else:
         weight = [position_weight(c, horizon, p.w_min) for c in range(length)]
         if p.position_weight == "shuffled":
-            perm = shuffle_permutation(len(valid_cols), p.shuffle_seed, r)
+            perm = shuffle_permutation(len(valid_cols), p.shuffle_seed, r, row_offset)
             base = [weight[c] for c in valid_cols]
             for k, c in enumerate(valid_cols):
                 weight[c] = base[perm[k]]

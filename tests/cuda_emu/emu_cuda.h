@@ -21,6 +21,7 @@
 #define __shared__ static
 #define __launch_bounds__(...)
 #define __restrict__
+#define CPPO_EMU 1
 
 namespace emu {
 
@@ -36,6 +37,22 @@ unsigned grid_size();
 void block_barrier();
 void warp_barrier();
 uint64_t* shuffle_slots(unsigned& lane);  // this warp's slots for the next collective
+void* dynamic_shared();                   // the launch's dynamic shared memory (per block)
+
+inline float half_bits_to_float(unsigned short h) {  // exact float16 -> float32
+    const unsigned s = (unsigned)(h >> 15) << 31, e = (h >> 10) & 31u, m = h & 1023u;
+    unsigned bits;
+    if (e == 31) bits = s | 0x7f800000u | (m << 13);
+    else if (e != 0) bits = s | ((e + 112u) << 23) | (m << 13);
+    else {
+        float f = (float)m * 5.9604644775390625e-08f;  // m * 2^-24, exact
+        std::memcpy(&bits, &f, 4);
+        bits |= s;
+    }
+    float out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+}
 
 template <class T>
 T exchange(T v, int src_lane) {
@@ -83,6 +100,32 @@ template <class T>
 T __shfl_xor_sync(unsigned, T v, int m, int = 32) {
     const int lane = (int)(emu::thread_index() & 31);
     return emu::exchange(v, (lane ^ m) & 31);
+}
+
+inline bool __any_sync(unsigned, bool pred) {
+    unsigned lane;
+    uint64_t* slots = emu::shuffle_slots(lane);
+    slots[lane] = pred ? 1 : 0;
+    emu::warp_barrier();
+    bool any = false;
+    for (int i = 0; i < 32; ++i) any |= slots[i] != 0;
+    emu::warp_barrier();  // every lane has read the slots before they are reused
+    return any;
+}
+
+#define CPPO_DYNAMIC_SHARED(T, name) T* name = (T*)::emu::dynamic_shared()
+
+struct uint4 {
+    unsigned x, y, z, w;
+};
+template <class T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+inline float __int_as_float(int x) {
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
 }
 
 // Atomics: fibers switch only at barriers, so plain read-modify-write is atomic here.
@@ -133,4 +176,6 @@ using std::exp;
 using std::expm1;
 using std::fabs;
 using std::floor;
+using std::isfinite;
+using std::isnan;
 using std::log;

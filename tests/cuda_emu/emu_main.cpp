@@ -11,6 +11,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -32,8 +33,8 @@ struct Fiber {
 };
 
 struct Launch {
-    void (*kernel)(const Args) = nullptr;
-    Args args;
+    std::function<void()> body;  // runs the kernel for the current thread
+    std::vector<double> dynamic;  // dynamic shared memory (reset per block)
     unsigned grid = 0, block = 0, block_idx = 0, current = 0;
     std::vector<Fiber> fibers;
     ucontext_t scheduler;
@@ -47,7 +48,7 @@ struct Launch {
 Launch* L = nullptr;
 
 void fiber_main() {
-    L->kernel(L->args);
+    L->body();
     L->fibers[L->current].state = State::Done;
     swapcontext(&L->fibers[L->current].ctx, &L->scheduler);
 }
@@ -68,6 +69,7 @@ bool runnable(const Fiber& f, unsigned tid) {
 // Runs one block to completion; false if the fibers deadlock on a barrier.
 bool run_block(std::string& why) {
     const unsigned n = L->block;
+    std::fill(L->dynamic.begin(), L->dynamic.end(), std::nan(""));  // garbage, as on a GPU
     L->block_arrived = 0;
     std::fill(L->warp_arrived.begin(), L->warp_arrived.end(), 0u);
     for (unsigned t = 0; t < n; ++t) {
@@ -140,6 +142,8 @@ void warp_barrier() {
     yield();
 }
 
+void* dynamic_shared() { return L->dynamic.data(); }
+
 uint64_t* shuffle_slots(unsigned& lane) {
     Fiber& f = L->fibers[L->current];
     lane = L->current & 31;
@@ -150,6 +154,10 @@ uint64_t* shuffle_slots(unsigned& lane) {
 
 }  // namespace emu
 
+static int emu_run(unsigned grid, unsigned block, unsigned long shared_bytes, std::function<void()> body, char* error,
+                   unsigned long error_size);
+
+#ifndef CPPO_EMU_TOPK
 struct KernelEntry {
     const char* name;
     void (*fn)(const Args);
@@ -176,19 +184,34 @@ extern "C" __attribute__((visibility("default"))) int emu_launch(const char* ker
         std::snprintf(error, error_size, "%s", msg.c_str());
         return 1;
     };
-    static emu::Launch launch;
-    emu::Launch& l = launch;
-    l.kernel = nullptr;
+    static Args a;
+    void (*fn)(const Args) = nullptr;
     // `kernel` is the base name or the name expression of this build's instantiation.
     const std::string requested(kernel);
     for (const auto& k : kKernels) {
         const std::string base(k.name);
-        if (requested == base || requested == base + "<" + emu_targs() + ">") l.kernel = k.fn;
+        if (requested == base || requested == base + "<" + emu_targs() + ">") fn = k.fn;
     }
-    if (!l.kernel) return fail(std::string("unknown kernel ") + kernel);
+    if (!fn) return fail(std::string("unknown kernel ") + kernel);
     if (args_size != sizeof(Args)) return fail("argument block has the wrong size");
+    std::memcpy(&a, args, sizeof(Args));
+    return emu_run(grid, block, 0, [fn] { fn(a); }, error, error_size);
+}
+
+#endif  // !CPPO_EMU_TOPK
+
+// Runs `body` as a grid of blocks of fibers; 0 or 1 with a message in `error`.
+static int emu_run(unsigned grid, unsigned block, unsigned long shared_bytes, std::function<void()> body, char* error,
+                   unsigned long error_size) {
+    auto fail = [&](const std::string& msg) {
+        std::snprintf(error, error_size, "%s", msg.c_str());
+        return 1;
+    };
+    static emu::Launch launch;
+    emu::Launch& l = launch;
     if (block == 0 || block % 32 != 0) return fail("block size must be a positive multiple of 32");
-    std::memcpy(&l.args, args, sizeof(Args));
+    l.body = std::move(body);
+    l.dynamic.assign((shared_bytes + 7) / 8, 0.0);
     l.grid = grid;
     l.block = block;
     if (l.fibers.size() < block) l.fibers.resize(block);
@@ -211,6 +234,7 @@ extern "C" __attribute__((visibility("default"))) int emu_launch(const char* ker
     return 0;
 }
 
+#ifndef CPPO_EMU_TOPK
 // The kernels' input widening (FloatIn<CODE>::widen, the code the GPU runs) over n raw
 // values: code 1 float32 bits (uint32), 2 float16 bits, 3 bfloat16 bits (uint16).
 extern "C" __attribute__((visibility("default"))) int emu_widen(int code, const void* in, double* out,
@@ -225,3 +249,59 @@ extern "C" __attribute__((visibility("default"))) int emu_widen(int code, const 
     }
     return 0;
 }
+#endif  // !CPPO_EMU_TOPK
+
+#ifdef CPPO_EMU_TOPK
+// The Top-K kernel (topk_logits.cu) with its arguments in one C struct (filled by
+// tests/cuda_emulator.py from the launcher's argument tuple).
+struct TopkArgs {
+    const void* logits;
+    long long n_rows, vocab, row_stride;
+    double temp;
+    float c;
+    int kind, k;
+    const long long* topk_ids;
+    const double* topk_old;
+    const long long* sampled_ids;
+    const double* old_lp;
+    const unsigned char* valid;
+    int has_valid;
+    double* out_div;
+    double* out_lp;
+    int has_out_lp;
+    double* out_topk_lp;
+    int has_out_topk_lp;
+    unsigned long long* error;
+    long long row_base;
+};
+
+template <int DT, int VEC>
+static void topk_call(const TopkArgs& a) {
+    typedef typename Elem<DT>::T T;
+    topk_divergence_from_logits<DT, VEC>((const T*)a.logits, a.n_rows, a.vocab, a.row_stride, a.temp, a.c, a.kind,
+                                         a.k, a.topk_ids, a.topk_old, a.sampled_ids, a.old_lp, a.valid,
+                                         a.has_valid, a.out_div, a.out_lp, a.has_out_lp, a.out_topk_lp,
+                                         a.has_out_topk_lp, a.error, a.row_base);
+}
+
+extern "C" __attribute__((visibility("default"))) unsigned long emu_topk_args_size() { return sizeof(TopkArgs); }
+
+extern "C" __attribute__((visibility("default"))) int emu_topk_launch(int dt, int vec, unsigned grid, unsigned block,
+                                                                      const TopkArgs* args, unsigned long shared,
+                                                                      char* error, unsigned long error_size) {
+    static TopkArgs a;
+    a = *args;
+    void (*fn)(const TopkArgs&) = nullptr;
+    if (dt == 0 && vec == 4) fn = topk_call<0, 4>;
+    if (dt == 1 && vec == 8) fn = topk_call<1, 8>;
+    if (dt == 2 && vec == 8) fn = topk_call<2, 8>;
+    if (dt == 0 && vec == 1) fn = topk_call<0, 1>;
+    if (dt == 1 && vec == 1) fn = topk_call<1, 1>;
+    if (dt == 2 && vec == 1) fn = topk_call<2, 1>;
+    if (!fn) {
+        std::snprintf(error, error_size, "no instantiation <%d, %d>", dt, vec);
+        return 1;
+    }
+    return emu_run(grid, block, shared, [fn] { fn(a); }, error, error_size);
+}
+#endif  // CPPO_EMU_TOPK

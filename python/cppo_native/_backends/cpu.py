@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from .._core.errors import bad_value_error
@@ -15,27 +17,19 @@ def compute(prep: Prepared, params: MaskParams, return_info: bool, num_threads: 
     """Returns (mask, reason, threshold, gate, row_budget, counts) as NumPy arrays;
     the info arrays are None unless ``return_info`` (and the gate unless ``want_gate``).
 
-    ``first_row`` (packed layout only): the index of the batch's first row in a larger
-    input, so that the shuffled ablation, seeded by the row index, does not depend on
-    how the input is batched. The extension seeds row r of a call with ``shuffle_seed ^
-    (r + 1) * C``, which no change of the seed can shift; so the call gets ``first_row``
-    empty rows in front (O(first_row) extra work, shuffled mode only) and their outputs
-    are dropped. A ``row_offset`` argument of the extension would make this free.
+    ``first_row``: the index of the batch's first row in a larger input (the Arrow
+    layer's ``row_offset``), passed to the extension as ``row_offset``: the shuffled
+    ablation seeds row r of the call as row ``first_row + r``, so results do not depend
+    on how the input is batched. Errors still name the row within the batch.
     """
     native = native_module()
+    first_row = operator.index(first_row)
+    if not 0 <= first_row < 2**64:
+        raise ValueError(f"row_offset (the batch's first row in the input) must be in [0, 2**64), got {first_row}")
     token_shape = tuple(prep.log_probs.shape)
     cu = None
     if prep.cu_seqlens is not None:
         cu = check_offsets(prep.cu_seqlens, token_shape[0])
-    advantages = prep.advantages
-    skip = 0
-    if first_row and params.position_weight == "shuffled":
-        if cu is None:
-            raise ValueError("first_row needs the packed layout (cu_seqlens)")
-        skip = int(first_row)
-        cu = np.concatenate((np.zeros(skip, np.int64), cu))
-        if prep.advantage_per_row:
-            advantages = np.concatenate((np.zeros(skip, advantages.dtype), advantages))
     valid = prep.valid
     if valid is not None and prep.bf16.get("response_mask"):
         valid = (valid & 0x7FFF) != 0  # bfloat16 bits: -0.0 is zero too
@@ -47,11 +41,11 @@ def compute(prep: Prepared, params: MaskParams, return_info: bool, num_threads: 
         reason = np.empty(token_shape, dtype=np.int8)
         threshold = np.empty(token_shape, dtype=np.float64)
         gate = np.empty(token_shape, dtype=np.float64) if want_gate else None
-        row_budget = np.empty(prep.num_rows + skip, dtype=np.float64)
+        row_budget = np.empty(prep.num_rows, dtype=np.float64)
     counts, bad = native.cppo_mask_into(
         prep.log_probs,
         prep.old_log_probs,
-        advantages,
+        prep.advantages,
         prep.advantage_per_row,
         valid,
         prep.divergence,
@@ -63,11 +57,10 @@ def compute(prep: Prepared, params: MaskParams, return_info: bool, num_threads: 
         row_budget,
         params=params,
         num_threads=num_threads,
+        row_offset=first_row,
     )
     if bad is not None:
         field, row, column, value = bad
         flat = int(cu[row]) + column if cu is not None else None
-        raise bad_value_error(field, row - skip, column, value, flat)
-    if skip and row_budget is not None:
-        row_budget = row_budget[skip:]
+        raise bad_value_error(field, row, column, value, flat)
     return mask, reason, threshold, gate, row_budget, np.asarray(counts, dtype=np.int64)

@@ -50,10 +50,10 @@ def run_mask(prep: Prepared, params: MaskParams, *, return_info: bool, validate:
         out = cpu.compute(prep, params, return_info, num_threads or 0, want_gate=want_gate)
         wrap = from_numpy
     else:
-        from .cuda import mask as cuda_mask
+        from .cuda import arrays as cuda_arrays, mask as cuda_mask
 
         out = cuda_mask.compute(prep, params, return_info, validate)
-        wrap = cuda_mask.from_cupy
+        wrap = cuda_arrays.from_cupy
     mask, reason, threshold, gate, row_budget, counts = out
     src, shape = prep.source, prep.shape
 

@@ -1,9 +1,9 @@
 """Input preparation: shapes, dtypes and devices of a mask call, checked once.
 
 ``prepare`` validates the caller's arrays and converts every input to the backend's
-array type without copying where the layout allows (NumPy on CPU, CuPy on CUDA);
-results go back through :func:`~cppo_native._backends.arrays.from_numpy` or the CUDA
-backend's ``from_cupy``.
+array type without copying where the layout allows (NumPy on CPU; on CUDA torch
+tensors as they are, CuPy arrays for the rest); results go back through
+:func:`~cppo_native._backends.arrays.from_numpy` or ``cuda.arrays.from_cupy``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _adopt(x: Any, source: Source, name: str, backend: str = "native") -> Any:
         return _torch().from_dlpack(x)
     if source.device == "cpu":
         return import_dlpack_cpu(x, name)
-    from .cuda.mask import import_dlpack
+    from .cuda.arrays import import_dlpack
 
     return import_dlpack(x, name)
 
@@ -74,8 +74,8 @@ def prepare(
     widen_int_advantages: Optional[bool] = None,
 ) -> Prepared:
     """Validate shapes/dtypes/devices of the caller's arrays and convert them: to NumPy
-    (CPU) or CuPy (CUDA) for the native backends, to torch tensors on the caller's
-    device for ``backend="torch"`` (``convert`` overrides the choice, e.g. for the CUDA
+    (CPU) or, on CUDA, torch tensors as they are and CuPy arrays for the rest (native
+    backends), to torch tensors on the caller's device for ``backend="torch"`` (``convert`` overrides the choice, e.g. for the CUDA
     emulator in the tests). Integer advantages become float64 here for CPU inputs and
     the torch backend; for CUDA inputs of the native backend (or with
     ``widen_int_advantages=False``) the backend converts them, on the caller's stream."""
@@ -102,9 +102,9 @@ def prepare(
     elif convert is None and src.device == "cpu":
         convert = to_numpy
     elif convert is None:
-        from .cuda.mask import to_cupy
+        from .cuda.arrays import converter
 
-        convert = to_cupy
+        convert = converter(src)
 
     for name, x in named:
         if name in ("log_probs", "old_log_probs", "divergence"):

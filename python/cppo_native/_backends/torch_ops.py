@@ -69,17 +69,18 @@ def _umod(z, m):
     return t.where(z < 0, t.remainder(low + top, m), low)
 
 
-def shuffle_permutations(counts, seed: int, width: int, rows):
+def shuffle_permutations(counts, seed: int, width: int, rows, row_offset: int = 0):
     """Fisher-Yates permutations ``[B, width]`` of range(n_r) for every row, driven by
-    SplitMix64(seed, row) exactly as ``reference.shuffle_permutation``: the draws are
-    computed for all rows at once; the swaps run as ``width - 1`` vectorised steps."""
+    SplitMix64(seed, row, row_offset) exactly as ``reference.shuffle_permutation``: the
+    draws are computed for all rows at once; the swaps run as ``width - 1`` vectorised
+    steps."""
     t = _torch()
     dev = counts.device
     b = counts.shape[0]
     perm = t.arange(width, device=dev, dtype=t.int64).expand(b, width).clone()
     if width < 2 or b == 0:
         return perm
-    state0 = (rows.to(t.int64) + 1) * _ROW_MULT ^ _signed(seed)  # [B]
+    state0 = (rows.to(t.int64) + _signed(row_offset + 1)) * _ROW_MULT ^ _signed(seed)  # [B], wrapping
     cols = t.arange(width, device=dev, dtype=t.int64)
     k = counts[:, None] - cols[None, :]  # draw number (1-based) of the step with i = col
     draws = _mix(state0[:, None] + k * _GOLDEN)
@@ -93,7 +94,7 @@ def shuffle_permutations(counts, seed: int, width: int, rows):
     return perm
 
 
-def _shuffle_weights(weight, valid, seed: int, rows):
+def _shuffle_weights(weight, valid, seed: int, rows, row_offset: int = 0):
     """Permute each row's weights among its valid positions (reference semantics)."""
     t = _torch()
     b, width = weight.shape
@@ -103,7 +104,7 @@ def _shuffle_weights(weight, valid, seed: int, rows):
     # spare last slot), then read back through the permutation of ranks.
     base = t.zeros((b, width + 1), dtype=weight.dtype, device=weight.device)
     base.scatter_(1, t.where(valid, rank, t.full_like(rank, width)), weight)
-    perm = shuffle_permutations(counts, seed, width, rows)
+    perm = shuffle_permutations(counts, seed, width, rows, row_offset)
     shuffled = base.gather(1, perm.gather(1, rank))
     return t.where(valid, shuffled, weight)
 
@@ -141,11 +142,12 @@ def _row_budget(params: MaskParams, d, valid):
     return t.where(n > 0, budget, fixed)
 
 
-def mask_padded(lp, lq, adv, valid, div, params: MaskParams, rows=None):
+def mask_padded(lp, lq, adv, valid, div, params: MaskParams, rows=None, row_offset: int = 0):
     """The mask pass over padded ``[B, L]`` tensors (no checks, no host reads).
 
     ``adv`` is ``[B, L]`` or ``[B, 1]``; ``valid`` bool ``[B, L]``; ``div`` the given D or
-    None; ``rows`` the row index of each row (for the shuffle seed; default 0..B-1).
+    None; ``rows`` the row index of each row (for the shuffle seed; default 0..B-1),
+    counted from ``row_offset`` (the index of row 0 in a larger input).
     Returns ``(mask, reason, threshold, gate, row_budget)``."""
     t = _torch()
     f64 = t.float64
@@ -171,7 +173,7 @@ def mask_padded(lp, lq, adv, valid, div, params: MaskParams, rows=None):
         if params.position_weight == "shuffled":
             if rows is None:
                 rows = t.arange(b, device=dev)
-            weight = _shuffle_weights(weight, valid, params.shuffle_seed, rows)
+            weight = _shuffle_weights(weight, valid, params.shuffle_seed, rows, row_offset)
 
     # Token divergence D_t (0 at invalid positions, whatever they hold).
     d = t.where(valid, _divergence(params, lp, lq, div), zero)
@@ -246,10 +248,11 @@ def _first_bad(lp, lq, adv_tokens, valid, div):
     return int(host[0]), int(host[1]), host[2]
 
 
-def compute(prep: Prepared, params: MaskParams, return_info: bool, validate: bool):
+def compute(prep: Prepared, params: MaskParams, return_info: bool, validate: bool, row_offset: int = 0):
     """``(mask, reason, threshold, gate, row_budget, counts)`` as torch tensors on the
     inputs' device, shaped like the token arrays (info computed in any case: it is the
-    same pass)."""
+    same pass). ``row_offset``: the index of the first row in a larger input (seeds the
+    shuffled ablation as the CPU backend's ``first_row`` does)."""
     t = _torch()
     lp, lq = prep.log_probs, prep.old_log_probs
     dev = lp.device
@@ -266,7 +269,7 @@ def compute(prep: Prepared, params: MaskParams, return_info: bool, validate: boo
                 pos, field, value = bad
                 raise bad_value_error(field, pos // width, pos % width, value)
         mask, reason, threshold, gate, row_budget = mask_padded(
-            lp, lq, adv[:, None] if prep.advantage_per_row else adv, valid, div, params
+            lp, lq, adv[:, None] if prep.advantage_per_row else adv, valid, div, params, row_offset=row_offset
         )
     else:
         cu = check_offsets(prep.cu_seqlens.detach().cpu().numpy(), lp.shape[0])  # host read
@@ -290,7 +293,7 @@ def compute(prep: Prepared, params: MaskParams, return_info: bool, validate: boo
 
         mask_p, reason_p, threshold_p, gate_p, row_budget = mask_padded(
             padded(lp, 0), padded(lq, 0), adv[:, None] if prep.advantage_per_row else padded(adv, 0),
-            padded(valid, False), None if div is None else padded(div, 0), params,
+            padded(valid, False), None if div is None else padded(div, 0), params, row_offset=row_offset,
         )
         mask, reason = mask_p[row_of, col_of], reason_p[row_of, col_of]
         threshold, gate = threshold_p[row_of, col_of], gate_p[row_of, col_of]

@@ -5,8 +5,9 @@
 
 use std::time::Instant;
 
-use cppo_core::batch::{compute_batch, with_threads, BatchInput, BatchOutput, Layout};
+use cppo_core::batch::{compute_batch, BatchInput, BatchOutput, Layout};
 use cppo_core::params::{Divergence, Params, PositionWeight};
+use cppo_core::pool::with_threads;
 use cppo_core::views::{FloatView, MaskView};
 use ndarray::{ArrayD, IxDyn};
 
@@ -71,6 +72,7 @@ fn params() -> Params {
         budget_ceiling: 2.0,
         position_weight: PositionWeight::Linear,
         shuffle_seed: 0,
+        row_offset: 0,
         prefix_budget: true,
         divergence: Divergence::BinaryTv,
     }
@@ -134,7 +136,9 @@ fn main() {
                     row_budget: Some(&mut budget),
                 };
                 let t0 = Instant::now();
-                with_threads(threads, || compute_batch(&p, &input, output)).unwrap();
+                with_threads(threads, || compute_batch(&p, &input, output))
+                    .unwrap()
+                    .unwrap();
                 let dt = t0.elapsed().as_secs_f64();
                 if rep >= 2 {
                     best = best.min(dt);

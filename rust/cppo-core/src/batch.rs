@@ -1,12 +1,10 @@
 //! A whole batch: typed, strided input views, padded or packed rows, rayon over rows.
 //!
 //! Each row is widened into per-thread float64 buffers (row-sized, reused across rows
-//! and calls) and handed to `row::compute_row`; outputs are written in place into
+//! and calls, freed after a call with a row above `KEEP_ROW_BUFFERS_UP_TO`) and handed to `row::compute_row`; outputs are written in place into
 //! caller-provided contiguous buffers, so a call allocates nothing of batch size.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
 
 use half::bf16;
 use std::ops::Range;
@@ -167,6 +165,27 @@ struct RowBuffers {
 
 thread_local! {
     static BUFFERS: RefCell<RowBuffers> = RefCell::new(RowBuffers::default());
+}
+
+/// Rows up to this many tokens keep their per-thread buffers between calls (at most
+/// ~12 MB a thread); after a call with a longer row, every thread of the pool frees its
+/// buffers, so one huge row does not keep its memory for the life of the process.
+pub const KEEP_ROW_BUFFERS_UP_TO: usize = 1 << 18;
+
+fn longest_row(layout: &Layout) -> usize {
+    match layout {
+        Layout::Padded { rows, cols } => (*rows > 0) as usize * cols,
+        Layout::Packed { offsets } => offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0),
+    }
+}
+
+/// Frees the row buffers of every thread of the current rayon pool.
+fn release_row_buffers() {
+    rayon::broadcast(|_| BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default()));
 }
 
 struct RowJob<'a> {
@@ -386,31 +405,11 @@ pub fn compute_batch(
             Err(e) => (Some(e), [0; 5]),
         })
         .reduce(|| (None, [0; 5]), merge);
+    if longest_row(&layout) > KEEP_ROW_BUFFERS_UP_TO {
+        release_row_buffers();
+    }
     match err {
         Some(e) => Err(e),
         None => Ok(counts),
     }
-}
-
-/// A rayon pool with exactly `threads` workers (cached), or the global pool for 0.
-pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
-    if threads == 0 {
-        return f();
-    }
-    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
-    let pool = {
-        let mut pools = POOLS.get_or_init(Default::default).lock().unwrap();
-        pools
-            .entry(threads)
-            .or_insert_with(|| {
-                Arc::new(
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .expect("rayon pool"),
-                )
-            })
-            .clone()
-    };
-    pool.install(f)
 }

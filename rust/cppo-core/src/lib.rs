@@ -1,4 +1,4 @@
-//! cppo-core: the CPPO trust-region mask (`shared/spec/CPPO.md`), pure Rust.
+//! cppo-core: the CPPO trust-region mask (`docs/semantics.md`), pure Rust.
 //!
 //! `row` computes one row; `batch` runs typed, strided batches (`views`) over rayon.
 //! Nothing here knows about Python: the binding crate (`rust/cppo-py`) only converts
@@ -19,6 +19,8 @@ pub mod params;
 pub mod parquet;
 /// Decoding the mask's input columns from Parquet pages (levels as runs).
 pub mod parquet_read;
+/// Rayon thread pools for an explicit thread count.
+pub mod pool;
 /// The row kernel.
 pub mod row;
 /// Token divergences (Top-K reduced, Binary) over positions.

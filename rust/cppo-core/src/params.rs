@@ -56,6 +56,10 @@ pub struct Params {
     pub budget_ceiling: f64,
     pub position_weight: PositionWeight,
     pub shuffle_seed: u64,
+    /// The index of the call's first row in the whole input: row `r` of the call is
+    /// seeded as row `row_offset + r` (wrapping) in the shuffled ablation, so results do
+    /// not depend on how the input is split into calls.
+    pub row_offset: u64,
     pub prefix_budget: bool,
     pub divergence: Divergence,
 }

@@ -1,4 +1,4 @@
-//! The CPPO mask for one row, in float64, exactly as `shared/spec/CPPO.md` defines it.
+//! The CPPO mask for one row, in float64, exactly as `docs/semantics.md` defines it.
 //!
 //! Pure Rust: no Python here. The arithmetic mirrors `python/cppo_native/reference.py`
 //! operation by operation (same order, same libm calls), so that float64 inputs give
@@ -298,8 +298,9 @@ impl Isa {
     }
 }
 
-/// Computes one row of the mask (and the optional outputs). `row` seeds the shuffled
-/// ablation and is reported in errors. Runs the variant `Isa::current()`.
+/// Computes one row of the mask (and the optional outputs). `row` (the index in the
+/// call) is reported in errors; `params.row_offset + row` seeds the shuffled ablation.
+/// Runs the variant `Isa::current()`.
 pub fn compute_row<T: Widen>(
     params: &Params,
     row: usize,
@@ -541,7 +542,7 @@ fn compute_row_impl<T: Widen>(
             shuffle_permutation(
                 cols.len(),
                 params.shuffle_seed,
-                row,
+                params.row_offset.wrapping_add(row as u64),
                 &mut scratch.permutation,
             );
             for (k, &c) in cols.iter().enumerate() {

@@ -14,12 +14,10 @@ pub fn position_weight(column: usize, horizon: i64, w_min: f64) -> f64 {
 pub struct SplitMix64(u64);
 
 impl SplitMix64 {
-    pub fn new(seed: u64, row: usize) -> Self {
-        SplitMix64(
-            seed ^ (row as u64)
-                .wrapping_add(1)
-                .wrapping_mul(0xD1B5_4A32_D192_ED03),
-        )
+    /// Seeded for the row with index `row` in the input (the call's `row_offset` plus
+    /// the row's index in the call): `seed ^ (row + 1) * 0xD1B54A32D192ED03`, wrapping.
+    pub fn new(seed: u64, row: u64) -> Self {
+        SplitMix64(seed ^ row.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03))
     }
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -30,8 +28,9 @@ impl SplitMix64 {
     }
 }
 
-/// Fisher-Yates permutation of 0..n driven by SplitMix64(seed, row), into `perm`.
-pub fn shuffle_permutation(n: usize, seed: u64, row: usize, perm: &mut Vec<usize>) {
+/// Fisher-Yates permutation of 0..n driven by SplitMix64(seed, row), into `perm`
+/// (`row`: the row's index in the input).
+pub fn shuffle_permutation(n: usize, seed: u64, row: u64, perm: &mut Vec<usize>) {
     perm.clear();
     perm.extend(0..n);
     let mut rng = SplitMix64::new(seed, row);
@@ -54,5 +53,11 @@ mod tests {
         let mut perm = Vec::new();
         shuffle_permutation(10, 3, 2, &mut perm);
         assert_eq!(perm, [0, 7, 8, 9, 2, 3, 6, 1, 5, 4]);
+        // reference.shuffle_permutation(10, 3, 2, row_offset=2**64 - 1): wraps to row 1.
+        shuffle_permutation(10, 3, u64::MAX.wrapping_add(2), &mut perm);
+        let mut row1 = Vec::new();
+        shuffle_permutation(10, 3, 1, &mut row1);
+        assert_eq!(perm, row1);
+        assert_eq!(perm, [8, 1, 0, 6, 3, 7, 4, 9, 2, 5]);
     }
 }

@@ -4,7 +4,7 @@ use numpy::{PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use cppo_core::batch::with_threads;
+use cppo_core::pool::with_threads;
 
 /// One pass over the bytes the mask reads (`read`: contiguous uint8 views of the
 /// inputs) and writes (`copy_from` copied into `copy_to`, a byte per token), on
@@ -31,11 +31,12 @@ fn memory_floor(
             "memory_floor: copy_from and copy_to differ in length",
         ));
     }
-    Ok(py.detach(|| {
+    py.detach(|| {
         with_threads(num_threads, || {
             cppo_core::floor::memory_floor(&read, from, to)
         })
-    }))
+    })
+    .map_err(crate::pool_error)
 }
 
 /// The row kernel's instruction-set variant on this CPU: "portable", "avx2" or

@@ -10,7 +10,7 @@ use numpy::{PyArray1, PyArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use cppo_core::batch::with_threads;
+use cppo_core::pool::with_threads;
 use cppo_core::topk::{
     binary_divergence_batch, topk_divergence_batch, TopKBad, TopKInput, TopKKind,
 };
@@ -89,11 +89,13 @@ fn topk_divergence_into<'py>(
     if out_slice.len() != n {
         return Err(PyValueError::new_err("out must have N entries"));
     }
-    let result = py.detach(|| {
-        with_threads(num_threads, || {
-            topk_divergence_batch(kind, &input, out_slice)
+    let result = py
+        .detach(|| {
+            with_threads(num_threads, || {
+                topk_divergence_batch(kind, &input, out_slice)
+            })
         })
-    });
+        .map_err(crate::pool_error)?;
     Ok(bad_tuple(result))
 }
 
@@ -125,11 +127,13 @@ fn binary_divergence_into<'py>(
             "binary_divergence_into: inconsistent shapes",
         ));
     }
-    let result = py.detach(|| {
-        with_threads(num_threads, || {
-            binary_divergence_batch(kind, &lpv, &lqv, vv.as_ref(), out_slice)
+    let result = py
+        .detach(|| {
+            with_threads(num_threads, || {
+                binary_divergence_batch(kind, &lpv, &lqv, vv.as_ref(), out_slice)
+            })
         })
-    });
+        .map_err(crate::pool_error)?;
     Ok(bad_tuple(result))
 }
 

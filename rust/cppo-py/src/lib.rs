@@ -3,6 +3,7 @@
 //! One module per concern, each with a `register` function; they only convert types,
 //! release the GIL and map errors. No CPPO logic here.
 
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
 mod arrays;
@@ -11,6 +12,11 @@ mod codes;
 mod divergence;
 mod mask;
 mod parquet;
+
+/// A thread pool that could not start: a `RuntimeError` naming `num_threads`.
+fn pool_error(e: cppo_core::pool::PoolError) -> PyErr {
+    PyRuntimeError::new_err(e.to_string())
+}
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {

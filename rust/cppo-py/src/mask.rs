@@ -1,6 +1,6 @@
 //! The mask (`cppo_core::batch`): type conversion, GIL release, error mapping only.
 //!
-//! The contract with `python/cppo_native/_cpu.py`: inputs are NumPy arrays of native
+//! The contract with `python/cppo_native/_backends/cpu.py`: inputs are NumPy arrays of native
 //! byte order (float64/32/16, or int16 carrying bfloat16 bit patterns for the float
 //! inputs; bool/int/float for the valid mask); outputs are freshly allocated
 //! C-contiguous arrays; parameters are already validated.
@@ -9,8 +9,9 @@ use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadwriteArrayDyn};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use cppo_core::batch::{compute_batch, with_threads, BatchInput, BatchOutput, Layout};
+use cppo_core::batch::{compute_batch, BatchInput, BatchOutput, Layout};
 use cppo_core::params::{Divergence, Params, PositionWeight};
+use cppo_core::pool::with_threads;
 
 use crate::arrays::{FloatArray, MaskArray};
 
@@ -25,7 +26,7 @@ fn contiguous<'a, T: numpy::Element>(
 /// The first bad value as `(field, row, column, value)`.
 type BadValueTuple = (u8, usize, usize, f64);
 
-/// The mask's parameters, read from `cppo_native._params.MaskParams` by attribute
+/// The mask's parameters, read from `cppo_native._core.params.MaskParams` by attribute
 /// (validated there, once); codes as in `cppo_core::codes`.
 #[derive(FromPyObject)]
 struct MaskParams {
@@ -45,7 +46,7 @@ struct MaskParams {
 }
 
 impl MaskParams {
-    fn to_core(&self) -> PyResult<Params> {
+    fn to_core(&self, row_offset: u64) -> PyResult<Params> {
         Ok(Params {
             delta: self.delta,
             delta_b: self.delta_b,
@@ -64,6 +65,7 @@ impl MaskParams {
                 },
             )?,
             shuffle_seed: self.shuffle_seed,
+            row_offset,
             prefix_budget: self.prefix_budget,
             divergence: Divergence::from_code(self.divergence_code).ok_or_else(|| {
                 PyValueError::new_err(format!("unknown divergence code {}", self.divergence_code))
@@ -74,11 +76,14 @@ impl MaskParams {
 
 /// Computes the CPPO mask into the given output arrays. Returns
 /// `(counts, bad)`: the number of positions per reason code, and `None` or the first
-/// bad value as `(field, row, column, value)`.
+/// bad value as `(field, row, column, value)`, with `row` the index in this call.
+/// `row_offset`: the index of the call's first row in the whole input (seeds the
+/// shuffled ablation by the row's index in the input).
 #[pyfunction]
 #[pyo3(signature = (
     log_probs, old_log_probs, advantages, advantage_per_row, valid, divergence, cu_seqlens,
-    mask_out, reason_out, threshold_out, gate_out, row_budget_out, *, params, num_threads
+    mask_out, reason_out, threshold_out, gate_out, row_budget_out, *, params, num_threads,
+    row_offset = 0
 ))]
 #[allow(clippy::too_many_arguments)]
 fn cppo_mask_into<'py>(
@@ -97,8 +102,9 @@ fn cppo_mask_into<'py>(
     row_budget_out: Option<&Bound<'py, PyArrayDyn<f64>>>,
     params: MaskParams,
     num_threads: usize,
+    row_offset: u64,
 ) -> PyResult<([u64; 5], Option<BadValueTuple>)> {
-    let params = params.to_core()?;
+    let params = params.to_core(row_offset)?;
     let lp = FloatArray::extract(log_probs, "log_probs")?;
     let lq = FloatArray::extract(old_log_probs, "old_log_probs")?;
     let adv = FloatArray::extract(advantages, "advantages")?;
@@ -163,7 +169,9 @@ fn cppo_mask_into<'py>(
         valid: mask_in.as_ref().map(|m| m.view()),
         divergence: div.as_ref().map(|d| d.view()),
     };
-    let result = py.detach(|| with_threads(num_threads, || compute_batch(&params, &input, output)));
+    let result = py
+        .detach(|| with_threads(num_threads, || compute_batch(&params, &input, output)))
+        .map_err(crate::pool_error)?;
     Ok(match result {
         Ok(counts) => (counts, None),
         Err(bad) => (

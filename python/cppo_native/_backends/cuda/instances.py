@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..arrays import Prepared
+from ..arrays import Prepared, dtype_name
 
 # dtype codes shared with the .cu (template parameters of every kernel)
 _FLOAT_CODES = {"float64": 0, "float32": 1, "float16": 2}
@@ -33,15 +33,9 @@ def kernel_name(kernel: str, targs: tuple) -> str:
     return f"{kernel}<{', '.join(str(int(t)) for t in targs)}>"
 
 
-_DTYPE_NAMES: dict = {}
-
-
 def _dtype_name(arr: Any) -> str:
-    dt = arr.dtype  # str(numpy dtype) costs microseconds; the per-call budget is tight
-    name = _DTYPE_NAMES.get(dt)
-    if name is None:
-        name = _DTYPE_NAMES[dt] = str(dt)
-    return name
+    """'float32', 'bool', 'bfloat16', ... for torch tensors and CuPy/NumPy arrays alike."""
+    return dtype_name(arr)
 
 
 def _float_code(arr: Any, is_bf16: bool, name: str) -> int:

@@ -1,17 +1,23 @@
 """CUDA launcher for the fused Top-K divergence from logits (``kernels/topk_logits.cu``).
 
 UNVERIFIED ON HARDWARE: this launcher and its kernel were written without access to a
-GPU. The kernel compiles with NVRTC for sm_90 (no register spills); its tests
-(``tests/test_topk_logits_gpu.py``) and benchmark (``bench/gpu_topk.py``) have not run.
+GPU. The kernel compiles with NVRTC under CuPy 14.2's options for sm_80/sm_90 (no
+register spills); its GPU tests (``tests/test_topk_logits_gpu.py``) and benchmark
+(``bench/gpu_topk.py``) have not run.
 
 Needs CuPy (``pip install cupy-cuda12x``, or ``pip install '.[cuda12]'`` from a checkout; or ``[cuda13]``) and torch CUDA tensors.
-The kernel is compiled once per process (NVRTC, cached by CuPy) and launched on torch's
-current stream; the host is synchronised only to check for bad values
-(``validate=True``, one small read).
+Host path as the mask's: tensors by ``data_ptr()`` and ``stride()`` (no DLPack), the
+compiled functions cached per device, launches on torch's current stream by its raw
+handle, outputs and temporaries from torch's allocator. The kernel writes one 8-byte
+error record (the first bad row and field); ``validate=True`` reads it back (one small
+device-to-host copy), ``validate=False`` never synchronises the host. Rows are
+processed in chunks so that the temporaries (float64/int64 copies of the small
+per-position inputs, when the caller's dtypes differ) stay under ``CHUNK_BYTES``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -21,9 +27,10 @@ import numpy as np
 from ..._core.errors import TOPK_FIELDS
 from ..._core.errors import describe_position as _where
 from .. import arrays as _dispatch
+from .arrays import RawStream, torch_stream_ptr
 
 # Field codes of the kernel's status words (1 + field * 65536 + slot): the Top-K fields
-# of cppo_native.divergence, then the ones only logits can break.
+# of cppo_native.divergence, then the ones only logits can break (TK_* in the .cu).
 FIELDS = TOPK_FIELDS + (
     ("logits", "finite or -inf with a finite log-sum-exp (no NaN or +inf, not all -inf)"),
     ("topk_ids", "< the vocabulary size V (negative = padding)"),
@@ -31,10 +38,15 @@ FIELDS = TOPK_FIELDS + (
 )
 
 BLOCK = 256  # threads per row
-MAX_K = 2048  # shared memory holds 2 (K + 1) doubles
+MAX_K = 2048  # shared memory holds 2 (K + 1) doubles and K ints
+CHUNK_BYTES = 32 << 20  # temporaries per launch at most (plus one row)
+KERNEL_PATH = Path(__file__).parent / "kernels" / "topk_logits.cu"
+OPTIONS = ("--std=c++17",)
 _DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 _NAMES = [f"topk_divergence_from_logits<{dt}, {vec}>" for dt, vec in ((0, 4), (1, 8), (2, 8), (0, 1), (1, 1), (2, 1))]
-_module = None
+_ROW_SHIFT = 20  # error key: (row << 20) | status (TK_ROW_SHIFT)
+_NO_ERROR = (1 << 64) - 1
+_FUNCTIONS: dict = {}  # device -> {name expression: cupy Function}
 
 
 def _cupy():
@@ -48,20 +60,26 @@ def _cupy():
     return cupy
 
 
-def _kernel(cp, dt: int, vec: int):
-    global _module
-    if _module is None:
-        src = (Path(__file__).parent / "kernels" / "topk_logits.cu").read_text()
-        _module = cp.RawModule(code=src, options=("--std=c++17",), name_expressions=_NAMES)
-    return _module.get_function(f"topk_divergence_from_logits<{dt}, {vec}>")
+def _kernel(cp, device: int, dt: int, vec: int):
+    fns = _FUNCTIONS.get(device)
+    if fns is None:
+        with cp.cuda.Device(device):
+            module = cp.RawModule(code=KERNEL_PATH.read_text(), options=OPTIONS, name_expressions=_NAMES)
+            fns = _FUNCTIONS[device] = {name: module.get_function(name).kernel for name in _NAMES}
+    return fns[f"topk_divergence_from_logits<{dt}, {vec}>"]
 
 
-def _to_cupy(cp, t):
-    """A CuPy view of a CUDA tensor (bfloat16 as its int16 bits)."""
-    torch = _dispatch._torch()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return cp.from_dlpack(t.detach())
+def shared_bytes(k: int) -> int:
+    """Dynamic shared memory of one block: pi and mu at K + 1 buckets, K ids."""
+    return 16 * (k + 1) + 4 * k
+
+
+def chunk_rows(n: int, k: int, converted_bytes_per_row: int) -> int:
+    """Rows per launch: all of them when nothing is converted, else as many as keep the
+    per-launch temporaries under CHUNK_BYTES."""
+    if converted_bytes_per_row == 0:
+        return max(n, 1)
+    return max(1, min(n, CHUNK_BYTES // converted_bytes_per_row))
 
 
 def topk_divergence_from_logits(
@@ -88,14 +106,17 @@ def topk_divergence_from_logits(
         sampled_ids: sampled tokens ``[...]``; old_log_probs: log mu(y) ``[...]``.
         response_mask: optional ``[...]``; invalid positions give 0 and skip the row read.
         kind: ``"tv"`` or ``"kl"``. temperature: T > 0.
-        validate: read the per-row status once and raise on bad values.
+        validate: read the kernel's 8-byte error record once (one sync) and raise on bad
+            values; ``False`` never synchronises the host.
         return_log_probs: also return pi's log-probs at the sampled token ``[...]`` and
             at the top-K ids ``[..., K]`` (float64; no gradient).
 
     Returns:
         float64 ``[...]`` on the logits' device (or the triple with
-        ``return_log_probs``). Extra device memory: the float64 copies of the small
-        per-position inputs and the outputs (about ``N * (16 K + 40)`` bytes).
+        ``return_log_probs``). Extra device memory: the outputs (16 bytes per position,
+        plus ``8 K`` with ``return_log_probs``) and, where the small inputs are not
+        already int64/float64 and contiguous, their converted copies, made per chunk of
+        rows (at most ``CHUNK_BYTES`` = 32 MB at a time).
 
     Raises:
         ValueError naming the input, position, top-K slot and value (field order: a
@@ -106,6 +127,31 @@ def topk_divergence_from_logits(
     if torch is None or not isinstance(logits, torch.Tensor) or logits.device.type != "cuda":
         raise TypeError(f"logits must be a CUDA torch tensor, got {type(logits).__name__}"
                         + (f" on {logits.device}" if torch is not None and isinstance(logits, torch.Tensor) else ""))
+    return _compute(logits, topk_ids, topk_old_log_probs, sampled_ids, old_log_probs, response_mask, kind=kind,
+                    temperature=temperature, validate=validate, return_log_probs=return_log_probs)
+
+
+class _CupyLauncher:
+    """The compiled functions of one device and torch's current stream on it (the tests
+    substitute a launcher that runs the kernel source on the CPU emulator)."""
+
+    def __init__(self, index: int):
+        self.cp = _cupy()
+        self.index = index
+        self.stream = RawStream(torch_stream_ptr(index))
+
+    def scope(self):
+        if self.cp.cuda.runtime.getDevice() != self.index:
+            return self.cp.cuda.Device(self.index)
+        return contextlib.nullcontext()
+
+    def kernel(self, dt: int, vec: int):
+        return _kernel(self.cp, self.index, dt, vec)
+
+
+def _compute(logits, topk_ids, topk_old_log_probs, sampled_ids, old_log_probs, response_mask, *, kind, temperature,
+             validate, return_log_probs, launcher=None):
+    torch = _dispatch._torch()
     if kind not in ("tv", "kl"):
         raise ValueError(f"kind must be 'tv' or 'kl', got {kind!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
@@ -147,47 +193,62 @@ def topk_divergence_from_logits(
     if not topk_old_log_probs.is_floating_point() or not old_log_probs.is_floating_point():
         raise TypeError("topk_old_log_probs and old_log_probs must be float tensors")
 
+    if vocab >= 2**31:
+        raise ValueError(f"the vocabulary size must be below 2**31, got {vocab}")
     dev = logits.device
-    ids = topk_ids.detach().reshape(n, k).to(torch.int64).contiguous()
-    mu = topk_old_log_probs.detach().reshape(n, k).to(torch.float64).contiguous()
-    y = sampled_ids.detach().reshape(n).to(torch.int64).contiguous()
-    lq = old_log_probs.detach().reshape(n).to(torch.float64).contiguous()
-    valid = None if response_mask is None else (response_mask.detach().reshape(n) != 0).to(torch.uint8).contiguous()
+    index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else 0)
     out = torch.empty(n, dtype=torch.float64, device=dev)
     out_lp = torch.empty(n, dtype=torch.float64, device=dev)  # also used by error messages
     out_topk = torch.empty((n, k), dtype=torch.float64, device=dev) if return_log_probs else None
-    status = torch.empty(n, dtype=torch.int32, device=dev)
+    error = torch.full((1,), -1, dtype=torch.int64, device=dev)  # all ones: no error (u64 max)
+    ids_all = topk_ids.detach().reshape(n, k)
+    mu_all = topk_old_log_probs.detach().reshape(n, k)
+    y_all = sampled_ids.detach().reshape(n)
+    lq_all = old_log_probs.detach().reshape(n)
+    valid_all = None if response_mask is None else response_mask.detach().reshape(n)
+
+    def needs(t, dt):  # bytes per row that a conversion of t to dt (contiguous) takes
+        return 0 if t.dtype == dt and t.is_contiguous() else (t.shape[1] if t.dim() > 1 else 1) * 8
 
     if n:
-        cp = _cupy()
         elem = 4 if dtype == "float32" else 2
         aligned = flat.data_ptr() % 16 == 0 and (flat.stride(0) * elem) % 16 == 0
         vec = (16 // elem) if aligned else 1
-        with cp.cuda.Device(dev.index or 0):
-            kernel = _kernel(cp, _DTYPE_CODES[dtype], vec)
-            c = lambda t: _to_cupy(cp, t)  # noqa: E731
-            out_cp = c(out)
-            dummy = out_cp  # stands in for absent optional arrays (never read: flag 0 / K == 0)
-            args = (
-                c(flat), np.int64(n), np.int64(vocab), np.int64(flat.stride(0)),
-                np.float64(temperature), np.float32(math.log2(math.e) / temperature),
-                np.int32(0 if kind == "tv" else 1), np.int32(k),
-                c(ids) if k else dummy, c(mu) if k else dummy, c(y), c(lq),
-                c(valid) if valid is not None else dummy, np.int32(valid is not None),
-                out_cp, c(out_lp), np.int32(1),
-                c(out_topk) if out_topk is not None and k else dummy, np.int32(out_topk is not None and k > 0),
-                c(status),
-            )
-            stream = cp.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream)
-            with stream:
-                kernel((n,), (BLOCK,), args, shared_mem=16 * (k + 1))
+        launcher = _CupyLauncher(index) if launcher is None else launcher
+        stream = launcher.stream
+        converted = (needs(ids_all, torch.int64) + needs(mu_all, torch.float64) + needs(y_all, torch.int64)
+                     + needs(lq_all, torch.float64) + (0 if valid_all is None else 1))
+        with launcher.scope():
+            kernel = launcher.kernel(_DTYPE_CODES[dtype], vec)
+            step = chunk_rows(n, k, converted)
+            u64 = np.uint64
+            for r0 in range(0, n, step):
+                r1 = min(n, r0 + step)
+                ids = ids_all[r0:r1].to(torch.int64).contiguous()
+                mu = mu_all[r0:r1].to(torch.float64).contiguous()
+                y = y_all[r0:r1].to(torch.int64).contiguous()
+                lq = lq_all[r0:r1].to(torch.float64).contiguous()
+                valid = None if valid_all is None else (valid_all[r0:r1] != 0).to(torch.uint8)
+                out_ptr = out.data_ptr() + 8 * r0
+                args = (
+                    u64(flat.data_ptr() + elem * flat.stride(0) * r0), np.int64(r1 - r0), np.int64(vocab),
+                    np.int64(flat.stride(0)), np.float64(temperature), np.float32(math.log2(math.e) / temperature),
+                    np.int32(0 if kind == "tv" else 1), np.int32(k),
+                    u64(ids.data_ptr() if k else out_ptr), u64(mu.data_ptr() if k else out_ptr),
+                    u64(y.data_ptr()), u64(lq.data_ptr()),
+                    u64(valid.data_ptr() if valid is not None else out_ptr), np.int32(valid is not None),
+                    u64(out_ptr), u64(out_lp.data_ptr() + 8 * r0), np.int32(1),
+                    u64(out_topk.data_ptr() + 8 * k * r0 if out_topk is not None and k else out_ptr),
+                    np.int32(out_topk is not None and k > 0),
+                    u64(error.data_ptr()), np.int64(r0),
+                )
+                kernel((r1 - r0,), (BLOCK,), args, shared_bytes(k), stream)
         if validate:
-            bad = status != 0
-            if bool(bad.any()):
-                pos = int(torch.argmax(bad.to(torch.uint8)))
-                code = int(status[pos]) - 1
+            key = int(error.cpu().numpy().view(np.uint64)[0])  # waits for the kernels (one sync)
+            if key != _NO_ERROR:
+                pos, code = key >> _ROW_SHIFT, (key & ((1 << _ROW_SHIFT) - 1)) - 1
                 field, slot = divmod(code, 65536)
-                raise _error(field, slot, lead, pos, flat, y, lq, ids, mu, out_lp)
+                raise _error(field, slot, lead, pos, flat, y_all, lq_all, ids_all, mu_all, out_lp)
     shape = lead
     d = out.reshape(shape)
     if return_log_probs:

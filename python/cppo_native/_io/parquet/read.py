@@ -1,5 +1,5 @@
 """Reads the mask's input columns of a Parquet row group with cppo-native's page decoder
-(``rust/src/parquet_read.rs``) instead of pyarrow's.
+(``rust/cppo-core/src/parquet_read.rs``) instead of pyarrow's.
 
 pyarrow materialises a repetition and a definition level per token and derives the
 offsets and validity bitmaps from them; on a file of only log-probs that is most of the

@@ -15,6 +15,7 @@ fn params() -> Params {
         budget_ceiling: 2.0,
         position_weight: PositionWeight::Linear,
         shuffle_seed: 0,
+        row_offset: 0,
         prefix_budget: true,
         divergence: Divergence::Given,
     }
@@ -464,7 +465,7 @@ fn split_pass_matches_unsplit() {
             input.split = split;
             let (mut m, mut r, mut t, mut g) =
                 (vec![false; n], vec![0i8; n], vec![0.0; n], vec![0.0; n]);
-            let s = crate::batch::with_threads(threads, || {
+            let s = crate::pool::with_threads(threads, || {
                 let out = RowOutput {
                     mask: &mut m,
                     reason: Some(&mut r),
@@ -472,7 +473,8 @@ fn split_pass_matches_unsplit() {
                     gate: Some(&mut g),
                 };
                 compute_row(&p, 3, &input, &mut Scratch::default(), out).unwrap()
-            });
+            })
+            .unwrap();
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             (m, r, bits(&t), bits(&g), s.budget.to_bits(), s.counts)
         };
@@ -481,4 +483,34 @@ fn split_pass_matches_unsplit() {
             assert_eq!(run(true, threads), want, "{threads} threads");
         }
     }
+}
+
+#[test]
+fn row_offset_shifts_the_shuffle_seed() {
+    // Row r of a call with row_offset k is seeded as row k + r (wrapping): the same
+    // permutation, whatever the split into calls; errors still name the row in the call.
+    let n = 12;
+    let d: Vec<f64> = (0..n).map(|i| 0.01 * (i % 5) as f64).collect();
+    let (lp, lq, adv) = (vec![-1.0; n], vec![-1.1; n], vec![1.0; n]);
+    let valid = vec![1u8; n];
+    let thresholds = |row_offset: u64, row: usize| {
+        let mut p = params();
+        p.position_weight = PositionWeight::Shuffled;
+        p.shuffle_seed = 11;
+        p.row_offset = row_offset;
+        let input = windowed(&valid, &lp, &lq, &adv, Some(&d));
+        let (mut m, mut r, mut t) = (vec![false; n], vec![0i8; n], vec![0.0; n]);
+        let out = RowOutput {
+            mask: &mut m,
+            reason: Some(&mut r),
+            threshold: Some(&mut t),
+            gate: None,
+        };
+        compute_row(&p, row, &input, &mut Scratch::default(), out).unwrap();
+        t
+    };
+    assert_eq!(thresholds(5, 0), thresholds(0, 5));
+    assert_eq!(thresholds(3, 4), thresholds(0, 7));
+    assert_eq!(thresholds(u64::MAX, 1), thresholds(0, 0));
+    assert_ne!(thresholds(5, 0), thresholds(0, 0));
 }

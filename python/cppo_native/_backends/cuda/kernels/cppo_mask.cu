@@ -54,12 +54,14 @@ typedef long long i64;
 typedef unsigned int u32;
 typedef double f64;
 
-// Codes shared with _cuda.py (and the Rust/Python enums of the same meaning).
+// Codes shared with _core/codes.py and _core/errors.py (tests/test_codes.py parses them).
 enum { PW_LINEAR = 0, PW_NONE = 1, PW_SHUFFLED = 2 };
 enum { DIV_TV = 0, DIV_KL = 1, DIV_GIVEN = 2 };
 enum { F64 = 0, F32 = 1, F16 = 2, BF16 = 3, F_NONE = 4 };  // float inputs (template parameters)
 enum { CU_I64 = 0, CU_I32 = 1, CU_U32 = 2 };                                     // cu_seqlens
 enum { INVALID = 0, KEPT_TOWARD_MU = 1, KEPT_WITHIN = 2, MASKED_TOKEN = 3, MASKED_PREFIX = 4 };
+// Bad-value fields, in the CPU backend's first-bad-value order (_core/errors.py FIELDS).
+enum { FIELD_LOG_PROBS = 0, FIELD_OLD_LOG_PROBS = 1, FIELD_ADVANTAGES = 2, FIELD_DIVERGENCE = 3 };
 // Fields of the per-piece statistics (doubles; counts are exact below 2^53).
 enum { ST_N, ST_LAST, ST_A0, ST_A1, ST_S0, ST_S1, ST_BELOW, ST_CAND, ST_MAX_BELOW, ST_MIN_ABOVE, NSTAT };
 
@@ -78,7 +80,7 @@ enum { ST_N, ST_LAST, ST_A0, ST_A1, ST_S0, ST_S1, ST_BELOW, ST_CAND, ST_MAX_BELO
     X(i64, rows) X(i64, cols) X(i64, positions) X(i64, packed) X(i64, tiles)            \
     X(i64, adv_per_row)                                                                 \
     X(f64, delta) X(f64, delta_b) X(f64, w_min) X(i64, horizon) X(i64, position_weight) \
-    X(u64, shuffle_seed) X(i64, prefix_budget) X(i64, divergence_mode) X(i64, adaptive) \
+    X(u64, shuffle_seed) X(u64, row_offset) X(i64, prefix_budget) X(i64, divergence_mode) X(i64, adaptive) \
     X(f64, budget_quantile) X(f64, budget_scale) X(f64, budget_ceiling)                 \
     X(f64, window_lo) X(f64, window_hi)                                                 \
     X(i64, check_offsets)                                                               \
@@ -493,10 +495,11 @@ static __device__ void walk_tile(const Args& a, i64 ts, i64 te, OnPiece on_piece
 // ---------------------------------------------------------------------------------
 // cppo_shuffle: the shuffled ablation's weights, one block per row.
 
-// SplitMix64 seeded with (seed, row), identical to reference.py / core.rs.
+// SplitMix64 seeded with (seed, row), identical to reference.py / core.rs; `row` is the
+// row's index in the whole input (row_offset + r), all arithmetic wrapping mod 2^64.
 struct SplitMix64 {
     u64 state;
-    __device__ SplitMix64(u64 seed, i64 row) : state(seed ^ ((u64)(row + 1) * 0xD1B54A32D192ED03ULL)) {}
+    __device__ SplitMix64(u64 seed, u64 row) : state(seed ^ ((row + 1) * 0xD1B54A32D192ED03ULL)) {}
     __device__ u64 next() {
         state += 0x9E3779B97F4A7C15ULL;
         u64 z = state;
@@ -509,7 +512,7 @@ struct SplitMix64 {
 // Applies the Fisher-Yates swaps of shuffle_permutation(n, seed, row) to `cols` (the
 // row's valid columns in order): afterwards cols[k] = valid_columns[perm[k]].
 template <class T>
-static __device__ void fisher_yates(T* cols, i64 n, u64 seed, i64 row) {
+static __device__ void fisher_yates(T* cols, i64 n, u64 seed, u64 row) {
     SplitMix64 rng(seed, row);
     for (i64 i = n - 1; i > 0; --i) {
         const i64 j = (i64)(rng.next() % (u64)(i + 1));
@@ -546,9 +549,9 @@ __global__ void __launch_bounds__(CPPO_BLOCK) cppo_shuffle(const Args a) {
     if (in_shared) {
         for (i64 k = threadIdx.x; k < n; k += CPPO_BLOCK) local_cols[k] = (int)cols[k];
         __syncthreads();
-        if (threadIdx.x == 0) fisher_yates(local_cols, n, a.shuffle_seed, r);
+        if (threadIdx.x == 0) fisher_yates(local_cols, n, a.shuffle_seed, a.row_offset + (u64)r);
     } else if (threadIdx.x == 0) {
-        fisher_yates(cols, n, a.shuffle_seed, r);
+        fisher_yates(cols, n, a.shuffle_seed, a.row_offset + (u64)r);
     }
     __syncthreads();
 
@@ -934,10 +937,10 @@ __global__ void __launch_bounds__(CPPO_BLOCK) cppo_mask_tiles(const Args a) {
                     const double d = in.divergence(a, k, lp, lq);
                     // Bad input: the first field that breaks the spec's rule here.
                     int field = -1;
-                    if (bad_log_prob(lp)) field = 0;
-                    else if (bad_log_prob(lq)) field = 1;
-                    else if (!is_finite(adv)) field = 2;
-                    else if (DV != F_NONE && !(is_finite(d) && d >= 0.0)) field = 3;
+                    if (bad_log_prob(lp)) field = FIELD_LOG_PROBS;
+                    else if (bad_log_prob(lq)) field = FIELD_OLD_LOG_PROBS;
+                    else if (!is_finite(adv)) field = FIELD_ADVANTAGES;
+                    else if (DV != F_NONE && !(is_finite(d) && d >= 0.0)) field = FIELD_DIVERGENCE;
                     if (field >= 0) {
                         const u64 key = (u64)p * 4 + (u64)field;
                         if (key < first_bad) first_bad = key;
