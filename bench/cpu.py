@@ -1,23 +1,35 @@
 """CPU benchmark: cppo_native.cppo_mask (Rust, rayon) against the vectorised PyTorch
-formula and a vectorised NumPy version, at the same thread count, in one run; and
-cppo-native's own torch backend (``backend="torch"``, eager, and its padded mask pass
-under torch.compile).
+formula (eager and torch.compile), a vectorised NumPy version and a one-pass memory
+floor, at the same thread count (1 and 2), in one run.
 
-Cases (issue #2): right-padded batches with lengths uniform in [L/4, L], Binary TV from
-log-probs, adaptive budget: 256 x 8192, 64 x 8192, 16 x 16384. Throughput counts the
-padded B * L tokens (valid tokens are reported too). Peak extra memory is each
-method's rise in the process's resident high-water mark during one call, measured in a
-fresh subprocess (outputs included).
+Cases (issues #2 and #13): right-padded batches with lengths uniform in [L/4, L],
+Binary TV from log-probs, adaptive budget: 256 x 8192, 64 x 8192, 16 x 16384, each with
+float32 and float64 log-probs (advantages float32 per row, bool response mask). The
+PyTorch formula is `bench/baselines.py` (float64 inside, whatever the input dtype, as
+the spec requires). The memory floor (`_native.memory_floor`) reads every byte the mask
+reads (log-probs, old log-probs, advantages, response mask) once and writes one byte
+per token (the bool mask), on the same number of threads.
 
-    python bench/cpu.py [--quick | --tiny] [--no-compile] [--out bench/results/cpu.json]
+Per case and thread count: speedup_vs_eager, speedup_vs_compile (their time / ours),
+over_floor (our time / the floor's) and scaling_1_to_2 (our 1-thread time / 2-thread
+time); `targets` says whether issue #13's targets hold (>= 10x eager and compile at 1
+and 2 threads, <= 5x the floor on 256 x 8192, >= 1.8x from 1 to 2 threads). Throughput
+counts the padded B * L tokens (valid tokens are reported too). Peak extra memory is
+each method's rise in the process's resident high-water mark during one call, measured
+in a fresh subprocess (outputs included; float32 cases only).
 
-``--tiny`` (one 8 x 256 case, short timings, no memory subprocesses) only checks that
-the script runs; its numbers mean nothing.
+    python bench/cpu.py [--quick | --tiny] [--no-compile] [--torch-backend] [--out bench/results/cpu.json]
+
+``--torch-backend`` adds cppo-native's own torch backend (``backend="torch"``, eager,
+and its padded pass under torch.compile) as columns. ``--tiny`` (one 8 x 256 case,
+short timings, no memory subprocesses) only checks that the script runs; its numbers
+mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -39,10 +51,27 @@ from cppo_native.sample import make_rollout_batch  # noqa: E402
 
 KNOBS = dict(delta=0.15, delta_b=0.02, w_min=0.8, adaptive_budget=True)
 CASES = [(256, 8192), (64, 8192), (16, 16384)]
+DTYPES = {"fp32": np.float32, "fp64": np.float64}
+TARGETS = dict(speedup_vs_eager=10.0, speedup_vs_compile=10.0, over_floor_256x8192=5.0, scaling_1_to_2=1.8)
 
 
-def batch(b, l):
-    return make_rollout_batch(b, l, seed=1234)
+def batch(b, l, dtype="fp32"):
+    data = make_rollout_batch(b, l, seed=1234)
+    if dtype == "fp32":
+        return data
+    return dataclasses.replace(data, log_probs=data.log_probs.astype(DTYPES[dtype]),
+                               old_log_probs=data.old_log_probs.astype(DTYPES[dtype]))
+
+
+def _allow_recompiles():
+    """Each case, dtype and thread count compiles anew (shapes, dtypes and the thread
+    count are guards); past dynamo's default limit of 8 it would silently fall back to
+    eager, so the limit is raised."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
 
 
 def runner(method, data, threads):
@@ -59,18 +88,29 @@ def runner(method, data, threads):
 
         lp, lq, adv, valid = (torch.from_numpy(x) for x in (data.log_probs, data.old_log_probs, data.advantages, data.response_mask))
         adv, valid, params = adv[:, None], valid != 0, mask_params(**KNOBS)
+        _allow_recompiles()
         fn = torch.compile(mask_padded, dynamic=False)
         return lambda: fn(lp, lq, adv, valid, None, params)[0]
     if method == "torch":
         targs = tuple(torch.from_numpy(x) for x in (data.log_probs, data.old_log_probs, data.advantages, data.response_mask))
         return lambda: torch_cppo_mask(*targs, **KNOBS)
     if method == "torch_compile":
+        _allow_recompiles()
         targs = tuple(torch.from_numpy(x) for x in (data.log_probs, data.old_log_probs, data.advantages, data.response_mask))
         fn = torch.compile(torch_cppo_mask, dynamic=False)
         return lambda: fn(*targs, **KNOBS)
     if method == "numpy":
         args = (data.log_probs, data.old_log_probs, data.advantages, data.response_mask)
         return lambda: numpy_cppo_mask(*args, **KNOBS)
+    if method == "floor":  # one pass over the bytes the mask reads and writes
+        from cppo_native._core.native import native_module
+
+        floor = native_module().memory_floor
+        read = [np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+                for x in (data.log_probs, data.old_log_probs, data.advantages)]
+        valid = np.ascontiguousarray(data.response_mask).reshape(-1).view(np.uint8)
+        out = np.empty_like(valid)  # the mask's bytes (allocated once: the floor writes, never allocates)
+        return lambda: floor(read, valid, out, num_threads=threads or 0)
     raise ValueError(method)
 
 
@@ -108,17 +148,29 @@ def peak_extra_memory(method, data, threads):
     return int(out.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
 
 
+SIMD_FLAGS = ("sse2", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw", "avx512vl",
+              "avx512_bf16", "avx512_fp16", "asimd", "sve", "sve2")
+
+
 def machine():
     cpu = platform.processor()
+    flags = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            key = line.split(":", 1)[0].strip()
+            if key in ("model name", "Model name") and cpu == platform.processor():
                 cpu = line.split(":", 1)[1].strip()
-                break
+            if key in ("flags", "Features") and not flags:
+                present = set(line.split(":", 1)[1].split())
+                flags = [f for f in SIMD_FLAGS if f in present]
     except OSError:
         pass
+    from cppo_native._core.native import native_module
+
     return {
         "cpu": cpu,
+        "simd_flags": flags,
+        "cppo_native_simd_variant": native_module().simd_variant(),
         "logical_cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -133,64 +185,101 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small cases, for a smoke run")
     ap.add_argument("--tiny", action="store_true", help="one tiny case, short timings: checks that the script runs")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--torch-backend", action="store_true", help="also time cppo_mask(backend='torch') (and compiled)")
+    ap.add_argument("--dtypes", default="fp32,fp64", help="comma-separated: fp32, fp64")
     ap.add_argument("--out", default=str(HERE / "results" / "cpu.json"))
     opts = ap.parse_args()
     cases = [(8, 256)] if opts.tiny else [(64, 2048), (4, 8192)] if opts.quick else CASES
-    min_time = 0.05 if opts.tiny else 1.0
-    methods = ["cppo_native", "cppo_native_torch", "torch", "numpy"]
+    dtypes = opts.dtypes.split(",")
+    methods = ["cppo_native", "floor", "torch", "numpy"]
     if not opts.no_compile:
-        methods += ["torch_compile", "cppo_native_torch_compile"]
-    results = {"machine": machine(), "knobs": KNOBS, "cases": []}
+        methods.append("torch_compile")
+    if opts.torch_backend:
+        methods.append("cppo_native_torch")
+        if not opts.no_compile:
+            methods.append("cppo_native_torch_compile")
+    results = {"machine": machine(), "knobs": KNOBS, "targets": TARGETS, "cases": []}
+    started = time.perf_counter()
     for b, l in cases:
-        data = batch(b, l)
-        valid_tokens = int(data.response_mask.sum())
-        case = {"batch": b, "length": l, "valid_tokens": valid_tokens, "methods": {}}
-        # Sanity: the native mask and the baselines agree before anything is timed.
-        ours = runner("cppo_native", data, None)()
-        theirs = runner("torch", data, None)().numpy()
-        case["mismatches_vs_torch"] = int((ours != theirs).sum())
-        # The torch backend obeys the spec's tie rule; count any difference from native.
-        case["mismatches_torch_backend_vs_native"] = int((ours != runner("cppo_native_torch", data, None)().numpy()).sum())
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            for method in methods:
-                if method == "numpy" and threads == 2:
-                    continue  # NumPy's elementwise ops are single-threaded
-                med, best, reps = time_it(runner(method, data, threads), min_time=min_time)
-                entry = case["methods"].setdefault(method, {})
-                entry[f"threads_{threads}"] = {
-                    "median_s": med,
-                    "best_s": best,
-                    "reps": reps,
-                    "tokens_per_s": b * l / med,
-                    "valid_tokens_per_s": valid_tokens / med,
-                }
-                print(f"{b:4d} x {l:5d}  {method:14s} threads={threads}  {med * 1e3:9.2f} ms  "
-                      f"{b * l / med / 1e6:8.1f} M tok/s", flush=True)
-        ours = case["methods"]["cppo_native"]
-        for threads in (1, 2):
-            key = f"threads_{threads}"
-            case[f"speedup_vs_torch_{key}"] = case["methods"]["torch"][key]["median_s"] / ours[key]["median_s"]
-            for other in ("torch_compile", "cppo_native_torch", "cppo_native_torch_compile"):
-                if other in case["methods"]:
-                    case[f"speedup_vs_{other}_{key}"] = case["methods"][other][key]["median_s"] / ours[key]["median_s"]
-        case["speedup_vs_numpy_threads_1"] = case["methods"]["numpy"]["threads_1"]["median_s"] / ours["threads_1"]["median_s"]
-        case["thread_scaling_1_to_2"] = ours["threads_1"]["median_s"] / ours["threads_2"]["median_s"]
-        case["output_bytes"] = b * l  # the bool mask
-        if not opts.tiny:
-            case["peak_extra_memory_bytes"] = {
-                m: peak_extra_memory(m, data, 2) for m in ("cppo_native", "cppo_native_torch", "torch", "numpy")
-            }
-        print(f"    speed-up vs torch: 1 thread {case['speedup_vs_torch_threads_1']:.1f}x, "
-              f"2 threads {case['speedup_vs_torch_threads_2']:.1f}x; vs cppo_native_torch: 1 thread "
-              f"{case['speedup_vs_cppo_native_torch_threads_1']:.1f}x; 1->2 threads {case['thread_scaling_1_to_2']:.2f}x; "
-              f"peak extra MB {({k: round(v / 2**20, 1) for k, v in case.get('peak_extra_memory_bytes', {}).items()})}",
-              flush=True)
-        results["cases"].append(case)
+        for dtype in dtypes:
+            results["cases"].append(run_case(b, l, dtype, methods, opts))
     results["machine"]["loadavg_at_end"] = os.getloadavg()[0]
+    results["runtime_s"] = time.perf_counter() - started
+    checks = [c["targets_met"] for c in results["cases"]]
+    results["all_targets_met"] = all(all(c.values()) for c in checks)
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {opts.out}")
+    print(f"all targets met: {results['all_targets_met']}; {results['runtime_s']:.0f} s; wrote {opts.out}")
+
+
+def run_case(b, l, dtype, methods, opts):
+    data = batch(b, l, dtype)
+    valid_tokens = int(data.response_mask.sum())
+    case = {"batch": b, "length": l, "dtype": dtype, "valid_tokens": valid_tokens, "methods": {}}
+    # Sanity: the native mask and the baselines agree before anything is timed.
+    ours = runner("cppo_native", data, None)()
+    theirs = runner("torch", data, None)().numpy()
+    case["mismatches_vs_torch"] = int((ours != theirs).sum())
+    if opts.torch_backend:
+        # The torch backend obeys the spec's tie rule; count any difference from native.
+        case["mismatches_torch_backend_vs_native"] = int((ours != runner("cppo_native_torch", data, None)().numpy()).sum())
+    fast = ("cppo_native", "floor")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for method in methods:
+            if method == "numpy" and threads == 2:
+                continue  # NumPy's elementwise ops are single-threaded
+            min_time = 0.05 if opts.tiny else 0.5 if method in fast else 1.0
+            med, best, reps = time_it(runner(method, data, threads), min_time=min_time,
+                                      max_reps=400 if method in fast else 50)
+            entry = case["methods"].setdefault(method, {})
+            entry[f"threads_{threads}"] = {
+                "median_s": med,
+                "best_s": best,
+                "reps": reps,
+                "tokens_per_s": b * l / med,
+                "valid_tokens_per_s": valid_tokens / med,
+            }
+            print(f"{b:4d} x {l:5d} {dtype}  {method:26s} threads={threads}  {med * 1e3:9.3f} ms  "
+                  f"{b * l / med / 1e6:8.1f} M tok/s", flush=True)
+    m = case["methods"]
+    ours = m["cppo_native"]
+    for threads in (1, 2):
+        key = f"threads_{threads}"
+        t = ours[key]["median_s"]
+        case[f"speedup_vs_eager_{key}"] = m["torch"][key]["median_s"] / t
+        if "torch_compile" in m:
+            case[f"speedup_vs_compile_{key}"] = m["torch_compile"][key]["median_s"] / t
+        case[f"over_floor_{key}"] = t / m["floor"][key]["median_s"]
+        for other in ("cppo_native_torch", "cppo_native_torch_compile"):
+            if other in m:
+                case[f"speedup_vs_{other}_{key}"] = m[other][key]["median_s"] / t
+    case["speedup_vs_numpy_threads_1"] = m["numpy"]["threads_1"]["median_s"] / ours["threads_1"]["median_s"]
+    case["scaling_1_to_2"] = ours["threads_1"]["median_s"] / ours["threads_2"]["median_s"]
+    case["floor_scaling_1_to_2"] = m["floor"]["threads_1"]["median_s"] / m["floor"]["threads_2"]["median_s"]
+    case["output_bytes"] = b * l  # the bool mask
+    met = {}
+    for threads in (1, 2):
+        key = f"threads_{threads}"
+        met[f"speedup_vs_eager_{key}"] = case[f"speedup_vs_eager_{key}"] >= TARGETS["speedup_vs_eager"]
+        if f"speedup_vs_compile_{key}" in case:
+            met[f"speedup_vs_compile_{key}"] = case[f"speedup_vs_compile_{key}"] >= TARGETS["speedup_vs_compile"]
+        if (b, l) == (256, 8192):
+            met[f"over_floor_{key}"] = case[f"over_floor_{key}"] <= TARGETS["over_floor_256x8192"]
+    met["scaling_1_to_2"] = case["scaling_1_to_2"] >= TARGETS["scaling_1_to_2"]
+    case["targets_met"] = met
+    if not opts.tiny and dtype == "fp32":
+        case["peak_extra_memory_bytes"] = {
+            meth: peak_extra_memory(meth, data, 2) for meth in ("cppo_native", "torch", "numpy")
+        }
+    print(f"    {dtype}: vs eager {case['speedup_vs_eager_threads_1']:.1f}x / {case['speedup_vs_eager_threads_2']:.1f}x"
+          + (f", vs compile {case['speedup_vs_compile_threads_1']:.1f}x / {case['speedup_vs_compile_threads_2']:.1f}x"
+             if "speedup_vs_compile_threads_1" in case else "")
+          + f" (1 / 2 threads); over floor {case['over_floor_threads_1']:.1f}x / {case['over_floor_threads_2']:.1f}x; "
+          f"1->2 threads {case['scaling_1_to_2']:.2f}x (floor {case['floor_scaling_1_to_2']:.2f}x); "
+          f"targets {'met' if all(met.values()) else 'MISSED: ' + ', '.join(k for k, v in met.items() if not v)}",
+          flush=True)
+    return case
 
 
 if __name__ == "__main__":

@@ -123,17 +123,40 @@ def cases(draw, max_rows: int = 4, max_len: int = 24, packed: Optional[bool] = N
     return Case(lp, lq, adv, mask_arg, divergence, cu, knobs, per_row, budget_ceiling)
 
 
-def assert_same_as_reference(result, ref, *, exact: bool = True, info=None, tol: float = 1e-9, case=None) -> None:
-    """Compare a backend's (mask, info) with the reference result.
+# The spec's agreement rule (Numerics): masks and reasons may differ from the reference
+# only where |Z_t - c_t| <= TIE_BAND; thresholds, gates and row budgets to OUTPUT_ATOL.
+TIE_BAND = 1e-9
+OUTPUT_ATOL = 1e-12
 
-    exact=True: every output bit-identical (the CPU backend's contract, since it widens
-    to float64 exactly like the reference). exact=False: the spec's cross-backend rule:
-    masks and reasons may differ only where |Z_t - c_t| <= tol.
+
+def cpu_rule(divergence) -> str:
+    """Which rule the CPU backend is held to for a divergence setting.
+
+    "exact": bit-identical to the reference. The CPU backend widens exactly, sums S and
+    W in the reference's order and calls the same libm functions for Binary KL, so a
+    given divergence array and Binary KL stay exact.
+    "spec": the spec's agreement rule (tie band and 1e-12). Binary TV (the default)
+    computes exp with the vectorised ``vexp`` (accurate to 1 ulp, not libm's bits), as
+    the spec's Numerics section allows.
+    """
+    if divergence is None or (isinstance(divergence, str) and divergence == "binary_tv"):
+        return "spec"
+    return "exact"
+
+
+def assert_same_as_reference(result, ref, *, rule: str, info=None) -> None:
+    """Compare a backend's (mask, info) with the reference result under ``rule``:
+
+    "exact": every output bit-identical.
+    "spec": the spec's agreement rule: mask and reason equal except where
+    |Z_t - c_t| <= 1e-9 (Z_t and c_t from the reference; there only the threshold
+    clause may flip: toward-mu and validity agree, and the mask matches the reason);
+    threshold, gate and row_budget within 1e-12 absolute; reason_counts consistent.
     """
     mask = np.asarray(result)
     assert mask.dtype == np.bool_
     assert mask.shape == ref.mask.shape
-    if exact:
+    if rule == "exact":
         np.testing.assert_array_equal(mask, ref.mask)
         if info is not None:
             np.testing.assert_array_equal(np.asarray(info.reason), ref.reason)
@@ -141,7 +164,21 @@ def assert_same_as_reference(result, ref, *, exact: bool = True, info=None, tol:
             np.testing.assert_array_equal(np.asarray(info.gate), ref.gate)
             np.testing.assert_array_equal(np.asarray(info.row_budget), ref.row_budget)
         return
-    raise NotImplementedError("tolerance comparison lives in the GPU tests")
+    assert rule == "spec", rule
+    valid = ref.reason != 0
+    near = valid & (np.abs(ref.weighted_divergence - ref.threshold) <= TIE_BAND)
+    far = ~near
+    np.testing.assert_array_equal(mask[far], ref.mask[far])
+    if info is None:
+        return
+    reason = np.asarray(info.reason)
+    np.testing.assert_array_equal(reason[far], ref.reason[far])
+    assert np.all(np.isin(reason[near], [1, 2, 3, 4]))
+    np.testing.assert_array_equal(reason[near] == 1, ref.reason[near] == 1)
+    np.testing.assert_array_equal(mask, (reason == 1) | (reason == 2))
+    np.testing.assert_allclose(np.asarray(info.threshold), ref.threshold, rtol=0, atol=OUTPUT_ATOL)
+    np.testing.assert_allclose(np.asarray(info.gate), ref.gate, rtol=0, atol=OUTPUT_ATOL)
+    np.testing.assert_allclose(np.asarray(info.row_budget), ref.row_budget, rtol=0, atol=OUTPUT_ATOL)
 
 
 def run_both(case: Case, **extra):

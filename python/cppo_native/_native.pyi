@@ -50,6 +50,8 @@ __all__ = [
     "encode_parquet_pages",
     "decode_parquet_chunk",
     "codes",
+    "memory_floor",
+    "simd_variant",
     "__version__",
 ]
 
@@ -60,6 +62,20 @@ def codes() -> Dict[str, Dict[str, int]]:
     ``rust/cppo-core/src/codes.rs``): ``{"reason": {"invalid": 0, ...},
     "position_weight": {...}, "divergence": {...}, "field": {...},
     "topk_field": {...}, "page_kind": {...}}``."""
+
+def memory_floor(
+    read: List[np.ndarray],
+    copy_from: np.ndarray,
+    copy_to: np.ndarray,
+    *,
+    num_threads: int,
+) -> int:
+    """Benchmark helper: one pass over the bytes the mask reads (``read``: contiguous
+    1-D uint8 views of the inputs) and writes (``copy_from`` copied into ``copy_to``),
+    on ``num_threads`` threads (0: all cores). Returns the OR of the words read."""
+
+def simd_variant() -> str:
+    """The row kernel's instruction-set variant: "portable", "avx2" or "avx512"."""
 
 def cppo_mask_into(
     log_probs: np.ndarray,

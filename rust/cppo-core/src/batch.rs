@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::params::Params;
 use crate::row::{
-    compute_row, sized, valid_window, BadValue, RowInput, RowOutput, RowSummary, Scratch,
+    compute_row, sized, valid_window, Advantage, BadValue, RowInput, RowOutput, RowSummary, Scratch,
 };
 pub use crate::views::{FloatView, MaskView};
 
@@ -104,6 +104,20 @@ fn flags_into<T: Copy>(row: ArrayView1<T>, out: &mut Vec<u8>, f: impl Fn(T) -> b
 }
 
 impl MaskView<'_> {
+    /// Row `r`'s flags as bytes that are 0 or 1: borrowed in place when the row is a
+    /// contiguous bool array (bool is 0 or 1 by construction); otherwise converted
+    /// into `buf`.
+    fn row_flags<'v>(&'v self, layout: &Layout, r: usize, buf: &'v mut Vec<u8>) -> &'v [u8] {
+        if let MaskView::Bool(v) = self {
+            if let Some(s) = row_of(v, layout, r).to_slice() {
+                // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
+                return unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) };
+            }
+        }
+        self.row_into(layout, r, buf);
+        &buf[..layout.bounds(r).1 - layout.bounds(r).0]
+    }
+
     fn row_into(&self, layout: &Layout, r: usize, out: &mut Vec<u8>) {
         match self {
             MaskView::Bool(v) => flags_into(row_of(v, layout, r), out, |x| x),
@@ -176,6 +190,8 @@ fn release_row_buffers() {
 
 struct RowJob<'a> {
     row: usize,
+    /// Split the row's Binary TV pass over the pool (few rows).
+    split: bool,
     out: RowOutput<'a>,
     budget: Option<&'a mut f64>,
 }
@@ -232,21 +248,24 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
         let layout = &input.layout;
         let r = job.row;
         let len = job.out.mask.len();
-        match &input.valid {
-            Some(v) => v.row_into(layout, r, valid),
-            None => sized(valid, len).fill(1),
-        }
-        let valid = &valid[..len];
+        let valid = match &input.valid {
+            Some(v) => v.row_flags(layout, r, valid),
+            None => {
+                sized(valid, len).fill(1);
+                &valid[..len]
+            }
+        };
         // Only the span between the first and last valid position needs the floats.
         let window = valid_window(valid);
         let n = window.len();
-        if input.advantage_per_row {
-            sized(advantages, n).fill(input.advantages.scalar(r));
+        let advantages = if input.advantage_per_row {
+            Advantage::Row(input.advantages.scalar(r))
         } else {
             input
                 .advantages
                 .row_into(layout, r, window.clone(), advantages);
-        }
+            Advantage::Token(&advantages[..n])
+        };
         let divergence = match &input.divergence {
             Some(d) => {
                 d.row_into(layout, r, window.clone(), divergence);
@@ -254,7 +273,6 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
             }
             None => None,
         };
-        let advantages = &advantages[..n];
         let out = job.out;
         macro_rules! run {
             ($lp:expr, $lq:expr) => {
@@ -268,6 +286,7 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
                         old_log_probs: $lq,
                         advantages,
                         divergence,
+                        split: job.split,
                     },
                     scratch,
                     out,
@@ -342,6 +361,8 @@ pub fn compute_batch(
         Some(b) => b.iter_mut().map(Some).collect(),
         None => (0..layout.num_rows()).map(|_| None).collect(),
     };
+    // Few rows for the pool: split long rows' Binary TV pass too (same results).
+    let split = layout.num_rows() < 64 * rayon::current_num_threads();
     let jobs: Vec<RowJob> = masks
         .into_iter()
         .zip(reasons)
@@ -352,6 +373,7 @@ pub fn compute_batch(
         .map(
             |(row, ((((mask, reason), threshold), gate), budget))| RowJob {
                 row,
+                split,
                 out: RowOutput {
                     mask,
                     reason,

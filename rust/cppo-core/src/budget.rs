@@ -15,8 +15,7 @@ pub fn quantile_linear(bits: &mut [u64], q: f64) -> f64 {
     quantile_ranks(bits, h, h.floor() as usize, h.ceil() as usize)
 }
 
-/// `x[lo] + (h - floor h) (x[hi] - x[lo])` where x[r] is the value of rank r in `bits`
-/// (`lo` = floor h and `hi` = ceil h shifted by the same offset, if `bits` is a window).
+/// `x[lo] + (h - floor h) (x[hi] - x[lo])` where x[r] is the value of rank r in `bits`.
 fn quantile_ranks(bits: &mut [u64], h: f64, lo: usize, hi: usize) -> f64 {
     let (_, &mut lo_bits, right) = bits.select_nth_unstable(lo);
     let x_lo = f64::from_bits(lo_bits);
@@ -28,39 +27,76 @@ fn quantile_ranks(bits: &mut [u64], h: f64, lo: usize, hi: usize) -> f64 {
     x_lo + (h - h.floor()) * (x_hi - x_lo)
 }
 
+/// The clamp window of the adaptive budget on D, widened by a relative 1e-9: a value
+/// below `low` gives k D < delta_b, one above `high` gives k D > m delta_b, whatever the
+/// rounding in Q's interpolation and in k Q. `None` when k = 0 or delta_b = 0 (no
+/// shortcut).
+#[inline]
+pub(crate) fn clamp_window(params: &Params) -> Option<(f64, f64)> {
+    let (delta_b, k) = (params.delta_b, params.budget_scale);
+    (k > 0.0 && delta_b > 0.0).then(|| {
+        (
+            delta_b / k * (1.0 - 1e-9),
+            params.budget_ceiling * delta_b / k * (1.0 + 1e-9),
+        )
+    })
+}
+
+/// Counts over a row's valid positions: all of them, those below the clamp window and
+/// those above it (`clamp_window`; 0 and 0 without a window).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct WindowCounts {
+    pub valid: usize,
+    pub below: usize,
+    pub above: usize,
+}
+
+impl WindowCounts {
+    /// One branch-free pass (the divergence loop of `row` counts while it computes D).
+    pub(crate) fn count(params: &Params, div: &[f64], valid: &[u8]) -> Self {
+        let (low, high) = clamp_window(params).unwrap_or((f64::NEG_INFINITY, f64::INFINITY));
+        let mut c = WindowCounts::default();
+        for (&d, &v) in div.iter().zip(valid) {
+            let v = v != 0;
+            c.valid += v as usize;
+            c.below += (v & (d < low)) as usize;
+            c.above += (v & (d > high)) as usize;
+        }
+        c
+    }
+}
+
 /// delta_b_row = clamp(k Q_q(D), delta_b, m delta_b) over the row's valid positions
 /// (paper Eq. 22 with the ceiling m = `budget_ceiling`, 2 in the paper; delta_b for a
-/// row with no valid token).
+/// row with no valid token). `counts`: `WindowCounts` of `div`, if already known.
 ///
 /// Most rows' quantile falls clearly below or above the clamp window, and then the clamp
-/// decides the budget without the exact quantile: one counting pass tells. Otherwise
-/// only the values inside the window (with a 1e-9 relative margin) are selected from.
-/// The result equals the spec's formula exactly, since the margin covers every rounding
-/// in Q's interpolation and in k Q.
+/// decides the budget without the exact quantile: the counts tell. Otherwise only the
+/// values inside the window (with a 1e-9 relative margin) are selected from, by a
+/// histogram of their bit patterns (`select_in_window`). The result equals the spec's
+/// formula exactly, since the margin covers every rounding in Q's interpolation and in
+/// k Q.
 pub(crate) fn adaptive_budget(
     params: &Params,
     div: &[f64],
     valid: &[u8],
+    counts: Option<WindowCounts>,
     scratch: &mut Vec<u64>,
 ) -> f64 {
     let (delta_b, k) = (params.delta_b, params.budget_scale);
     let ceiling = params.budget_ceiling * delta_b;
     let clamp = |q: f64| (k * q).max(delta_b).min(ceiling);
-    let n = valid.iter().filter(|&&v| v != 0).count();
+    let WindowCounts {
+        valid: n,
+        below,
+        above,
+    } = counts.unwrap_or_else(|| WindowCounts::count(params, div, valid));
     if n == 0 {
         return delta_b;
     }
     let h = params.budget_quantile * (n - 1) as f64;
     let (lo, hi) = (h.floor() as usize, h.ceil() as usize);
-    if k > 0.0 && delta_b > 0.0 {
-        let low = delta_b / k * (1.0 - 1e-9);
-        let high = ceiling / k * (1.0 + 1e-9);
-        let (mut below, mut above) = (0usize, 0usize);
-        for (&d, &v) in div.iter().zip(valid) {
-            let v = v != 0;
-            below += (v & (d < low)) as usize;
-            above += (v & (d > high)) as usize;
-        }
+    if let Some((low, high)) = clamp_window(params) {
         if hi < below {
             return delta_b; // x[hi] < low: k Q < delta_b
         }
@@ -76,7 +112,13 @@ pub(crate) fn adaptive_budget(
                 bits[m] = d.to_bits();
                 m += ((v != 0) & (d >= low) & (d <= high)) as usize;
             }
-            return clamp(quantile_ranks(&mut bits[..m], h, lo - below, hi - below));
+            let (x_lo, x_hi) = select_in_window(
+                &mut bits[..m],
+                (low.to_bits(), high.to_bits()),
+                lo - below,
+                hi - below,
+            );
+            return clamp(x_lo + (h - h.floor()) * (x_hi - x_lo));
         }
     }
     // + 0.0: a given -0.0 becomes +0.0 (equal value, ordered bits).
@@ -88,6 +130,58 @@ pub(crate) fn adaptive_budget(
             .map(|(&d, _)| (d + 0.0).to_bits()),
     );
     clamp(quantile_linear(scratch, params.budget_quantile))
+}
+
+/// The values of rank `lo` and `hi` (`hi` = `lo` or `lo` + 1) among `bits`, bit
+/// patterns of non-negative floats all within `range` (inclusive). Large sets go
+/// through a 2048-bucket histogram of `bits - range.0` (one counting pass; then only
+/// the one or two buckets holding the ranks are selected from); small ones straight to
+/// `select_nth_unstable`. `bits` is reordered.
+fn select_in_window(bits: &mut [u64], range: (u64, u64), lo: usize, hi: usize) -> (f64, f64) {
+    const BUCKET_BITS: u32 = 11;
+    let select = |bits: &mut [u64], lo: usize, hi: usize| {
+        let (_, &mut lo_bits, right) = bits.select_nth_unstable(lo);
+        let hi_bits = if hi == lo {
+            lo_bits
+        } else {
+            *right.iter().min().expect("hi < n")
+        };
+        (f64::from_bits(lo_bits), f64::from_bits(hi_bits))
+    };
+    if bits.len() < 512 {
+        return select(bits, lo, hi);
+    }
+    let span = range.1 - range.0;
+    let shift = (u64::BITS - span.leading_zeros()).saturating_sub(BUCKET_BITS);
+    let mut hist = [0u32; (1 << BUCKET_BITS) + 1];
+    for &b in bits.iter() {
+        hist[((b - range.0) >> shift) as usize] += 1;
+    }
+    // Buckets of ranks lo and hi, and the number of values in the buckets before.
+    let (mut first, mut before, mut acc) = (None, 0usize, 0usize);
+    let mut last = 0;
+    for (j, &count) in hist.iter().enumerate() {
+        let next = acc + count as usize;
+        if first.is_none() && lo < next {
+            first = Some(j);
+            before = acc;
+        }
+        if hi < next {
+            last = j;
+            break;
+        }
+        acc = next;
+    }
+    let first = first.expect("lo < number of values");
+    // Compact the values of buckets first..=last to the front, then select there.
+    let mut m = 0;
+    for i in 0..bits.len() {
+        let b = bits[i];
+        let j = ((b - range.0) >> shift) as usize;
+        bits[m] = b;
+        m += ((j >= first) & (j <= last)) as usize;
+    }
+    select(&mut bits[..m], lo - before, hi - before)
 }
 
 #[cfg(test)]

@@ -13,12 +13,6 @@ pub fn binary_tv(lp: f64, lq: f64) -> f64 {
     (lp.exp() - lq.exp()).abs()
 }
 
-/// `binary_tv` with a given exp function (bit-identical to `f64::exp`, see `libm_exp`).
-#[inline(always)]
-pub(crate) fn binary_tv_with(exp: extern "C" fn(f64) -> f64, lp: f64, lq: f64) -> f64 {
-    (exp(lp) - exp(lq)).abs()
-}
-
 /// KL(mu || pi) over {sampled token, rest}; see `reference.binary_kl`.
 #[inline]
 pub fn binary_kl(lp: f64, lq: f64) -> f64 {

@@ -11,6 +11,8 @@ pub mod budget;
 pub mod codes;
 /// Binary token divergences.
 pub mod divergence;
+/// The benchmark's memory floor (one pass over the mask's bytes).
+pub mod floor;
 pub mod libm_exp;
 pub mod params;
 /// Parquet data pages of the added columns (levels as runs).
@@ -23,6 +25,8 @@ pub mod pool;
 pub mod row;
 /// Token divergences (Top-K reduced, Binary) over positions.
 pub mod topk;
+/// The vectorisable exp (accurate to 1 ulp, identical bits in every build).
+pub mod vexp;
 pub mod views;
 /// Position weights and the shuffled ablation.
 pub mod weights;

@@ -4,13 +4,14 @@
 //! operation by operation (same order, same libm calls), so that float64 inputs give
 //! bit-identical results.
 
-use crate::budget::adaptive_budget;
+use crate::budget::{adaptive_budget, clamp_window};
 use crate::codes;
 use crate::codes::reason::{
     INVALID, KEPT_TOWARD_MU, KEPT_WITHIN_THRESHOLD, MASKED_PREFIX_BUDGET, MASKED_TOKEN_THRESHOLD,
 };
-use crate::divergence::{binary_kl, binary_tv_with, LOG_PROB_TOLERANCE};
+use crate::divergence::{binary_kl, LOG_PROB_TOLERANCE};
 use crate::params::{Divergence, Params, PositionWeight};
+use crate::vexp;
 use crate::weights::{position_weight, shuffle_permutation};
 
 /// Which input held a bad value (`codes::field`; `FIELDS` in `_errors.py`).
@@ -76,18 +77,63 @@ pub struct RowInput<'a, T: Widen = f64> {
     pub window: std::ops::Range<usize>,
     pub log_probs: &'a [T],
     pub old_log_probs: &'a [T],
-    /// A_t per position (a per-row advantage is broadcast by the caller).
-    pub advantages: &'a [f64],
+    /// A_t: one per row, or per position (of the window).
+    pub advantages: Advantage<'a>,
     /// Caller-supplied divergence (`Divergence::Given` only).
     pub divergence: Option<&'a [f64]>,
+    /// Whether the row's Binary TV pass may be split into `SPLIT_CHUNK`-token chunks run
+    /// on the current rayon pool (for batches of few rows; the result is the same).
+    pub split: bool,
 }
 
-/// The span from the first to the last valid position (empty if none is valid).
-pub fn valid_window(valid: &[u8]) -> std::ops::Range<usize> {
-    match valid.iter().position(|&v| v != 0) {
-        Some(first) => first..valid.iter().rposition(|&v| v != 0).map_or(first, |l| l + 1),
-        None => 0..0,
+/// A_t of a row: one value for the whole row, or one per position of the window.
+#[derive(Clone, Copy)]
+pub enum Advantage<'a> {
+    Row(f64),
+    Token(&'a [f64]),
+}
+
+impl Advantage<'_> {
+    #[inline(always)]
+    fn at(&self, c: usize) -> f64 {
+        match self {
+            Advantage::Row(a) => *a,
+            Advantage::Token(a) => a[c],
+        }
     }
+    fn sub(&self, range: std::ops::Range<usize>) -> Self {
+        match self {
+            Advantage::Row(a) => Advantage::Row(*a),
+            Advantage::Token(a) => Advantage::Token(&a[range]),
+        }
+    }
+}
+
+/// Chunk size of a split Binary TV pass (fixed: the split never changes a result).
+pub const SPLIT_CHUNK: usize = 4096;
+
+/// The span from the first to the last valid position (empty if none is valid).
+/// Skips 64-byte blocks of zeros with a vectorisable test (padding is long).
+pub fn valid_window(valid: &[u8]) -> std::ops::Range<usize> {
+    const BLOCK: usize = 64;
+    let any = |b: &[u8]| b.iter().fold(0u8, |acc, &v| acc | v) != 0;
+    let mut start = 0;
+    while start + BLOCK <= valid.len() && !any(&valid[start..start + BLOCK]) {
+        start += BLOCK;
+    }
+    let first = match valid[start..].iter().position(|&v| v != 0) {
+        Some(i) => start + i,
+        None => return 0..0,
+    };
+    let mut end = valid.len();
+    while end >= first + BLOCK && !any(&valid[end - BLOCK..end]) {
+        end -= BLOCK;
+    }
+    let last = valid[first..end]
+        .iter()
+        .rposition(|&v| v != 0)
+        .expect("valid[first] != 0");
+    first..first + last + 1
 }
 
 /// One row's outputs; reason and threshold are both present or both absent, and the
@@ -107,6 +153,40 @@ pub struct RowSummary {
     /// Number of positions with each reason code (index = code); only counted when
     /// the reason output is requested.
     pub counts: [u64; 5],
+}
+
+/// Per-phase time of the row kernel, summed over calls and threads (nanoseconds):
+/// checks + divergence, budget, weights, scan + outputs. Only with the cargo feature
+/// `phase-timing` (for `examples/mask_bench.rs` and docs/cpu.md); otherwise a no-op.
+#[cfg(feature = "phase-timing")]
+pub static PHASE_NS: [std::sync::atomic::AtomicU64; 4] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 4];
+
+struct PhaseClock {
+    #[cfg(feature = "phase-timing")]
+    last: std::time::Instant,
+}
+
+impl PhaseClock {
+    #[inline(always)]
+    fn start() -> Self {
+        PhaseClock {
+            #[cfg(feature = "phase-timing")]
+            last: std::time::Instant::now(),
+        }
+    }
+    #[inline(always)]
+    fn lap(&mut self, _phase: usize) {
+        #[cfg(feature = "phase-timing")]
+        {
+            let now = std::time::Instant::now();
+            PHASE_NS[_phase].fetch_add(
+                (now - self.last).as_nanos() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            self.last = now;
+        }
+    }
 }
 
 /// Reusable per-thread buffers (row-sized, never batch-sized).
@@ -142,13 +222,85 @@ fn bad_divergence(x: f64) -> bool {
     !(0.0..f64::INFINITY).contains(&x)
 }
 
+/// The instruction-set variants of the row kernel, chosen at run time.
+///
+/// Every variant compiles the same Rust code (`compute_row_impl`) with another target
+/// feature set; the code does only IEEE-754 operations in a fixed order (no implicit
+/// FMA contraction, no reassociation; `vexp`'s fused multiply-adds are explicit
+/// `mul_add`, correctly rounded in every build), so all variants return bit-identical
+/// results (`tests::all_isa_variants_agree`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// The crate's compile target (baseline x86-64: SSE2; aarch64: NEON).
+    Portable,
+    /// x86-64 with AVX2 and FMA.
+    Avx2,
+    /// x86-64 with AVX-512 (F, DQ, BW, VL) and FMA.
+    Avx512,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run the variant.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The variants this CPU can run, best last.
+    pub fn available() -> Vec<Isa> {
+        [Isa::Portable, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect()
+    }
+
+    /// The variant in use: the best one this CPU runs, or the one named by the
+    /// environment variable `CPPO_NATIVE_ISA` (`portable`, `avx2`, `avx512`; read once,
+    /// for tests and benchmarks; an unsupported name falls back to the best).
+    pub fn current() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let best = *Isa::available()
+                .last()
+                .expect("portable is always available");
+            match std::env::var("CPPO_NATIVE_ISA").ok().as_deref() {
+                Some(name) => Isa::available()
+                    .into_iter()
+                    .find(|i| i.name() == name)
+                    .unwrap_or(best),
+                None => best,
+            }
+        })
+    }
+}
+
 /// Computes one row of the mask (and the optional outputs). `row` (the index in the
 /// call) is reported in errors; `params.row_offset + row` seeds the shuffled ablation.
-///
-/// On x86-64 CPUs with AVX2 the same code is compiled a second time with AVX2 enabled
-/// and chosen at run time (the wheel targets baseline x86-64): the loops without a
-/// loop-carried dependency then work on 4 doubles at a time. Both builds do the same
-/// IEEE operations in the same order (no FMA contraction), so results are identical.
+/// Runs the variant `Isa::current()`.
 pub fn compute_row<T: Widen>(
     params: &Params,
     row: usize,
@@ -156,16 +308,36 @@ pub fn compute_row<T: Widen>(
     scratch: &mut Scratch,
     out: RowOutput,
 ) -> Result<RowSummary, BadValue> {
+    compute_row_isa(Isa::current(), params, row, input, scratch, out)
+}
+
+/// `compute_row` with the given variant (which must be `supported`; an unsupported
+/// one runs the portable build).
+pub fn compute_row_isa<T: Widen>(
+    isa: Isa,
+    params: &Params,
+    row: usize,
+    input: &RowInput<T>,
+    scratch: &mut Scratch,
+    out: RowOutput,
+) -> Result<RowSummary, BadValue> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { compute_row_avx2(params, row, input, scratch, out) };
+    match isa {
+        // SAFETY: the CPU supports the features (checked by `supported`).
+        Isa::Avx512 if isa.supported() => {
+            return unsafe { compute_row_avx512(params, row, input, scratch, out) }
+        }
+        Isa::Avx2 if isa.supported() => {
+            return unsafe { compute_row_avx2(params, row, input, scratch, out) }
+        }
+        _ => {}
     }
-    compute_row_impl(params, row, input, scratch, out)
+    let _ = isa;
+    compute_row_impl(Isa::Portable, params, row, input, scratch, out)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn compute_row_avx2<T: Widen>(
     params: &Params,
     row: usize,
@@ -173,11 +345,24 @@ unsafe fn compute_row_avx2<T: Widen>(
     scratch: &mut Scratch,
     out: RowOutput,
 ) -> Result<RowSummary, BadValue> {
-    compute_row_impl(params, row, input, scratch, out)
+    compute_row_impl(Isa::Avx2, params, row, input, scratch, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")]
+unsafe fn compute_row_avx512<T: Widen>(
+    params: &Params,
+    row: usize,
+    input: &RowInput<T>,
+    scratch: &mut Scratch,
+    out: RowOutput,
+) -> Result<RowSummary, BadValue> {
+    compute_row_impl(Isa::Avx512, params, row, input, scratch, out)
 }
 
 #[inline(always)]
 fn compute_row_impl<T: Widen>(
+    isa: Isa,
     params: &Params,
     row: usize,
     input: &RowInput<T>,
@@ -191,7 +376,7 @@ fn compute_row_impl<T: Widen>(
     let (lp, lq, adv) = (
         &input.log_probs[..n],
         &input.old_log_probs[..n],
-        &input.advantages[..n],
+        input.advantages.sub(0..n),
     );
     let given = match params.divergence {
         Divergence::Given => Some(&input.divergence.expect("Given divergence needs an array")[..n]),
@@ -224,7 +409,7 @@ fn compute_row_impl<T: Widen>(
                     toward[c] = 0;
                     continue;
                 }
-                let (p, q, a) = (lp[c].widen(), lq[c].widen(), adv[c]);
+                let (p, q, a) = (lp[c].widen(), lq[c].widen(), adv.at(c));
                 if bad_log_prob(p) {
                     return Err(report(c, Field::LogProbs, p));
                 }
@@ -240,10 +425,72 @@ fn compute_row_impl<T: Widen>(
             }
         };
     }
+    let mut clock = PhaseClock::start();
+    let mut window_counts = None;
+    let mut weights_done = false;
     match params.divergence {
         Divergence::BinaryTv => {
-            let exp = crate::libm_exp::exp_fn();
-            fill_divergence!(|_, p, q| Ok(binary_tv_with(exp, p, q)))
+            // One branch-free pass (`tv`): checks, D_t, direction, weights, counts. The
+            // first bad value, and the rare arguments below `vexp::TINY` (subnormal
+            // exp), are handled after it.
+            let (low, high) = clamp_window(params).unwrap_or((f64::NEG_INFINITY, f64::INFINITY));
+            let consts = tv::TvConsts {
+                low,
+                high,
+                weights: match params.position_weight {
+                    PositionWeight::Shuffled => tv::Weights::Skip,
+                    PositionWeight::Linear if horizon > 1 => tv::Weights::Linear,
+                    _ => tv::Weights::Ones,
+                },
+                horizon_m1: (horizon - 1) as f64,
+                one_minus_w_min: 1.0 - params.w_min,
+            };
+            weights_done = consts.weights != tv::Weights::Skip;
+            let weight = sized(&mut scratch.weight, n);
+            let stats = if input.split && n >= 2 * SPLIT_CHUNK {
+                use rayon::prelude::*;
+                div.par_chunks_mut(SPLIT_CHUNK)
+                    .zip(toward.par_chunks_mut(SPLIT_CHUNK))
+                    .zip(weight.par_chunks_mut(SPLIT_CHUNK))
+                    .enumerate()
+                    .map(|(i, ((d, t), w))| {
+                        let span = i * SPLIT_CHUNK..i * SPLIT_CHUNK + d.len();
+                        tv::tv_span_isa(
+                            isa,
+                            &consts,
+                            first + span.start,
+                            &lp[span.clone()],
+                            &lq[span.clone()],
+                            adv.sub(span.clone()),
+                            &valid[span],
+                            d,
+                            t,
+                            w,
+                        )
+                    })
+                    .reduce(tv::TvStats::default, tv::TvStats::merge)
+            } else {
+                tv::tv_span(&consts, first, lp, lq, adv, valid, div, toward, weight)
+            };
+            if stats.bad {
+                fill_divergence!(|_, _, _| Ok(0.0));
+                unreachable!("a bad value was flagged");
+            }
+            let mut wc = stats.counts;
+            if stats.tiny {
+                for c in 0..n {
+                    let (p, q) = (lp[c].widen(), lq[c].widen());
+                    if valid[c] != 0 && (p < vexp::TINY || q < vexp::TINY) {
+                        let d = (vexp::exp(p) - vexp::exp(q)).abs();
+                        wc.below -= (div[c] < low) as usize;
+                        wc.above -= (div[c] > high) as usize;
+                        wc.below += (d < low) as usize;
+                        wc.above += (d > high) as usize;
+                        div[c] = d;
+                    }
+                }
+            }
+            window_counts = Some(wc);
         }
         Divergence::BinaryKl => fill_divergence!(|_, p, q| Ok(binary_kl(p, q))),
         Divergence::Given => {
@@ -256,17 +503,26 @@ fn compute_row_impl<T: Widen>(
         }
     }
 
+    clock.lap(0);
     // Per-row budget (Eq. 22).
     let budget = if params.adaptive_budget {
-        adaptive_budget(params, &div[..n], valid, &mut scratch.selection)
+        adaptive_budget(
+            params,
+            &div[..n],
+            valid,
+            window_counts,
+            &mut scratch.selection,
+        )
     } else {
         params.delta_b
     };
 
     // v_t * w_t (Eq. 9): 0 at holes, so they add nothing to W; the shuffled ablation
     // permutes the weights among the row's valid positions.
+    clock.lap(1);
     let weight = sized(&mut scratch.weight, n);
     match params.position_weight {
+        _ if weights_done => {}
         PositionWeight::Linear => {
             for (c, w) in weight.iter_mut().enumerate() {
                 let pw = position_weight(first + c, horizon, params.w_min);
@@ -296,6 +552,7 @@ fn compute_row_impl<T: Widen>(
         }
     }
 
+    clock.lap(2);
     let scan = Scan {
         delta: params.delta,
         budget,
@@ -344,6 +601,7 @@ fn compute_row_impl<T: Widen>(
         (None, None) if gate.is_none() => scan.mask_only(&mut mask[window]),
         _ => panic!("compute_row: reason and threshold come together, and the gate needs both"),
     }
+    clock.lap(3);
     Ok(RowSummary { budget, counts })
 }
 
@@ -518,6 +776,8 @@ impl Scan<'_> {
         }
     }
 }
+
+mod tv;
 
 #[cfg(test)]
 mod tests;

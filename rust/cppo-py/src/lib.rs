@@ -7,6 +7,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
 mod arrays;
+mod bench;
 mod codes;
 mod divergence;
 mod mask;
@@ -23,6 +24,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     divergence::register(m)?;
     parquet::register(m)?;
     codes::register(m)?;
+    bench::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -88,8 +88,9 @@ fn windowed<'a>(
         window: w.clone(),
         log_probs: &lp[w.clone()],
         old_log_probs: &lq[w.clone()],
-        advantages: &adv[w.clone()],
+        advantages: Advantage::Token(&adv[w.clone()]),
         divergence: d.map(|d| &d[w.clone()]),
+        split: false,
     }
 }
 
@@ -262,7 +263,7 @@ fn adaptive_budget_shortcuts_match_the_formula() {
                 .max(p.delta_b)
                 .min(p.budget_ceiling * p.delta_b)
         };
-        let got = crate::budget::adaptive_budget(&p, &div, &valid, &mut scratch);
+        let got = crate::budget::adaptive_budget(&p, &div, &valid, None, &mut scratch);
         assert_eq!(got.to_bits(), want.to_bits(), "case {case}");
     }
 }
@@ -354,15 +355,20 @@ fn outputs_without_the_gate_match() {
     );
 }
 
-/// The run-time dispatched build (AVX2 where the CPU has it) and the baseline build
-/// give bit-identical outputs on random rows with holes, for the main knob settings.
+/// Every instruction-set variant this CPU runs (portable, AVX2, AVX-512) gives
+/// bit-identical outputs on random rows with holes, for the main knob settings
+/// (exact equality between variants; log-probs down to -800 reach `vexp`'s
+/// subnormal path).
 #[test]
-fn avx2_and_baseline_builds_agree() {
+fn all_isa_variants_agree() {
+    let isas = Isa::available();
+    eprintln!("variants compared: {isas:?}");
     let mut rng = SplitMix64::new(7, 0);
     let mut uniform = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
     for case in 0..60 {
         let n = 1 + (uniform() * 700.0) as usize;
-        let lp: Vec<f64> = (0..n).map(|_| -3.0 * uniform()).collect();
+        let scale = if case % 7 == 3 { 800.0 } else { 3.0 };
+        let lp: Vec<f64> = (0..n).map(|_| -scale * uniform()).collect();
         let lq: Vec<f64> = (0..n).map(|_| -3.0 * uniform()).collect();
         let adv: Vec<f64> = (0..n).map(|_| uniform() - 0.5).collect();
         let valid: Vec<u8> = (0..n).map(|_| (uniform() < 0.9) as u8).collect();
@@ -382,16 +388,11 @@ fn avx2_and_baseline_builds_agree() {
         ][case % 3];
         p.horizon = if case % 5 == 0 { 512 } else { 0 };
         let input = windowed(&valid, &lp, &lq, &adv, None);
-        let call = |dispatch: bool, out: RowOutput| {
+        let call = |isa: Isa, out: RowOutput| {
             let mut scratch = Scratch::default();
-            if dispatch {
-                compute_row(&p, case, &input, &mut scratch, out)
-            } else {
-                compute_row_impl(&p, case, &input, &mut scratch, out)
-            }
-            .unwrap()
+            compute_row_isa(isa, &p, case, &input, &mut scratch, out).unwrap()
         };
-        let run = |dispatch: bool, gate: bool| {
+        let run = |isa: Isa, gate: bool| {
             let (mut m, mut r, mut t, mut g) =
                 (vec![false; n], vec![0i8; n], vec![0.0; n], vec![0.0; n]);
             let out = RowOutput {
@@ -400,14 +401,20 @@ fn avx2_and_baseline_builds_agree() {
                 threshold: Some(&mut t),
                 gate: if gate { Some(&mut g) } else { None },
             };
-            let s = call(dispatch, out);
+            let s = call(isa, out);
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             (m, r, bits(&t), bits(&g), s.budget.to_bits(), s.counts)
         };
         for gate in [false, true] {
-            assert_eq!(run(true, gate), run(false, gate), "case {case}");
+            for &isa in &isas[1..] {
+                assert_eq!(
+                    run(isa, gate),
+                    run(Isa::Portable, gate),
+                    "case {case} {isa:?}"
+                );
+            }
         }
-        let mask_only = |dispatch: bool| {
+        let mask_only = |isa: Isa| {
             let mut m = vec![false; n];
             let out = RowOutput {
                 mask: &mut m,
@@ -415,11 +422,66 @@ fn avx2_and_baseline_builds_agree() {
                 threshold: None,
                 gate: None,
             };
-            let s = call(dispatch, out);
+            let s = call(isa, out);
             (m, s.budget.to_bits())
         };
-        assert_eq!(mask_only(true), mask_only(false), "case {case}");
-        assert_eq!(mask_only(true).0, run(false, false).0, "case {case}");
+        for &isa in &isas[1..] {
+            assert_eq!(
+                mask_only(isa),
+                mask_only(Isa::Portable),
+                "case {case} {isa:?}"
+            );
+        }
+        assert_eq!(
+            mask_only(Isa::Portable).0,
+            run(Isa::Portable, false).0,
+            "case {case}"
+        );
+    }
+}
+
+/// A long row's Binary TV pass split into `SPLIT_CHUNK` chunks over a rayon pool gives
+/// bit-identical outputs to the unsplit pass, at any pool size (exact equality).
+#[test]
+fn split_pass_matches_unsplit() {
+    let mut rng = SplitMix64::new(9, 0);
+    let mut uniform = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let n = 3 * SPLIT_CHUNK + 123;
+    let lp: Vec<f64> = (0..n).map(|_| -2.0 * uniform()).collect();
+    let lq: Vec<f64> = (0..n).map(|_| -2.0 * uniform()).collect();
+    let adv: Vec<f64> = (0..n).map(|_| uniform() - 0.5).collect();
+    let valid: Vec<u8> = (0..n).map(|_| (uniform() < 0.95) as u8).collect();
+    for (adaptive, weight) in [
+        (true, PositionWeight::Linear),
+        (false, PositionWeight::None),
+        (true, PositionWeight::Shuffled),
+    ] {
+        let mut p = params();
+        p.divergence = Divergence::BinaryTv;
+        p.adaptive_budget = adaptive;
+        p.position_weight = weight;
+        let run = |split: bool, threads: usize| {
+            let mut input = windowed(&valid, &lp, &lq, &adv, None);
+            input.split = split;
+            let (mut m, mut r, mut t, mut g) =
+                (vec![false; n], vec![0i8; n], vec![0.0; n], vec![0.0; n]);
+            let s = crate::pool::with_threads(threads, || {
+                let out = RowOutput {
+                    mask: &mut m,
+                    reason: Some(&mut r),
+                    threshold: Some(&mut t),
+                    gate: Some(&mut g),
+                };
+                compute_row(&p, 3, &input, &mut Scratch::default(), out).unwrap()
+            })
+            .unwrap();
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            (m, r, bits(&t), bits(&g), s.budget.to_bits(), s.counts)
+        };
+        let want = run(false, 1);
+        for threads in [1, 2, 3] {
+            assert_eq!(run(true, threads), want, "{threads} threads");
+        }
     }
 }
 
