@@ -10,7 +10,6 @@ use half::bf16;
 use std::ops::Range;
 
 use ndarray::{s, ArrayView1, ArrayViewD, Axis, Ix1, Slice};
-use rayon::prelude::*;
 
 use crate::params::Params;
 use crate::row::{
@@ -235,8 +234,23 @@ fn contiguous_pair<'v, T>(
 }
 
 fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummary, BadValue> {
-    BUFFERS.with(|cell| {
-        let mut b = cell.borrow_mut();
+    // The buffers are taken out of the thread-local for the row and put back after it:
+    // a split row's Binary TV pass waits in rayon's `join`, where this thread may run
+    // another row's job (work stealing); that nested row then starts from empty buffers
+    // instead of finding them borrowed.
+    let mut b = BUFFERS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    let result = run_row_with(params, input, job, &mut b);
+    BUFFERS.with(|cell| *cell.borrow_mut() = b);
+    result
+}
+
+fn run_row_with(
+    params: &Params,
+    input: &BatchInput,
+    job: RowJob,
+    b: &mut RowBuffers,
+) -> Result<RowSummary, BadValue> {
+    {
         let RowBuffers {
             log_probs,
             old_log_probs,
@@ -244,7 +258,7 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
             divergence,
             valid,
             scratch,
-        } = &mut *b;
+        } = b;
         let layout = &input.layout;
         let r = job.row;
         let len = job.out.mask.len();
@@ -335,7 +349,7 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
             *slot = summary.budget;
         }
         Ok(summary)
-    })
+    }
 }
 
 /// bfloat16 bit patterns (stored as int16) viewed as `half::bf16`.
@@ -345,9 +359,113 @@ fn as_bf16(bits: &[i16]) -> &[bf16] {
     unsafe { std::slice::from_raw_parts(bits.as_ptr().cast::<bf16>(), bits.len()) }
 }
 
-/// Computes the mask for every row (in parallel on the current rayon pool). Returns the
-/// number of positions with each reason code, or the bad value with the smallest row.
+/// How `compute_batch_with` runs a batch's rows. Row results do not depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parallelism {
+    /// On the calling thread, one row after the other: no rayon at all (a parallel
+    /// iterator outside a pool would run on rayon's global pool).
+    Serial,
+    /// On the current rayon pool (call it inside `ThreadPool::install`).
+    Pool,
+}
+
+/// Batches of at most this many (padded or packed) tokens run on the calling thread
+/// whatever the thread count: below it, handing the work to a pool and waiting for it
+/// costs more than the rows (~2.5 ns a token on one core against tens of microseconds
+/// for a pool's wake-up).
+pub const INLINE_TOKENS: usize = 1 << 15;
+
+fn total_tokens(layout: &Layout) -> usize {
+    match layout {
+        Layout::Padded { rows, cols } => rows * cols,
+        Layout::Packed { offsets } => match (offsets.first(), offsets.last()) {
+            (Some(&a), Some(&b)) => (b - a) as usize,
+            _ => 0,
+        },
+    }
+}
+
+/// Computes the mask for every row with `threads` threads (0: the default pool, one
+/// per core; see `pool`): on the calling thread for one thread or a small batch
+/// (`INLINE_TOKENS`; the pool is still started, so that a count whose threads cannot
+/// start fails whatever the batch), else on the pool. The results are the same either
+/// way.
+pub fn compute_batch_threads(
+    threads: usize,
+    params: &Params,
+    input: &BatchInput,
+    output: BatchOutput,
+) -> Result<Result<[u64; 5], BadValue>, crate::pool::PoolError> {
+    if threads == 1 {
+        return Ok(compute_batch_with(
+            Parallelism::Serial,
+            params,
+            input,
+            output,
+        ));
+    }
+    let here = total_tokens(&input.layout) <= INLINE_TOKENS;
+    crate::pool::with_threads_or_here(threads, here, || {
+        let par = if here {
+            Parallelism::Serial
+        } else {
+            Parallelism::Pool
+        };
+        compute_batch_with(par, params, input, output)
+    })
+}
+
+/// Computes the mask for every row on the current rayon pool. Returns the number of
+/// positions with each reason code, or the bad value with the smallest row.
 pub fn compute_batch(
+    params: &Params,
+    input: &BatchInput,
+    output: BatchOutput,
+) -> Result<[u64; 5], BadValue> {
+    compute_batch_with(Parallelism::Pool, params, input, output)
+}
+
+/// The work of a row, for ordering jobs longest first: the length of its valid window
+/// where that is cheap to find (contiguous bool masks), else its length.
+fn row_cost(input: &BatchInput, r: usize) -> usize {
+    let layout = &input.layout;
+    if let Some(MaskView::Bool(v)) = &input.valid {
+        if let Some(s) = row_of(v, layout, r).to_slice() {
+            // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
+            let s = unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) };
+            return valid_window(s).len();
+        }
+    }
+    let (start, end) = layout.bounds(r);
+    end - start
+}
+
+type Acc = (Option<BadValue>, [u64; 5]);
+
+fn merge(a: Acc, b: Acc) -> Acc {
+    let err = match (a.0, b.0) {
+        (Some(x), Some(y)) => Some(if x.row <= y.row { x } else { y }),
+        (x, y) => x.or(y),
+    };
+    let mut counts = a.1;
+    for (c, d) in counts.iter_mut().zip(b.1) {
+        *c += d;
+    }
+    (err, counts)
+}
+
+fn run_job(params: &Params, input: &BatchInput, job: RowJob) -> Acc {
+    match run_row(params, input, job) {
+        Ok(s) => (None, s.counts),
+        Err(e) => (Some(e), [0; 5]),
+    }
+}
+
+/// Computes the mask for every row, serially on the calling thread or on the current
+/// rayon pool. Returns the number of positions with each reason code, or the bad value
+/// with the smallest row (the same whatever `par` and the thread count).
+pub fn compute_batch_with(
+    par: Parallelism,
     params: &Params,
     input: &BatchInput,
     output: BatchOutput,
@@ -361,9 +479,13 @@ pub fn compute_batch(
         Some(b) => b.iter_mut().map(Some).collect(),
         None => (0..layout.num_rows()).map(|_| None).collect(),
     };
+    let threads = match par {
+        Parallelism::Serial => 1,
+        Parallelism::Pool => rayon::current_num_threads(),
+    };
     // Few rows for the pool: split long rows' Binary TV pass too (same results).
-    let split = layout.num_rows() < 64 * rayon::current_num_threads();
-    let jobs: Vec<RowJob> = masks
+    let split = threads > 1 && layout.num_rows() < 64 * threads;
+    let mut jobs: Vec<RowJob> = masks
         .into_iter()
         .zip(reasons)
         .zip(thresholds)
@@ -385,31 +507,65 @@ pub fn compute_batch(
         )
         .collect();
 
-    type Acc = (Option<BadValue>, [u64; 5]);
-    let merge = |a: Acc, b: Acc| -> Acc {
-        let err = match (a.0, b.0) {
-            (Some(x), Some(y)) => Some(if x.row <= y.row { x } else { y }),
-            (x, y) => x.or(y),
-        };
-        let mut counts = a.1;
-        for (c, d) in counts.iter_mut().zip(b.1) {
-            *c += d;
+    let (err, counts) = match par {
+        Parallelism::Serial => jobs
+            .into_iter()
+            .map(|job| run_job(params, input, job))
+            .fold((None, [0; 5]), merge),
+        Parallelism::Pool => {
+            if split {
+                // Few rows: longest first, so the last rows to start are short and the
+                // threads finish together (stable sort: ties keep the row order).
+                jobs.sort_by_cached_key(|job| std::cmp::Reverse(row_cost(input, job.row)));
+            }
+            run_queue(params, input, jobs, threads)
         }
-        (err, counts)
     };
-    let (err, counts) = jobs
-        .into_par_iter()
-        .with_max_len(1)
-        .map(|job| match run_row(params, input, job) {
-            Ok(s) => (None, s.counts),
-            Err(e) => (Some(e), [0; 5]),
-        })
-        .reduce(|| (None, [0; 5]), merge);
     if longest_row(&layout) > KEEP_ROW_BUFFERS_UP_TO {
-        release_row_buffers();
+        match par {
+            Parallelism::Serial => BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default()),
+            Parallelism::Pool => release_row_buffers(),
+        }
     }
     match err {
         Some(e) => Err(e),
         None => Ok(counts),
     }
+}
+
+/// Runs the jobs in their order on `threads` workers of the current pool, each taking
+/// the next job when it is free (a shared counter): with the longest rows first this
+/// is the longest-processing-time-first schedule.
+fn run_queue(params: &Params, input: &BatchInput, jobs: Vec<RowJob>, threads: usize) -> Acc {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let slots: Vec<Mutex<Option<RowJob>>> = jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
+    let next = AtomicUsize::new(0);
+    let total = Mutex::new((None, [0u64; 5]));
+    let worker = || {
+        let mut acc: Acc = (None, [0; 5]);
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = slots.get(i) else { break };
+            let job = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+                .expect("each job is taken once");
+            acc = merge(acc, run_job(params, input, job));
+        }
+        let mut t = total
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *t = merge(*t, acc);
+    };
+    rayon::scope(|s| {
+        for _ in 1..threads.min(slots.len()) {
+            s.spawn(|_| worker());
+        }
+        worker();
+    });
+    total
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -205,6 +205,18 @@ pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Re
     Ok(pool.install(f))
 }
 
+/// Like [`with_threads`], but with `here` runs `f` on the calling thread instead (for
+/// work too small to hand over). The pool is still found or started, so a count whose
+/// threads cannot start is an error whatever the size of the work.
+pub fn with_threads_or_here<R: Send>(
+    threads: usize,
+    here: bool,
+    f: impl FnOnce() -> R + Send,
+) -> Result<R, PoolError> {
+    let pool = pool_for(threads)?;
+    Ok(if here { f() } else { pool.install(f) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
