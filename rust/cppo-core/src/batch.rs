@@ -13,7 +13,8 @@ use ndarray::{s, ArrayView1, ArrayViewD, Axis, Ix1, Slice};
 
 use crate::params::Params;
 use crate::row::{
-    compute_row, sized, valid_window, Advantage, BadValue, RowInput, RowOutput, RowSummary, Scratch,
+    compute_row, sized, valid_window, Advantage, BadValue, RowInput, RowOutput, RowSummary,
+    Scratch, SPLIT_CHUNK,
 };
 pub use crate::views::{FloatView, MaskView};
 
@@ -386,10 +387,10 @@ fn total_tokens(layout: &Layout) -> usize {
 }
 
 /// Computes the mask for every row with `threads` threads (0: the default pool, one
-/// per core; see `pool`): on the calling thread for one thread or a small batch
-/// (`INLINE_TOKENS`; the pool is still started, so that a count whose threads cannot
-/// start fails whatever the batch), else on the pool. The results are the same either
-/// way.
+/// per core; see `pool`). One thread or a small batch (`INLINE_TOKENS`) runs on the
+/// calling thread (the pool is still started, so that a count whose threads cannot
+/// start fails whatever the batch). Otherwise the calling thread works as one of the
+/// `threads` workers (`run_here_and_on`). The results are the same either way.
 pub fn compute_batch_threads(
     threads: usize,
     params: &Params,
@@ -405,14 +406,184 @@ pub fn compute_batch_threads(
         ));
     }
     let here = total_tokens(&input.layout) <= INLINE_TOKENS;
-    crate::pool::with_threads_or_here(threads, here, || {
-        let par = if here {
-            Parallelism::Serial
+    crate::pool::with_pool(threads, |pool| {
+        let threads = pool.current_num_threads();
+        if here || threads == 1 {
+            return compute_batch_with(Parallelism::Serial, params, input, output);
+        }
+        // A row above 5/4 of a thread's share (few long rows) needs its Binary TV pass
+        // split over the pool: then the pool runs the call (`compute_batch_with`
+        // splits long rows when rows are few; the split never changes a result).
+        let costs: Vec<usize> = (0..input.layout.num_rows())
+            .map(|r| row_cost(input, r))
+            .collect();
+        let total: usize = costs.iter().sum();
+        let needs_split = costs
+            .iter()
+            .any(|&c| c >= 2 * SPLIT_CHUNK && 4 * threads * c > 5 * total);
+        if needs_split {
+            pool.install(|| compute_batch_with(Parallelism::Pool, params, input, output))
         } else {
-            Parallelism::Pool
-        };
-        compute_batch_with(par, params, input, output)
+            run_here_and_on(pool, params, input, output, &costs)
+        }
     })
+}
+
+/// The rows of a batch on `pool` with the calling thread as one of its workers:
+/// `threads - 1` pool threads and the caller take jobs from one queue, longest rows
+/// first. Handing a call to a pool and sleeping until it is done costs two thread
+/// wake-ups (tens of microseconds each in a VM) in series with the work; here the
+/// caller starts at once, the pool threads join as they wake, and the caller waits
+/// for the last of them spinning (bounded) rather than asleep.
+///
+/// No row is split here (the caller's thread is not in the pool).
+fn run_here_and_on(
+    pool: &rayon::ThreadPool,
+    params: &Params,
+    input: &BatchInput,
+    output: BatchOutput,
+    costs: &[usize],
+) -> Result<[u64; 5], BadValue> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let threads = pool.current_num_threads();
+    let layout = input.layout;
+    let mut jobs: Vec<(usize, RowJob)> = make_jobs(output, &layout)
+        .into_iter()
+        .map(|j| (costs[j.row], j))
+        .collect();
+    // Longest first (stable: ties keep the row order).
+    jobs.sort_by_key(|(cost, _)| std::cmp::Reverse(*cost));
+    let slots: Vec<Mutex<Option<RowJob>>> =
+        jobs.into_iter().map(|(_, j)| Mutex::new(Some(j))).collect();
+    let next = AtomicUsize::new(0);
+    let running = AtomicUsize::new(0);
+    let sum = Mutex::new((None, [0u64; 5]));
+    let take = |i: usize| {
+        slots[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .expect("each job is taken once")
+    };
+    let add = |acc: Acc| {
+        let mut t = sum
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *t = merge(*t, acc);
+    };
+    let helpers = (threads - 1).min(slots.len().saturating_sub(1));
+    running.store(helpers, Ordering::SeqCst);
+    CALLS.fetch_add(1, Ordering::Release); // ends the helpers' linger (below)
+    pool.in_place_scope(|s| {
+        for _ in 0..helpers {
+            s.spawn(|_| {
+                let mut acc: Acc = (None, [0; 5]);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= slots.len() {
+                        break;
+                    }
+                    acc = merge(acc, run_job(params, input, take(i)));
+                }
+                add(acc);
+                running.fetch_sub(1, Ordering::Release);
+            });
+        }
+        let mut acc: Acc = (None, [0; 5]);
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= slots.len() {
+                break;
+            }
+            acc = merge(acc, run_job(params, input, take(i)));
+        }
+        add(acc);
+        // The queue is empty: at most one row per helper is left. Wait for it awake
+        // (up to 0.5 ms), then let the scope block.
+        let start = std::time::Instant::now();
+        let mut spins = 0u32;
+        while running.load(Ordering::Acquire) != 0 {
+            std::hint::spin_loop();
+            spins += 1;
+            if spins % 256 == 0 && start.elapsed() > std::time::Duration::from_micros(500) {
+                break;
+            }
+        }
+    });
+    linger(pool, helpers);
+    if longest_row(&layout) > KEEP_ROW_BUFFERS_UP_TO {
+        pool.broadcast(|_| BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default()));
+        BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default());
+    }
+    let (err, counts) = sum
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match err {
+        Some(e) => Err(e),
+        None => Ok(counts),
+    }
+}
+
+/// Calls of `run_here_and_on` so far (the helpers' linger watches it).
+static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How long a helper stays awake after a call, waiting for the next one.
+pub const LINGER: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// Keeps `helpers` pool threads awake (spinning) for up to `LINGER` after a call, or
+/// until the next call starts: a sleeping thread takes tens of microseconds to wake
+/// in a VM, which a loop of calls (a training step, a benchmark) would pay every call.
+/// The same policy as OpenMP runtimes' spin-wait (libgomp spins ~300k cycles); it
+/// costs at most `LINGER` of a core per call, and never delays the caller.
+fn linger(pool: &rayon::ThreadPool, helpers: usize) {
+    use std::sync::atomic::Ordering;
+    let call = CALLS.load(Ordering::Acquire);
+    for _ in 0..helpers {
+        pool.spawn(move || {
+            let start = std::time::Instant::now();
+            let mut spins = 0u32;
+            while CALLS.load(Ordering::Acquire) == call {
+                std::hint::spin_loop();
+                spins += 1;
+                if spins % 64 == 0 && start.elapsed() > LINGER {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+fn make_jobs<'a>(output: BatchOutput<'a>, layout: &Layout) -> Vec<RowJob<'a>> {
+    let masks = split_rows(output.mask, layout);
+    let reasons = split_optional(output.reason, layout);
+    let thresholds = split_optional(output.threshold, layout);
+    let gates = split_optional(output.gate, layout);
+    let budgets: Vec<Option<&mut f64>> = match output.row_budget {
+        Some(b) => b.iter_mut().map(Some).collect(),
+        None => (0..layout.num_rows()).map(|_| None).collect(),
+    };
+    masks
+        .into_iter()
+        .zip(reasons)
+        .zip(thresholds)
+        .zip(gates)
+        .zip(budgets)
+        .enumerate()
+        .map(
+            |(row, ((((mask, reason), threshold), gate), budget))| RowJob {
+                row,
+                split: false,
+                out: RowOutput {
+                    mask,
+                    reason,
+                    threshold,
+                    gate,
+                },
+                budget,
+            },
+        )
+        .collect()
 }
 
 /// Computes the mask for every row on the current rayon pool. Returns the number of
@@ -471,41 +642,16 @@ pub fn compute_batch_with(
     output: BatchOutput,
 ) -> Result<[u64; 5], BadValue> {
     let layout = input.layout;
-    let masks = split_rows(output.mask, &layout);
-    let reasons = split_optional(output.reason, &layout);
-    let thresholds = split_optional(output.threshold, &layout);
-    let gates = split_optional(output.gate, &layout);
-    let budgets: Vec<Option<&mut f64>> = match output.row_budget {
-        Some(b) => b.iter_mut().map(Some).collect(),
-        None => (0..layout.num_rows()).map(|_| None).collect(),
-    };
     let threads = match par {
         Parallelism::Serial => 1,
         Parallelism::Pool => rayon::current_num_threads(),
     };
     // Few rows for the pool: split long rows' Binary TV pass too (same results).
     let split = threads > 1 && layout.num_rows() < 64 * threads;
-    let mut jobs: Vec<RowJob> = masks
-        .into_iter()
-        .zip(reasons)
-        .zip(thresholds)
-        .zip(gates)
-        .zip(budgets)
-        .enumerate()
-        .map(
-            |(row, ((((mask, reason), threshold), gate), budget))| RowJob {
-                row,
-                split,
-                out: RowOutput {
-                    mask,
-                    reason,
-                    threshold,
-                    gate,
-                },
-                budget,
-            },
-        )
-        .collect();
+    let mut jobs = make_jobs(output, &layout);
+    for job in jobs.iter_mut() {
+        job.split = split;
+    }
 
     let (err, counts) = match par {
         Parallelism::Serial => jobs
@@ -568,4 +714,140 @@ fn run_queue(params: &Params, input: &BatchInput, jobs: Vec<RowJob>, threads: us
     total
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::{Divergence, PositionWeight};
+    use ndarray::{ArrayD, IxDyn};
+
+    fn params() -> Params {
+        Params {
+            delta: 0.15,
+            delta_b: 0.02,
+            w_min: 0.8,
+            horizon: 0,
+            adaptive_budget: true,
+            budget_quantile: 0.9,
+            budget_scale: 1.0,
+            budget_ceiling: 2.0,
+            position_weight: PositionWeight::Linear,
+            shuffle_seed: 0,
+            row_offset: 0,
+            prefix_budget: true,
+            divergence: Divergence::BinaryTv,
+        }
+    }
+
+    type Outputs = (
+        Vec<bool>,
+        Vec<i8>,
+        Vec<u64>,
+        Vec<u64>,
+        Vec<u64>,
+        Result<[u64; 5], BadValue>,
+    );
+
+    /// A right-padded batch with the given row lengths (cols = the longest); `bad`
+    /// puts a NaN log-prob at (row, 0).
+    fn run(lengths: &[usize], bad: &[usize], how: Option<usize>) -> Outputs {
+        let (rows, cols) = (lengths.len(), *lengths.iter().max().unwrap());
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let mut rnd = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let lq: Vec<f32> = (0..rows * cols).map(|_| -(3.0 * rnd()) as f32).collect();
+        let mut lp: Vec<f32> = lq
+            .iter()
+            .map(|&q| (q + (rnd() - 0.5) as f32).min(0.0))
+            .collect();
+        for &r in bad {
+            lp[r * cols] = f32::NAN;
+        }
+        let valid: Vec<bool> = (0..rows * cols)
+            .map(|i| i % cols < lengths[i / cols])
+            .collect();
+        let adv: Vec<f32> = (0..rows).map(|_| (rnd() - 0.5) as f32).collect();
+        let (lp, lq) = (
+            ArrayD::from_shape_vec(IxDyn(&[rows, cols]), lp).unwrap(),
+            ArrayD::from_shape_vec(IxDyn(&[rows, cols]), lq).unwrap(),
+        );
+        let adv = ArrayD::from_shape_vec(IxDyn(&[rows]), adv).unwrap();
+        let valid = ArrayD::from_shape_vec(IxDyn(&[rows, cols]), valid).unwrap();
+        let input = BatchInput {
+            layout: Layout::Padded { rows, cols },
+            log_probs: FloatView::F32(lp.view()),
+            old_log_probs: FloatView::F32(lq.view()),
+            advantages: FloatView::F32(adv.view()),
+            advantage_per_row: true,
+            valid: Some(MaskView::Bool(valid.view())),
+            divergence: None,
+        };
+        let n = rows * cols;
+        let (mut m, mut r, mut t, mut g, mut b) = (
+            vec![false; n],
+            vec![0i8; n],
+            vec![0.0; n],
+            vec![0.0; n],
+            vec![0.0; rows],
+        );
+        let output = BatchOutput {
+            mask: &mut m,
+            reason: Some(&mut r),
+            threshold: Some(&mut t),
+            gate: Some(&mut g),
+            row_budget: Some(&mut b),
+        };
+        let p = params();
+        let res = match how {
+            None => compute_batch_with(Parallelism::Serial, &p, &input, output),
+            Some(threads) => compute_batch_threads(threads, &p, &input, output).unwrap(),
+        };
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        (m, r, bits(&t), bits(&g), bits(&b), res)
+    }
+
+    #[test]
+    fn results_do_not_depend_on_threads_or_path() {
+        // Serial; the caller with helpers (many rows, few equal rows); the pool with
+        // split rows (one row above its share); small batches inline; bad values.
+        let many: Vec<usize> = (0..96).map(|i| 200 + (i * 37) % 500).collect();
+        let cases: Vec<(Vec<usize>, Vec<usize>)> = vec![
+            (many.clone(), vec![]),
+            (vec![9000, 8000, 12000, 7000, 11000, 9500], vec![]),
+            (vec![40000, 1000, 2000, 500], vec![]),
+            (vec![50000], vec![]),
+            (vec![30, 70, 5], vec![]),
+            (many, vec![70, 12]),
+            (vec![40000, 1000, 2000, 500], vec![3, 1]),
+        ];
+        for (lengths, bad) in cases {
+            let want = run(&lengths, &bad, None);
+            assert_eq!(want.5.is_err(), !bad.is_empty());
+            if let Err(e) = want.5 {
+                assert_eq!(e.row, *bad.iter().min().unwrap());
+            }
+            for threads in [1, 2, 3, 0] {
+                for _ in 0..3 {
+                    let got = run(&lengths, &bad, Some(threads));
+                    assert_eq!(got.0, want.0, "mask");
+                    assert_eq!(got.1, want.1, "reason");
+                    assert_eq!(got.2, want.2, "threshold");
+                    assert_eq!(got.3, want.3, "gate");
+                    assert_eq!(got.4, want.4, "budget");
+                    // (Debug: the bad value is a NaN)
+                    assert_eq!(
+                        format!("{:?}", got.5),
+                        format!("{:?}", want.5),
+                        "{threads} threads, lengths {:?}",
+                        &lengths[..lengths.len().min(6)]
+                    );
+                }
+            }
+        }
+    }
 }

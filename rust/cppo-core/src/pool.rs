@@ -205,16 +205,15 @@ pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Re
     Ok(pool.install(f))
 }
 
-/// Like [`with_threads`], but with `here` runs `f` on the calling thread instead (for
-/// work too small to hand over). The pool is still found or started, so a count whose
-/// threads cannot start is an error whatever the size of the work.
-pub fn with_threads_or_here<R: Send>(
+/// Calls `f` on the calling thread with the pool of `threads` workers (0: the default
+/// pool), found or started as for [`with_threads`]: `f` decides what runs where (e.g.
+/// `in_place_scope`, with the caller working too).
+pub fn with_pool<R>(
     threads: usize,
-    here: bool,
-    f: impl FnOnce() -> R + Send,
+    f: impl FnOnce(&rayon::ThreadPool) -> R,
 ) -> Result<R, PoolError> {
     let pool = pool_for(threads)?;
-    Ok(if here { f() } else { pool.install(f) })
+    Ok(f(pool.pool.as_ref().expect("pool present until dropped")))
 }
 
 #[cfg(test)]
