@@ -13,8 +13,8 @@ use ndarray::{s, ArrayView1, ArrayViewD, Axis, Ix1, Slice};
 
 use crate::params::Params;
 use crate::row::{
-    compute_row, sized, valid_window, Advantage, BadValue, RowInput, RowOutput, RowSummary,
-    Scratch, SPLIT_CHUNK,
+    compute_row, compute_row_deferred, sized, valid_window, Advantage, BadValue, RowInput,
+    RowOutput, RowSummary, Scratch, SPLIT_CHUNK,
 };
 pub use crate::views::{FloatView, MaskView};
 
@@ -165,6 +165,8 @@ struct RowBuffers {
 
 thread_local! {
     static BUFFERS: RefCell<RowBuffers> = RefCell::new(RowBuffers::default());
+    /// The second row of a pair (`run_pair`).
+    static SECOND_BUFFERS: RefCell<RowBuffers> = RefCell::new(RowBuffers::default());
 }
 
 /// Rows up to this many tokens keep their per-thread buffers between calls (at most
@@ -183,9 +185,15 @@ fn longest_row(layout: &Layout) -> usize {
     }
 }
 
+/// Frees this thread's row buffers.
+fn free_buffers() {
+    BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default());
+    SECOND_BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default());
+}
+
 /// Frees the row buffers of every thread of the current rayon pool.
 fn release_row_buffers() {
-    rayon::broadcast(|_| BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default()));
+    rayon::broadcast(|_| free_buffers());
 }
 
 struct RowJob<'a> {
@@ -239,18 +247,83 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
     // a split row's Binary TV pass waits in rayon's `join`, where this thread may run
     // another row's job (work stealing); that nested row then starts from empty buffers
     // instead of finding them borrowed.
+    let mut job = job;
     let mut b = BUFFERS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-    let result = run_row_with(params, input, job, &mut b);
+    let result = run_row_with(params, input, &mut job, &mut b, false).map(|(s, _)| s);
     BUFFERS.with(|cell| *cell.borrow_mut() = b);
     result
 }
 
+/// Two rows on this thread. Mask-only rows leave their scans pending and finish them
+/// together (`row::scan_mask_pair`: the two rows' prefix-sum chains overlap); the bits
+/// are those of `run_row`.
+fn run_pair(params: &Params, input: &BatchInput, a: RowJob, b: RowJob) -> Acc {
+    let (mut a, mut b) = (a, b);
+    let mut ba = BUFFERS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    let mut bb = SECOND_BUFFERS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    let ra = run_row_with(params, input, &mut a, &mut ba, true);
+    let rb = run_row_with(params, input, &mut b, &mut bb, true);
+    let pending = |job: &RowJob, r: &Result<(RowSummary, Option<Range<usize>>), BadValue>| match r {
+        Ok((s, Some(w))) => Some((s.budget, w.clone(), job.row)),
+        _ => None,
+    };
+    let (pa, pb) = (pending(&a, &ra), pending(&b, &rb));
+    {
+        match (
+            pending_scan(input, pa, &mut a, &mut ba),
+            pending_scan(input, pb, &mut b, &mut bb),
+        ) {
+            (Some(x), Some(y)) => crate::row::scan_mask_pair(params, x, y),
+            (Some(x), None) | (None, Some(x)) => crate::row::scan_mask_one(params, x),
+            (None, None) => {}
+        }
+    }
+    BUFFERS.with(|cell| *cell.borrow_mut() = ba);
+    SECOND_BUFFERS.with(|cell| *cell.borrow_mut() = bb);
+    let acc = |r: Result<(RowSummary, Option<Range<usize>>), BadValue>| match r {
+        Ok((s, _)) => (None, s.counts),
+        Err(e) => (Some(e), [0; 5]),
+    };
+    merge(acc(ra), acc(rb))
+}
+
+/// The pending scan of a row left by `run_row_with(.., defer = true)`: its valid flags
+/// are where `run_row_with` read them (in place, or in `buf`).
+fn pending_scan<'v>(
+    input: &'v BatchInput,
+    pending: Option<(f64, Range<usize>, usize)>,
+    job: &'v mut RowJob,
+    buf: &'v mut RowBuffers,
+) -> Option<crate::row::PendingScan<'v>> {
+    let (budget, w, r) = pending?;
+    let len = job.out.mask.len();
+    let RowBuffers { valid, scratch, .. } = buf;
+    let in_place = match &input.valid {
+        Some(MaskView::Bool(v)) => row_of(v, &input.layout, r).to_slice(),
+        _ => None,
+    };
+    let valid: &[u8] = match in_place {
+        // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
+        Some(s) => unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) },
+        None => &valid[..len],
+    };
+    Some(crate::row::PendingScan {
+        valid: &valid[w.clone()],
+        scratch,
+        budget,
+        mask: &mut job.out.mask[w],
+    })
+}
+
+/// One row into `b`; with `defer`, a mask-only row's scan is left pending and its
+/// window returned (`row::compute_row_deferred`).
 fn run_row_with(
     params: &Params,
     input: &BatchInput,
-    job: RowJob,
+    job: &mut RowJob,
     b: &mut RowBuffers,
-) -> Result<RowSummary, BadValue> {
+    defer: bool,
+) -> Result<(RowSummary, Option<Range<usize>>), BadValue> {
     {
         let RowBuffers {
             log_probs,
@@ -288,25 +361,31 @@ fn run_row_with(
             }
             None => None,
         };
-        let out = job.out;
+        let out = RowOutput {
+            mask: &mut *job.out.mask,
+            reason: job.out.reason.as_deref_mut(),
+            threshold: job.out.threshold.as_deref_mut(),
+            gate: job.out.gate.as_deref_mut(),
+        };
+        let split = job.split;
         macro_rules! run {
-            ($lp:expr, $lq:expr) => {
-                compute_row(
-                    params,
-                    r,
-                    &RowInput {
-                        valid,
-                        window: window.clone(),
-                        log_probs: $lp,
-                        old_log_probs: $lq,
-                        advantages,
-                        divergence,
-                        split: job.split,
-                    },
-                    scratch,
-                    out,
-                )
-            };
+            ($lp:expr, $lq:expr) => {{
+                let input = RowInput {
+                    valid,
+                    window: window.clone(),
+                    log_probs: $lp,
+                    old_log_probs: $lq,
+                    advantages,
+                    divergence,
+                    split,
+                };
+                if defer {
+                    compute_row_deferred(params, r, &input, scratch, out)
+                        .map(|(s, p)| (s, p.then(|| window.clone())))
+                } else {
+                    compute_row(params, r, &input, scratch, out).map(|s| (s, None))
+                }
+            }};
         }
         // Contiguous log-probs of one dtype are read in place; others are widened into
         // float64 row buffers first.
@@ -346,8 +425,8 @@ fn run_row_with(
                 run!(&log_probs[..n], &old_log_probs[..n])
             }
         }?;
-        if let Some(slot) = job.budget {
-            *slot = summary.budget;
+        if let Some(slot) = job.budget.as_deref_mut() {
+            *slot = summary.0.budget;
         }
         Ok(summary)
     }
@@ -472,31 +551,33 @@ fn run_here_and_on(
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *t = merge(*t, acc);
     };
-    let helpers = (threads - 1).min(slots.len().saturating_sub(1));
+    // Rows two at a time (neighbours in the order: similar lengths), their scans
+    // interleaved (`run_pair`).
+    let step = || {
+        let i = next.fetch_add(2, Ordering::Relaxed);
+        match slots.len() - i.min(slots.len()) {
+            0 => None,
+            1 => Some(run_job(params, input, take(i))),
+            _ => Some(run_pair(params, input, take(i), take(i + 1))),
+        }
+    };
+    let helpers = (threads - 1).min(slots.len().div_ceil(2).saturating_sub(1));
     running.store(helpers, Ordering::SeqCst);
     CALLS.fetch_add(1, Ordering::Release); // ends the helpers' linger (below)
     pool.in_place_scope(|s| {
         for _ in 0..helpers {
             s.spawn(|_| {
                 let mut acc: Acc = (None, [0; 5]);
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= slots.len() {
-                        break;
-                    }
-                    acc = merge(acc, run_job(params, input, take(i)));
+                while let Some(r) = step() {
+                    acc = merge(acc, r);
                 }
                 add(acc);
                 running.fetch_sub(1, Ordering::Release);
             });
         }
         let mut acc: Acc = (None, [0; 5]);
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= slots.len() {
-                break;
-            }
-            acc = merge(acc, run_job(params, input, take(i)));
+        while let Some(r) = step() {
+            acc = merge(acc, r);
         }
         add(acc);
         // The queue is empty: at most one row per helper is left. Wait for it awake
@@ -513,8 +594,8 @@ fn run_here_and_on(
     });
     linger(pool, helpers);
     if longest_row(&layout) > KEEP_ROW_BUFFERS_UP_TO {
-        pool.broadcast(|_| BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default()));
-        BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default());
+        pool.broadcast(|_| free_buffers());
+        free_buffers();
     }
     let (err, counts) = sum
         .into_inner()
@@ -654,10 +735,18 @@ pub fn compute_batch_with(
     }
 
     let (err, counts) = match par {
-        Parallelism::Serial => jobs
-            .into_iter()
-            .map(|job| run_job(params, input, job))
-            .fold((None, [0; 5]), merge),
+        Parallelism::Serial => {
+            let mut acc: Acc = (None, [0; 5]);
+            let mut rows = jobs.into_iter();
+            while let Some(a) = rows.next() {
+                let r = match rows.next() {
+                    Some(b) => run_pair(params, input, a, b),
+                    None => run_job(params, input, a),
+                };
+                acc = merge(acc, r);
+            }
+            acc
+        }
         Parallelism::Pool => {
             if split {
                 // Few rows: longest first, so the last rows to start are short and the
@@ -669,7 +758,7 @@ pub fn compute_batch_with(
     };
     if longest_row(&layout) > KEEP_ROW_BUFFERS_UP_TO {
         match par {
-            Parallelism::Serial => BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default()),
+            Parallelism::Serial => free_buffers(),
             Parallelism::Pool => release_row_buffers(),
         }
     }
@@ -751,7 +840,10 @@ mod tests {
 
     /// A right-padded batch with the given row lengths (cols = the longest); `bad`
     /// puts a NaN log-prob at (row, 0).
-    fn run(lengths: &[usize], bad: &[usize], how: Option<usize>) -> Outputs {
+    /// `how`: None runs row by row (`compute_batch` on a one-thread pool, no pairs),
+    /// Some(threads) `compute_batch_threads`; `info`: reasons, thresholds and gates too
+    /// (else the mask-only path, whose scans run in pairs).
+    fn run(lengths: &[usize], bad: &[usize], how: Option<usize>, info: bool) -> Outputs {
         let (rows, cols) = (lengths.len(), *lengths.iter().max().unwrap());
         let mut state = 0x9e3779b97f4a7c15u64;
         let mut rnd = || {
@@ -797,14 +889,14 @@ mod tests {
         );
         let output = BatchOutput {
             mask: &mut m,
-            reason: Some(&mut r),
-            threshold: Some(&mut t),
-            gate: Some(&mut g),
+            reason: info.then_some(&mut r[..]),
+            threshold: info.then_some(&mut t[..]),
+            gate: info.then_some(&mut g[..]),
             row_budget: Some(&mut b),
         };
         let p = params();
         let res = match how {
-            None => compute_batch_with(Parallelism::Serial, &p, &input, output),
+            None => crate::pool::with_threads(1, || compute_batch(&p, &input, output)).unwrap(),
             Some(threads) => compute_batch_threads(threads, &p, &input, output).unwrap(),
         };
         let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -813,7 +905,7 @@ mod tests {
 
     #[test]
     fn results_do_not_depend_on_threads_or_path() {
-        // Serial; the caller with helpers (many rows, few equal rows); the pool with
+        // Row by row; serial (pairs); the caller with helpers (many rows, few equal rows); the pool with
         // split rows (one row above its share); small batches inline; bad values.
         let many: Vec<usize> = (0..96).map(|i| 200 + (i * 37) % 500).collect();
         let cases: Vec<(Vec<usize>, Vec<usize>)> = vec![
@@ -825,15 +917,18 @@ mod tests {
             (many, vec![70, 12]),
             (vec![40000, 1000, 2000, 500], vec![3, 1]),
         ];
-        for (lengths, bad) in cases {
-            let want = run(&lengths, &bad, None);
+        for ((lengths, bad), info) in cases
+            .into_iter()
+            .flat_map(|c| [(c.clone(), true), (c, false)])
+        {
+            let want = run(&lengths, &bad, None, info);
             assert_eq!(want.5.is_err(), !bad.is_empty());
             if let Err(e) = want.5 {
                 assert_eq!(e.row, *bad.iter().min().unwrap());
             }
             for threads in [1, 2, 3, 0] {
                 for _ in 0..3 {
-                    let got = run(&lengths, &bad, Some(threads));
+                    let got = run(&lengths, &bad, Some(threads), info);
                     assert_eq!(got.0, want.0, "mask");
                     assert_eq!(got.1, want.1, "reason");
                     assert_eq!(got.2, want.2, "threshold");
