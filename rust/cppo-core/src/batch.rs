@@ -552,16 +552,25 @@ fn run_here_and_on(
         *t = merge(*t, acc);
     };
     // Rows two at a time (neighbours in the order: similar lengths), their scans
-    // interleaved (`run_pair`).
-    let step = || {
-        let i = next.fetch_add(2, Ordering::Relaxed);
-        match slots.len() - i.min(slots.len()) {
-            0 => None,
-            1 => Some(run_job(params, input, take(i))),
-            _ => Some(run_pair(params, input, take(i), take(i + 1))),
+    // interleaved (`run_pair`), while at least 4 rows per thread are left; then one
+    // at a time, so that the last (shortest) rows balance the threads.
+    let step = || loop {
+        let i = next.load(Ordering::Relaxed);
+        if i >= slots.len() {
+            return None;
+        }
+        let k = if slots.len() - i >= 4 * threads { 2 } else { 1 };
+        if next
+            .compare_exchange_weak(i, i + k, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            return Some(match k {
+                2 => run_pair(params, input, take(i), take(i + 1)),
+                _ => run_job(params, input, take(i)),
+            });
         }
     };
-    let helpers = (threads - 1).min(slots.len().div_ceil(2).saturating_sub(1));
+    let helpers = (threads - 1).min(slots.len().saturating_sub(1));
     running.store(helpers, Ordering::SeqCst);
     CALLS.fetch_add(1, Ordering::Release); // ends the helpers' linger (below)
     pool.in_place_scope(|s| {
