@@ -5,9 +5,8 @@
 
 use std::time::Instant;
 
-use cppo_core::batch::{compute_batch, BatchInput, BatchOutput, Layout};
+use cppo_core::batch::{compute_batch_threads, BatchInput, BatchOutput, Layout};
 use cppo_core::params::{Divergence, Params, PositionWeight};
-use cppo_core::pool::with_threads;
 use cppo_core::views::{FloatView, MaskView};
 use ndarray::{ArrayD, IxDyn};
 
@@ -136,7 +135,7 @@ fn main() {
                     row_budget: Some(&mut budget),
                 };
                 let t0 = Instant::now();
-                with_threads(threads, || compute_batch(&p, &input, output))
+                compute_batch_threads(threads, &p, &input, output)
                     .unwrap()
                     .unwrap();
                 let dt = t0.elapsed().as_secs_f64();

@@ -10,11 +10,11 @@ use half::bf16;
 use std::ops::Range;
 
 use ndarray::{s, ArrayView1, ArrayViewD, Axis, Ix1, Slice};
-use rayon::prelude::*;
 
 use crate::params::Params;
 use crate::row::{
-    compute_row, sized, valid_window, Advantage, BadValue, RowInput, RowOutput, RowSummary, Scratch,
+    compute_row, compute_row_deferred, sized, valid_window, Advantage, BadValue, RowInput,
+    RowOutput, RowSummary, Scratch, SPLIT_CHUNK,
 };
 pub use crate::views::{FloatView, MaskView};
 
@@ -165,6 +165,8 @@ struct RowBuffers {
 
 thread_local! {
     static BUFFERS: RefCell<RowBuffers> = RefCell::new(RowBuffers::default());
+    /// The second row of a pair (`run_pair`).
+    static SECOND_BUFFERS: RefCell<RowBuffers> = RefCell::new(RowBuffers::default());
 }
 
 /// Rows up to this many tokens keep their per-thread buffers between calls (at most
@@ -183,9 +185,15 @@ fn longest_row(layout: &Layout) -> usize {
     }
 }
 
+/// Frees this thread's row buffers.
+fn free_buffers() {
+    BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default());
+    SECOND_BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default());
+}
+
 /// Frees the row buffers of every thread of the current rayon pool.
 fn release_row_buffers() {
-    rayon::broadcast(|_| BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default()));
+    rayon::broadcast(|_| free_buffers());
 }
 
 struct RowJob<'a> {
@@ -235,8 +243,88 @@ fn contiguous_pair<'v, T>(
 }
 
 fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummary, BadValue> {
-    BUFFERS.with(|cell| {
-        let mut b = cell.borrow_mut();
+    // The buffers are taken out of the thread-local for the row and put back after it:
+    // a split row's Binary TV pass waits in rayon's `join`, where this thread may run
+    // another row's job (work stealing); that nested row then starts from empty buffers
+    // instead of finding them borrowed.
+    let mut job = job;
+    let mut b = BUFFERS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    let result = run_row_with(params, input, &mut job, &mut b, false).map(|(s, _)| s);
+    BUFFERS.with(|cell| *cell.borrow_mut() = b);
+    result
+}
+
+/// Two rows on this thread. Mask-only rows leave their scans pending and finish them
+/// together (`row::scan_mask_pair`: the two rows' prefix-sum chains overlap); the bits
+/// are those of `run_row`.
+fn run_pair(params: &Params, input: &BatchInput, a: RowJob, b: RowJob) -> Acc {
+    let (mut a, mut b) = (a, b);
+    let mut ba = BUFFERS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    let mut bb = SECOND_BUFFERS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    let ra = run_row_with(params, input, &mut a, &mut ba, true);
+    let rb = run_row_with(params, input, &mut b, &mut bb, true);
+    let pending = |job: &RowJob, r: &Result<(RowSummary, Option<Range<usize>>), BadValue>| match r {
+        Ok((s, Some(w))) => Some((s.budget, w.clone(), job.row)),
+        _ => None,
+    };
+    let (pa, pb) = (pending(&a, &ra), pending(&b, &rb));
+    {
+        match (
+            pending_scan(input, pa, &mut a, &mut ba),
+            pending_scan(input, pb, &mut b, &mut bb),
+        ) {
+            (Some(x), Some(y)) => crate::row::scan_mask_pair(params, x, y),
+            (Some(x), None) | (None, Some(x)) => crate::row::scan_mask_one(params, x),
+            (None, None) => {}
+        }
+    }
+    BUFFERS.with(|cell| *cell.borrow_mut() = ba);
+    SECOND_BUFFERS.with(|cell| *cell.borrow_mut() = bb);
+    let acc = |r: Result<(RowSummary, Option<Range<usize>>), BadValue>| match r {
+        Ok((s, _)) => (None, s.counts),
+        Err(e) => (Some(e), [0; 5]),
+    };
+    merge(acc(ra), acc(rb))
+}
+
+/// The pending scan of a row left by `run_row_with(.., defer = true)`: its valid flags
+/// are where `run_row_with` read them (in place, or in `buf`).
+fn pending_scan<'v>(
+    input: &'v BatchInput,
+    pending: Option<(f64, Range<usize>, usize)>,
+    job: &'v mut RowJob,
+    buf: &'v mut RowBuffers,
+) -> Option<crate::row::PendingScan<'v>> {
+    let (budget, w, r) = pending?;
+    let len = job.out.mask.len();
+    let RowBuffers { valid, scratch, .. } = buf;
+    let in_place = match &input.valid {
+        Some(MaskView::Bool(v)) => row_of(v, &input.layout, r).to_slice(),
+        _ => None,
+    };
+    let valid: &[u8] = match in_place {
+        // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
+        Some(s) => unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) },
+        None => &valid[..len],
+    };
+    Some(crate::row::PendingScan {
+        valid: &valid[w.clone()],
+        scratch,
+        budget,
+        mask: &mut job.out.mask[w],
+    })
+}
+
+/// One row into `b`; with `defer`, a mask-only row's scan is left pending and its
+/// window returned (`row::compute_row_deferred`).
+fn run_row_with(
+    params: &Params,
+    input: &BatchInput,
+    job: &mut RowJob,
+    b: &mut RowBuffers,
+    defer: bool,
+) -> Result<(RowSummary, Option<Range<usize>>), BadValue> {
+    {
         let RowBuffers {
             log_probs,
             old_log_probs,
@@ -244,7 +332,7 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
             divergence,
             valid,
             scratch,
-        } = &mut *b;
+        } = b;
         let layout = &input.layout;
         let r = job.row;
         let len = job.out.mask.len();
@@ -273,25 +361,31 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
             }
             None => None,
         };
-        let out = job.out;
+        let out = RowOutput {
+            mask: &mut *job.out.mask,
+            reason: job.out.reason.as_deref_mut(),
+            threshold: job.out.threshold.as_deref_mut(),
+            gate: job.out.gate.as_deref_mut(),
+        };
+        let split = job.split;
         macro_rules! run {
-            ($lp:expr, $lq:expr) => {
-                compute_row(
-                    params,
-                    r,
-                    &RowInput {
-                        valid,
-                        window: window.clone(),
-                        log_probs: $lp,
-                        old_log_probs: $lq,
-                        advantages,
-                        divergence,
-                        split: job.split,
-                    },
-                    scratch,
-                    out,
-                )
-            };
+            ($lp:expr, $lq:expr) => {{
+                let input = RowInput {
+                    valid,
+                    window: window.clone(),
+                    log_probs: $lp,
+                    old_log_probs: $lq,
+                    advantages,
+                    divergence,
+                    split,
+                };
+                if defer {
+                    compute_row_deferred(params, r, &input, scratch, out)
+                        .map(|(s, p)| (s, p.then(|| window.clone())))
+                } else {
+                    compute_row(params, r, &input, scratch, out).map(|s| (s, None))
+                }
+            }};
         }
         // Contiguous log-probs of one dtype are read in place; others are widened into
         // float64 row buffers first.
@@ -331,11 +425,11 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
                 run!(&log_probs[..n], &old_log_probs[..n])
             }
         }?;
-        if let Some(slot) = job.budget {
-            *slot = summary.budget;
+        if let Some(slot) = job.budget.as_deref_mut() {
+            *slot = summary.0.budget;
         }
         Ok(summary)
-    })
+    }
 }
 
 /// bfloat16 bit patterns (stored as int16) viewed as `half::bf16`.
@@ -345,25 +439,221 @@ fn as_bf16(bits: &[i16]) -> &[bf16] {
     unsafe { std::slice::from_raw_parts(bits.as_ptr().cast::<bf16>(), bits.len()) }
 }
 
-/// Computes the mask for every row (in parallel on the current rayon pool). Returns the
-/// number of positions with each reason code, or the bad value with the smallest row.
-pub fn compute_batch(
+/// How `compute_batch_with` runs a batch's rows. Row results do not depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parallelism {
+    /// On the calling thread, one row after the other: no rayon at all (a parallel
+    /// iterator outside a pool would run on rayon's global pool).
+    Serial,
+    /// On the current rayon pool (call it inside `ThreadPool::install`).
+    Pool,
+}
+
+/// Batches of at most this many (padded or packed) tokens run on the calling thread
+/// whatever the thread count: below it, handing the work to a pool and waiting for it
+/// costs more than the rows (~2.5 ns a token on one core against tens of microseconds
+/// for a pool's wake-up).
+pub const INLINE_TOKENS: usize = 1 << 15;
+
+fn total_tokens(layout: &Layout) -> usize {
+    match layout {
+        Layout::Padded { rows, cols } => rows * cols,
+        Layout::Packed { offsets } => match (offsets.first(), offsets.last()) {
+            (Some(&a), Some(&b)) => (b - a) as usize,
+            _ => 0,
+        },
+    }
+}
+
+/// Computes the mask for every row with `threads` threads (0: the default pool, one
+/// per core; see `pool`). One thread or a small batch (`INLINE_TOKENS`) runs on the
+/// calling thread (the pool is still started, so that a count whose threads cannot
+/// start fails whatever the batch). Otherwise the calling thread works as one of the
+/// `threads` workers (`run_here_and_on`). The results are the same either way.
+pub fn compute_batch_threads(
+    threads: usize,
     params: &Params,
     input: &BatchInput,
     output: BatchOutput,
+) -> Result<Result<[u64; 5], BadValue>, crate::pool::PoolError> {
+    if threads == 1 {
+        return Ok(compute_batch_with(
+            Parallelism::Serial,
+            params,
+            input,
+            output,
+        ));
+    }
+    let here = total_tokens(&input.layout) <= INLINE_TOKENS;
+    crate::pool::with_pool(threads, |pool| {
+        let threads = pool.current_num_threads();
+        if here || threads == 1 {
+            return compute_batch_with(Parallelism::Serial, params, input, output);
+        }
+        // A row above 5/4 of a thread's share (few long rows) needs its Binary TV pass
+        // split over the pool: then the pool runs the call (`compute_batch_with`
+        // splits long rows when rows are few; the split never changes a result).
+        let costs: Vec<usize> = (0..input.layout.num_rows())
+            .map(|r| row_cost(input, r))
+            .collect();
+        let total: usize = costs.iter().sum();
+        let needs_split = costs
+            .iter()
+            .any(|&c| c >= 2 * SPLIT_CHUNK && 4 * threads * c > 5 * total);
+        if needs_split {
+            pool.install(|| compute_batch_with(Parallelism::Pool, params, input, output))
+        } else {
+            run_here_and_on(pool, params, input, output, &costs)
+        }
+    })
+}
+
+/// The rows of a batch on `pool` with the calling thread as one of its workers:
+/// `threads - 1` pool threads and the caller take jobs from one queue, longest rows
+/// first. Handing a call to a pool and sleeping until it is done costs two thread
+/// wake-ups (tens of microseconds each in a VM) in series with the work; here the
+/// caller starts at once, the pool threads join as they wake, and the caller waits
+/// for the last of them spinning (bounded) rather than asleep.
+///
+/// No row is split here (the caller's thread is not in the pool).
+fn run_here_and_on(
+    pool: &rayon::ThreadPool,
+    params: &Params,
+    input: &BatchInput,
+    output: BatchOutput,
+    costs: &[usize],
 ) -> Result<[u64; 5], BadValue> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let threads = pool.current_num_threads();
     let layout = input.layout;
-    let masks = split_rows(output.mask, &layout);
-    let reasons = split_optional(output.reason, &layout);
-    let thresholds = split_optional(output.threshold, &layout);
-    let gates = split_optional(output.gate, &layout);
+    let mut jobs: Vec<(usize, RowJob)> = make_jobs(output, &layout)
+        .into_iter()
+        .map(|j| (costs[j.row], j))
+        .collect();
+    // Longest first (stable: ties keep the row order).
+    jobs.sort_by_key(|(cost, _)| std::cmp::Reverse(*cost));
+    let slots: Vec<Mutex<Option<RowJob>>> =
+        jobs.into_iter().map(|(_, j)| Mutex::new(Some(j))).collect();
+    let next = AtomicUsize::new(0);
+    let running = AtomicUsize::new(0);
+    let sum = Mutex::new((None, [0u64; 5]));
+    let take = |i: usize| {
+        slots[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .expect("each job is taken once")
+    };
+    let add = |acc: Acc| {
+        let mut t = sum
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *t = merge(*t, acc);
+    };
+    // Rows two at a time (neighbours in the order: similar lengths), their scans
+    // interleaved (`run_pair`), while at least 4 rows per thread are left; then one
+    // at a time, so that the last (shortest) rows balance the threads.
+    let step = || loop {
+        let i = next.load(Ordering::Relaxed);
+        if i >= slots.len() {
+            return None;
+        }
+        let k = if slots.len() - i >= 4 * threads { 2 } else { 1 };
+        if next
+            .compare_exchange_weak(i, i + k, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            return Some(match k {
+                2 => run_pair(params, input, take(i), take(i + 1)),
+                _ => run_job(params, input, take(i)),
+            });
+        }
+    };
+    let helpers = (threads - 1).min(slots.len().saturating_sub(1));
+    running.store(helpers, Ordering::SeqCst);
+    CALLS.fetch_add(1, Ordering::Release); // ends the helpers' linger (below)
+    pool.in_place_scope(|s| {
+        for _ in 0..helpers {
+            s.spawn(|_| {
+                let mut acc: Acc = (None, [0; 5]);
+                while let Some(r) = step() {
+                    acc = merge(acc, r);
+                }
+                add(acc);
+                running.fetch_sub(1, Ordering::Release);
+            });
+        }
+        let mut acc: Acc = (None, [0; 5]);
+        while let Some(r) = step() {
+            acc = merge(acc, r);
+        }
+        add(acc);
+        // The queue is empty: at most one row per helper is left. Wait for it awake
+        // (up to 0.5 ms), then let the scope block.
+        let start = std::time::Instant::now();
+        let mut spins = 0u32;
+        while running.load(Ordering::Acquire) != 0 {
+            std::hint::spin_loop();
+            spins += 1;
+            if spins % 256 == 0 && start.elapsed() > std::time::Duration::from_micros(500) {
+                break;
+            }
+        }
+    });
+    linger(pool, helpers);
+    if longest_row(&layout) > KEEP_ROW_BUFFERS_UP_TO {
+        pool.broadcast(|_| free_buffers());
+        free_buffers();
+    }
+    let (err, counts) = sum
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match err {
+        Some(e) => Err(e),
+        None => Ok(counts),
+    }
+}
+
+/// Calls of `run_here_and_on` so far (the helpers' linger watches it).
+static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How long a helper stays awake after a call, waiting for the next one.
+pub const LINGER: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// Keeps `helpers` pool threads awake (spinning) for up to `LINGER` after a call, or
+/// until the next call starts: a sleeping thread takes tens of microseconds to wake
+/// in a VM, which a loop of calls (a training step, a benchmark) would pay every call.
+/// The same policy as OpenMP runtimes' spin-wait (libgomp spins ~300k cycles); it
+/// costs at most `LINGER` of a core per call, and never delays the caller.
+fn linger(pool: &rayon::ThreadPool, helpers: usize) {
+    use std::sync::atomic::Ordering;
+    let call = CALLS.load(Ordering::Acquire);
+    for _ in 0..helpers {
+        pool.spawn(move || {
+            let start = std::time::Instant::now();
+            let mut spins = 0u32;
+            while CALLS.load(Ordering::Acquire) == call {
+                std::hint::spin_loop();
+                spins += 1;
+                if spins % 64 == 0 && start.elapsed() > LINGER {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+fn make_jobs<'a>(output: BatchOutput<'a>, layout: &Layout) -> Vec<RowJob<'a>> {
+    let masks = split_rows(output.mask, layout);
+    let reasons = split_optional(output.reason, layout);
+    let thresholds = split_optional(output.threshold, layout);
+    let gates = split_optional(output.gate, layout);
     let budgets: Vec<Option<&mut f64>> = match output.row_budget {
         Some(b) => b.iter_mut().map(Some).collect(),
         None => (0..layout.num_rows()).map(|_| None).collect(),
     };
-    // Few rows for the pool: split long rows' Binary TV pass too (same results).
-    let split = layout.num_rows() < 64 * rayon::current_num_threads();
-    let jobs: Vec<RowJob> = masks
+    masks
         .into_iter()
         .zip(reasons)
         .zip(thresholds)
@@ -373,7 +663,7 @@ pub fn compute_batch(
         .map(
             |(row, ((((mask, reason), threshold), gate), budget))| RowJob {
                 row,
-                split,
+                split: false,
                 out: RowOutput {
                     mask,
                     reason,
@@ -383,33 +673,146 @@ pub fn compute_batch(
                 budget,
             },
         )
-        .collect();
+        .collect()
+}
 
-    type Acc = (Option<BadValue>, [u64; 5]);
-    let merge = |a: Acc, b: Acc| -> Acc {
-        let err = match (a.0, b.0) {
-            (Some(x), Some(y)) => Some(if x.row <= y.row { x } else { y }),
-            (x, y) => x.or(y),
-        };
-        let mut counts = a.1;
-        for (c, d) in counts.iter_mut().zip(b.1) {
-            *c += d;
+/// Computes the mask for every row on the current rayon pool. Returns the number of
+/// positions with each reason code, or the bad value with the smallest row.
+pub fn compute_batch(
+    params: &Params,
+    input: &BatchInput,
+    output: BatchOutput,
+) -> Result<[u64; 5], BadValue> {
+    compute_batch_with(Parallelism::Pool, params, input, output)
+}
+
+/// The work of a row, for ordering jobs longest first: the length of its valid window
+/// where that is cheap to find (contiguous bool masks), else its length.
+fn row_cost(input: &BatchInput, r: usize) -> usize {
+    let layout = &input.layout;
+    if let Some(MaskView::Bool(v)) = &input.valid {
+        if let Some(s) = row_of(v, layout, r).to_slice() {
+            // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
+            let s = unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) };
+            return valid_window(s).len();
         }
-        (err, counts)
+    }
+    let (start, end) = layout.bounds(r);
+    end - start
+}
+
+type Acc = (Option<BadValue>, [u64; 5]);
+
+fn merge(a: Acc, b: Acc) -> Acc {
+    let err = match (a.0, b.0) {
+        (Some(x), Some(y)) => Some(if x.row <= y.row { x } else { y }),
+        (x, y) => x.or(y),
     };
-    let (err, counts) = jobs
-        .into_par_iter()
-        .with_max_len(1)
-        .map(|job| match run_row(params, input, job) {
-            Ok(s) => (None, s.counts),
-            Err(e) => (Some(e), [0; 5]),
-        })
-        .reduce(|| (None, [0; 5]), merge);
+    let mut counts = a.1;
+    for (c, d) in counts.iter_mut().zip(b.1) {
+        *c += d;
+    }
+    (err, counts)
+}
+
+fn run_job(params: &Params, input: &BatchInput, job: RowJob) -> Acc {
+    match run_row(params, input, job) {
+        Ok(s) => (None, s.counts),
+        Err(e) => (Some(e), [0; 5]),
+    }
+}
+
+/// Computes the mask for every row, serially on the calling thread or on the current
+/// rayon pool. Returns the number of positions with each reason code, or the bad value
+/// with the smallest row (the same whatever `par` and the thread count).
+pub fn compute_batch_with(
+    par: Parallelism,
+    params: &Params,
+    input: &BatchInput,
+    output: BatchOutput,
+) -> Result<[u64; 5], BadValue> {
+    let layout = input.layout;
+    let threads = match par {
+        Parallelism::Serial => 1,
+        Parallelism::Pool => rayon::current_num_threads(),
+    };
+    // Few rows for the pool: split long rows' Binary TV pass too (same results).
+    let split = threads > 1 && layout.num_rows() < 64 * threads;
+    let mut jobs = make_jobs(output, &layout);
+    for job in jobs.iter_mut() {
+        job.split = split;
+    }
+
+    let (err, counts) = match par {
+        Parallelism::Serial => {
+            let mut acc: Acc = (None, [0; 5]);
+            let mut rows = jobs.into_iter();
+            while let Some(a) = rows.next() {
+                let r = match rows.next() {
+                    Some(b) => run_pair(params, input, a, b),
+                    None => run_job(params, input, a),
+                };
+                acc = merge(acc, r);
+            }
+            acc
+        }
+        Parallelism::Pool => {
+            if split {
+                // Few rows: longest first, so the last rows to start are short and the
+                // threads finish together (stable sort: ties keep the row order).
+                jobs.sort_by_cached_key(|job| std::cmp::Reverse(row_cost(input, job.row)));
+            }
+            run_queue(params, input, jobs, threads)
+        }
+    };
     if longest_row(&layout) > KEEP_ROW_BUFFERS_UP_TO {
-        release_row_buffers();
+        match par {
+            Parallelism::Serial => free_buffers(),
+            Parallelism::Pool => release_row_buffers(),
+        }
     }
     match err {
         Some(e) => Err(e),
         None => Ok(counts),
     }
 }
+
+/// Runs the jobs in their order on `threads` workers of the current pool, each taking
+/// the next job when it is free (a shared counter): with the longest rows first this
+/// is the longest-processing-time-first schedule.
+fn run_queue(params: &Params, input: &BatchInput, jobs: Vec<RowJob>, threads: usize) -> Acc {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let slots: Vec<Mutex<Option<RowJob>>> = jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
+    let next = AtomicUsize::new(0);
+    let total = Mutex::new((None, [0u64; 5]));
+    let worker = || {
+        let mut acc: Acc = (None, [0; 5]);
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = slots.get(i) else { break };
+            let job = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+                .expect("each job is taken once");
+            acc = merge(acc, run_job(params, input, job));
+        }
+        let mut t = total
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *t = merge(*t, acc);
+    };
+    rayon::scope(|s| {
+        for _ in 1..threads.min(slots.len()) {
+            s.spawn(|_| worker());
+        }
+        worker();
+    });
+    total
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests;

@@ -205,6 +205,17 @@ pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Re
     Ok(pool.install(f))
 }
 
+/// Calls `f` on the calling thread with the pool of `threads` workers (0: the default
+/// pool), found or started as for [`with_threads`]: `f` decides what runs where (e.g.
+/// `in_place_scope`, with the caller working too).
+pub fn with_pool<R>(
+    threads: usize,
+    f: impl FnOnce(&rayon::ThreadPool) -> R,
+) -> Result<R, PoolError> {
+    let pool = pool_for(threads)?;
+    Ok(f(pool.pool.as_ref().expect("pool present until dropped")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

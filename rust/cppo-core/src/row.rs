@@ -311,6 +311,22 @@ pub fn compute_row<T: Widen>(
     compute_row_isa(Isa::current(), params, row, input, scratch, out)
 }
 
+/// `compute_row` that leaves the mask-only scan to the caller (`scan_mask_pair`): for
+/// outputs without reasons it computes the divergences, weights and budget into
+/// `scratch`, writes the mask outside the window, and returns `(summary, true)`; with
+/// reasons it computes the whole row and returns `(summary, false)`.
+pub fn compute_row_deferred<T: Widen>(
+    params: &Params,
+    row: usize,
+    input: &RowInput<T>,
+    scratch: &mut Scratch,
+    out: RowOutput,
+) -> Result<(RowSummary, bool), BadValue> {
+    let pending = out.reason.is_none() && out.threshold.is_none() && out.gate.is_none();
+    let s = dispatch(Isa::current(), params, row, input, scratch, out, pending)?;
+    Ok((s, pending))
+}
+
 /// `compute_row` with the given variant (which must be `supported`; an unsupported
 /// one runs the portable build).
 pub fn compute_row_isa<T: Widen>(
@@ -321,19 +337,31 @@ pub fn compute_row_isa<T: Widen>(
     scratch: &mut Scratch,
     out: RowOutput,
 ) -> Result<RowSummary, BadValue> {
+    dispatch(isa, params, row, input, scratch, out, false)
+}
+
+fn dispatch<T: Widen>(
+    isa: Isa,
+    params: &Params,
+    row: usize,
+    input: &RowInput<T>,
+    scratch: &mut Scratch,
+    out: RowOutput,
+    defer: bool,
+) -> Result<RowSummary, BadValue> {
     #[cfg(target_arch = "x86_64")]
     match isa {
         // SAFETY: the CPU supports the features (checked by `supported`).
         Isa::Avx512 if isa.supported() => {
-            return unsafe { compute_row_avx512(params, row, input, scratch, out) }
+            return unsafe { compute_row_avx512(params, row, input, scratch, out, defer) }
         }
         Isa::Avx2 if isa.supported() => {
-            return unsafe { compute_row_avx2(params, row, input, scratch, out) }
+            return unsafe { compute_row_avx2(params, row, input, scratch, out, defer) }
         }
         _ => {}
     }
     let _ = isa;
-    compute_row_impl(Isa::Portable, params, row, input, scratch, out)
+    compute_row_impl(Isa::Portable, params, row, input, scratch, out, defer)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -344,8 +372,9 @@ unsafe fn compute_row_avx2<T: Widen>(
     input: &RowInput<T>,
     scratch: &mut Scratch,
     out: RowOutput,
+    defer: bool,
 ) -> Result<RowSummary, BadValue> {
-    compute_row_impl(Isa::Avx2, params, row, input, scratch, out)
+    compute_row_impl(Isa::Avx2, params, row, input, scratch, out, defer)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -356,8 +385,9 @@ unsafe fn compute_row_avx512<T: Widen>(
     input: &RowInput<T>,
     scratch: &mut Scratch,
     out: RowOutput,
+    defer: bool,
 ) -> Result<RowSummary, BadValue> {
-    compute_row_impl(Isa::Avx512, params, row, input, scratch, out)
+    compute_row_impl(Isa::Avx512, params, row, input, scratch, out, defer)
 }
 
 #[inline(always)]
@@ -368,6 +398,7 @@ fn compute_row_impl<T: Widen>(
     input: &RowInput<T>,
     scratch: &mut Scratch,
     out: RowOutput,
+    defer: bool,
 ) -> Result<RowSummary, BadValue> {
     let len = input.valid.len();
     let window = input.window.clone();
@@ -598,7 +629,11 @@ fn compute_row_impl<T: Widen>(
                 threshold[range].fill(c_t);
             }
         }
-        (None, None) if gate.is_none() => scan.mask_only(&mut mask[window]),
+        (None, None) if gate.is_none() => {
+            if !defer {
+                scan.mask_only(&mut mask[window])
+            }
+        }
         _ => panic!("compute_row: reason and threshold come together, and the gate needs both"),
     }
     clock.lap(3);
@@ -777,7 +812,10 @@ impl Scan<'_> {
     }
 }
 
+mod pair;
 mod tv;
+
+pub use pair::{scan_mask_one, scan_mask_pair, PendingScan};
 
 #[cfg(test)]
 mod tests;

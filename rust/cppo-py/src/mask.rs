@@ -9,9 +9,8 @@ use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadwriteArrayDyn};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use cppo_core::batch::{compute_batch, BatchInput, BatchOutput, Layout};
+use cppo_core::batch::{compute_batch_threads, BatchInput, BatchOutput, Layout};
 use cppo_core::params::{Divergence, Params, PositionWeight};
-use cppo_core::pool::with_threads;
 
 use crate::arrays::{FloatArray, MaskArray};
 
@@ -169,8 +168,9 @@ fn cppo_mask_into<'py>(
         valid: mask_in.as_ref().map(|m| m.view()),
         divergence: div.as_ref().map(|d| d.view()),
     };
+    // One thread or a small batch: on this thread, no pool handoff (same results).
     let result = py
-        .detach(|| with_threads(num_threads, || compute_batch(&params, &input, output)))
+        .detach(|| compute_batch_threads(num_threads, &params, &input, output))
         .map_err(crate::pool_error)?;
     Ok(match result {
         Ok(counts) => (counts, None),
