@@ -165,8 +165,8 @@ struct RowBuffers {
 
 thread_local! {
     static BUFFERS: RefCell<RowBuffers> = RefCell::new(RowBuffers::default());
-    /// The second row of a pair (`run_pair`).
-    static SECOND_BUFFERS: RefCell<RowBuffers> = RefCell::new(RowBuffers::default());
+    /// The other rows of a group (`run_group`).
+    static GROUP_BUFFERS: RefCell<[RowBuffers; GROUP - 1]> = RefCell::new(Default::default());
 }
 
 /// Rows up to this many tokens keep their per-thread buffers between calls (at most
@@ -188,7 +188,7 @@ fn longest_row(layout: &Layout) -> usize {
 /// Frees this thread's row buffers.
 fn free_buffers() {
     BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default());
-    SECOND_BUFFERS.with(|cell| *cell.borrow_mut() = RowBuffers::default());
+    GROUP_BUFFERS.with(|cell| *cell.borrow_mut() = Default::default());
 }
 
 /// Frees the row buffers of every thread of the current rayon pool.
@@ -254,37 +254,50 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
     result
 }
 
-/// Two rows on this thread. Mask-only rows leave their scans pending and finish them
-/// together (`row::scan_mask_pair`: the two rows' prefix-sum chains overlap); the bits
-/// are those of `run_row`.
-fn run_pair(params: &Params, input: &BatchInput, a: RowJob, b: RowJob) -> Acc {
-    let (mut a, mut b) = (a, b);
-    let mut ba = BUFFERS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-    let mut bb = SECOND_BUFFERS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-    let ra = run_row_with(params, input, &mut a, &mut ba, true);
-    let rb = run_row_with(params, input, &mut b, &mut bb, true);
-    let pending = |job: &RowJob, r: &Result<(RowSummary, Option<Range<usize>>), BadValue>| match r {
-        Ok((s, Some(w))) => Some((s.budget, w.clone(), job.row)),
-        _ => None,
-    };
-    let (pa, pb) = (pending(&a, &ra), pending(&b, &rb));
+/// Rows a thread prepares before finishing their mask-only scans together (`run_group`).
+pub(crate) const GROUP: usize = 4;
+
+/// Two to `GROUP` rows on this thread. Mask-only rows leave their scans pending and
+/// finish them together (`row::scan_mask_group`: the rows' prefix-sum chains overlap);
+/// the bits are those of `run_row`.
+fn run_group(params: &Params, input: &BatchInput, jobs: Vec<RowJob>) -> Acc {
+    debug_assert!((2..=GROUP).contains(&jobs.len()));
+    let mut jobs = jobs;
+    let mut first = BUFFERS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    let mut rest = GROUP_BUFFERS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    let mut bufs: Vec<&mut RowBuffers> =
+        std::iter::once(&mut first).chain(rest.iter_mut()).collect();
+    bufs.truncate(jobs.len());
+    let results: Vec<_> = jobs
+        .iter_mut()
+        .zip(bufs.iter_mut())
+        .map(|(job, b)| run_row_with(params, input, job, b, true))
+        .collect();
     {
-        match (
-            pending_scan(input, pa, &mut a, &mut ba),
-            pending_scan(input, pb, &mut b, &mut bb),
-        ) {
-            (Some(x), Some(y)) => crate::row::scan_mask_pair(params, x, y),
-            (Some(x), None) | (None, Some(x)) => crate::row::scan_mask_one(params, x),
-            (None, None) => {}
-        }
+        let pending: Vec<_> = jobs
+            .iter_mut()
+            .zip(bufs.iter_mut())
+            .zip(&results)
+            .filter_map(|((job, b), r)| match r {
+                Ok((s, Some(w))) => {
+                    let row = job.row;
+                    pending_scan(input, Some((s.budget, w.clone(), row)), job, b)
+                }
+                _ => None,
+            })
+            .collect();
+        crate::row::scan_mask_group(params, pending);
     }
-    BUFFERS.with(|cell| *cell.borrow_mut() = ba);
-    SECOND_BUFFERS.with(|cell| *cell.borrow_mut() = bb);
-    let acc = |r: Result<(RowSummary, Option<Range<usize>>), BadValue>| match r {
-        Ok((s, _)) => (None, s.counts),
-        Err(e) => (Some(e), [0; 5]),
-    };
-    merge(acc(ra), acc(rb))
+    drop(bufs);
+    BUFFERS.with(|cell| *cell.borrow_mut() = first);
+    GROUP_BUFFERS.with(|cell| *cell.borrow_mut() = rest);
+    results
+        .into_iter()
+        .map(|r| match r {
+            Ok((s, _)) => (None, s.counts),
+            Err(e) => (Some(e), [0; 5]),
+        })
+        .fold((None, [0; 5]), merge)
 }
 
 /// The pending scan of a row left by `run_row_with(.., defer = true)`: its valid flags
@@ -551,22 +564,26 @@ fn run_here_and_on(
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *t = merge(*t, acc);
     };
-    // Rows two at a time (neighbours in the order: similar lengths), their scans
-    // interleaved (`run_pair`), while at least 4 rows per thread are left; then one
-    // at a time, so that the last (shortest) rows balance the threads.
+    // Rows `GROUP` at a time (neighbours in the order: similar lengths), their scans
+    // interleaved (`run_group`), while at least 2 `GROUP`s per thread are left; then
+    // one at a time, so that the last (shortest) rows balance the threads.
     let step = || loop {
         let i = next.load(Ordering::Relaxed);
         if i >= slots.len() {
             return None;
         }
-        let k = if slots.len() - i >= 4 * threads { 2 } else { 1 };
+        let k = if slots.len() - i >= 2 * GROUP * threads {
+            GROUP
+        } else {
+            1
+        };
         if next
             .compare_exchange_weak(i, i + k, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
         {
             return Some(match k {
-                2 => run_pair(params, input, take(i), take(i + 1)),
-                _ => run_job(params, input, take(i)),
+                1 => run_job(params, input, take(i)),
+                _ => run_group(params, input, (i..i + k).map(take).collect()),
             });
         }
     };
@@ -746,11 +763,13 @@ pub fn compute_batch_with(
     let (err, counts) = match par {
         Parallelism::Serial => {
             let mut acc: Acc = (None, [0; 5]);
-            let mut rows = jobs.into_iter();
-            while let Some(a) = rows.next() {
-                let r = match rows.next() {
-                    Some(b) => run_pair(params, input, a, b),
-                    None => run_job(params, input, a),
+            let mut rows = jobs.into_iter().peekable();
+            while rows.peek().is_some() {
+                let group: Vec<RowJob> = rows.by_ref().take(GROUP).collect();
+                let r = if group.len() == 1 {
+                    run_job(params, input, group.into_iter().next().unwrap())
+                } else {
+                    run_group(params, input, group)
                 };
                 acc = merge(acc, r);
             }

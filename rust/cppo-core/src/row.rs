@@ -199,6 +199,8 @@ pub struct Scratch {
     prefix_weight: Vec<f64>,
     valid_columns: Vec<usize>,
     permutation: Vec<usize>,
+    /// Per token of a group of rows, bit l: row l's Z_t <= c_t (`pair::scan_mask_group`).
+    lane_bits: Vec<u8>,
 }
 
 /// Grows `buf` to at least `n` (never shrinks: rows reuse it without refilling) and
@@ -311,7 +313,7 @@ pub fn compute_row<T: Widen>(
     compute_row_isa(Isa::current(), params, row, input, scratch, out)
 }
 
-/// `compute_row` that leaves the mask-only scan to the caller (`scan_mask_pair`): for
+/// `compute_row` that leaves the mask-only scan to the caller (`scan_mask_group`): for
 /// outputs without reasons it computes the divergences, weights and budget into
 /// `scratch`, writes the mask outside the window, and returns `(summary, true)`; with
 /// reasons it computes the whole row and returns `(summary, false)`.
@@ -815,7 +817,7 @@ impl Scan<'_> {
 mod pair;
 mod tv;
 
-pub use pair::{scan_mask_one, scan_mask_pair, PendingScan};
+pub use pair::{scan_mask_group, scan_mask_one, scan_mask_pair, PendingScan};
 
 #[cfg(test)]
 mod tests;

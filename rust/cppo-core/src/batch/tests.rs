@@ -31,9 +31,9 @@ type Outputs = (
 
 /// A right-padded batch with the given row lengths (cols = the longest); `bad`
 /// puts a NaN log-prob at (row, 0).
-/// `how`: None runs row by row (`compute_batch` on a one-thread pool, no pairs),
+/// `how`: None runs row by row (`compute_batch` on a one-thread pool, no groups),
 /// Some(threads) `compute_batch_threads`; `info`: reasons, thresholds and gates too
-/// (else the mask-only path, whose scans run in pairs).
+/// (else the mask-only path, whose scans run in groups of up to four rows).
 fn run(lengths: &[usize], bad: &[usize], how: Option<usize>, info: bool) -> Outputs {
     let (rows, cols) = (lengths.len(), *lengths.iter().max().unwrap());
     let mut state = 0x9e3779b97f4a7c15u64;
@@ -96,7 +96,7 @@ fn run(lengths: &[usize], bad: &[usize], how: Option<usize>, info: bool) -> Outp
 
 #[test]
 fn results_do_not_depend_on_threads_or_path() {
-    // Row by row; serial (pairs); the caller with helpers (many rows, few equal rows); the pool with
+    // Row by row; serial (groups of 4, short tails); the caller with helpers (many rows, few equal rows); the pool with
     // split rows (one row above its share); small batches inline; bad values.
     let many: Vec<usize> = (0..96).map(|i| 200 + (i * 37) % 500).collect();
     let cases: Vec<(Vec<usize>, Vec<usize>)> = vec![
@@ -105,6 +105,7 @@ fn results_do_not_depend_on_threads_or_path() {
         (vec![40000, 1000, 2000, 500], vec![]),
         (vec![50000], vec![]),
         (vec![30, 70, 5], vec![]),
+        (vec![1, 9, 3, 4, 2, 6, 17], vec![]),
         (many, vec![70, 12]),
         (vec![40000, 1000, 2000, 500], vec![3, 1]),
     ];
