@@ -565,14 +565,14 @@ fn run_here_and_on(
         *t = merge(*t, acc);
     };
     // Rows `GROUP` at a time (neighbours in the order: similar lengths), their scans
-    // interleaved (`run_group`), while at least 2 `GROUP`s per thread are left; then
+    // interleaved (`run_group`), while at least one `GROUP` per thread is left; then
     // one at a time, so that the last (shortest) rows balance the threads.
     let step = || loop {
         let i = next.load(Ordering::Relaxed);
         if i >= slots.len() {
             return None;
         }
-        let k = if slots.len() - i >= 2 * GROUP * threads {
+        let k = if slots.len() - i >= GROUP * threads {
             GROUP
         } else {
             1
