@@ -107,10 +107,16 @@ pub(crate) fn adaptive_budget(
             // Both ranks lie inside the window: select among its values only, compacted
             // without branches (the window holds a data-dependent mix).
             let bits = sized(scratch, div.len());
+            // low <= d <= high tested on the bits, in integer arithmetic (the float
+            // comparisons compiled to branches, mispredicted on this data-dependent mix):
+            // d + 0.0 >= +0.0 (a given -0.0 becomes +0.0, an equal value), so integer
+            // order is numeric order and the test selects the same values.
+            let (low_bits, span) = (low.to_bits(), high.to_bits() - low.to_bits());
             let mut m = 0;
             for (&d, &v) in div.iter().zip(valid) {
-                bits[m] = d.to_bits();
-                m += ((v != 0) & (d >= low) & (d <= high)) as usize;
+                let b = (d + 0.0).to_bits();
+                bits[m] = b;
+                m += (b.wrapping_sub(low_bits) <= span) as usize & (v != 0) as usize;
             }
             let (x_lo, x_hi) = select_in_window(
                 &mut bits[..m],
