@@ -13,7 +13,6 @@ pub mod codes;
 pub mod divergence;
 /// The benchmark's memory floor (one pass over the mask's bytes).
 pub mod floor;
-pub mod libm_exp;
 pub mod params;
 /// Parquet data pages of the added columns (levels as runs).
 pub mod parquet;
