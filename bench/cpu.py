@@ -84,10 +84,10 @@ def runner(method, data, threads):
         return lambda: cppo_native.cppo_mask(*targs, **KNOBS, backend="torch")
     if method == "cppo_native_torch_compile":  # the torch backend's padded pass, compiled (no checks)
         from cppo_native._backends.torch_ops import mask_padded
-        from cppo_native.mask import mask_params
+        from cppo_native._core.params import make_params
 
         lp, lq, adv, valid = (torch.from_numpy(x) for x in (data.log_probs, data.old_log_probs, data.advantages, data.response_mask))
-        adv, valid, params = adv[:, None], valid != 0, mask_params(**KNOBS)
+        adv, valid, params = adv[:, None], valid != 0, make_params(**KNOBS)
         _allow_recompiles()
         fn = torch.compile(mask_padded, dynamic=False)
         return lambda: fn(lp, lq, adv, valid, None, params)[0]

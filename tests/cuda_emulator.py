@@ -23,7 +23,7 @@ import numpy as np
 
 from cppo_native._backends import arrays as _arrays, prepare as _prepare
 from cppo_native._backends.cuda import mask as _cuda
-from cppo_native._core.params import make_params
+from cppo_native._core.params import divergence_array, make_params
 
 HERE = Path(__file__).resolve().parent / "cuda_emu"
 
@@ -203,7 +203,7 @@ def emulated_mask(log_probs, old_log_probs, advantages, response_mask=None, *, g
                   executor=None, row_offset=0, **knobs):
     """cppo_mask's contract computed by the emulated kernels (NumPy / torch CPU inputs)."""
     geometry = SMALL if geometry is None else geometry
-    div_array = None if divergence is None or isinstance(divergence, str) else divergence
+    div_array = divergence_array(divergence)
     params = make_params(divergence=divergence, **knobs)
     prep = _prepare.prepare(log_probs, old_log_probs, advantages, response_mask, div_array, cu_seqlens,
                              per_row_advantages, convert=_arrays.to_numpy, widen_int_advantages=False)

@@ -43,8 +43,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import numpy as np
 
 from ._backends import dispatch
-from ._core.params import KNOB_NAMES, check_num_threads
-from .mask import mask_params
+from ._core.params import KNOB_NAMES, check_num_threads, divergence_array, make_params
 
 try:
     import pyarrow as pa
@@ -186,11 +185,7 @@ def validate_knobs(**knobs: Any) -> None:
     """Check the CPPO options up front (same rules and messages as ``cppo_mask``)."""
     knobs = dict(_knobs(knobs))
     check_num_threads(knobs.pop("num_threads", None))
-    mask_params(**knobs)
-
-
-def _array_or_none(divergence: Any) -> Any:
-    return None if divergence is None or isinstance(divergence, str) else divergence
+    make_params(**knobs)
 
 
 def compute_batch(
@@ -270,8 +265,8 @@ def compute_batch(
     lq_values = _float_values(cols["old_log_probs"])
     try:
         threads = check_num_threads(knobs.pop("num_threads", None))
-        params = mask_params(divergence=divergence, **knobs)
-        prep = dispatch.prepare_mask_inputs(lp_values, lq_values, advantages, valid, _array_or_none(divergence),
+        params = make_params(divergence=divergence, **knobs)
+        prep = dispatch.prepare_mask_inputs(lp_values, lq_values, advantages, valid, divergence_array(divergence),
                                             lp.offsets, per_row)
         mask, reason, threshold, gate, row_budget, counts = dispatch.run_mask_numpy(
             prep, params, num_threads=threads, want_gate=include_gate, first_row=row_offset

@@ -9,7 +9,7 @@ import numpy as np
 
 from ._backends import dispatch
 from ._core.codes import REASON_NAMES
-from ._core.params import check_num_threads, make_params
+from ._core.params import check_num_threads, divergence_array, make_params
 
 __all__ = ["REASON_NAMES", "MaskInfo", "cppo_mask"]
 
@@ -121,7 +121,7 @@ def cppo_mask(
         ValueError/TypeError naming the offending (row, column) and value, or the
         shapes/dtypes/devices/parameters received. Inputs are never written.
     """
-    params = mask_params(
+    params = make_params(
         delta=delta, delta_b=delta_b, w_min=w_min, horizon=horizon, adaptive_budget=adaptive_budget,
         budget_quantile=budget_quantile, budget_scale=budget_scale, budget_ceiling=budget_ceiling,
         position_weight=position_weight, shuffle_seed=shuffle_seed, prefix_budget=prefix_budget,
@@ -130,7 +130,7 @@ def cppo_mask(
     num_threads = check_num_threads(num_threads)
     backend = dispatch.check_backend(backend)
     prep = dispatch.prepare_mask_inputs(
-        log_probs, old_log_probs, advantages, response_mask, _divergence_array(divergence), cu_seqlens,
+        log_probs, old_log_probs, advantages, response_mask, divergence_array(divergence), cu_seqlens,
         per_row_advantages, backend=backend,
     )
     mask, reason, threshold, gate, row_budget, counts = dispatch.run_mask(
@@ -142,8 +142,3 @@ def cppo_mask(
                           reason_counts=counts)
 
 
-def _divergence_array(divergence: Any) -> Any:
-    return None if divergence is None or isinstance(divergence, str) else divergence
-
-
-mask_params = make_params  # checked knobs of a mask call (``divergence``: a name, None or an array)

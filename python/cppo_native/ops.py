@@ -28,8 +28,8 @@ from torch import Tensor
 
 from . import divergence as _dv
 from ._backends import dispatch
-from ._core.params import MaskParams, check_num_threads, make_params
-from .mask import MaskInfo, _divergence_array
+from ._core.params import MaskParams, check_num_threads, divergence_array, make_params
+from .mask import MaskInfo
 
 _U64 = 1 << 64
 
@@ -110,7 +110,7 @@ def mask_with_info(
     threads = check_num_threads(num_threads)
     seed = params.shuffle_seed - _U64 if params.shuffle_seed >= 1 << 63 else params.shuffle_seed
     mask, reason, threshold, gate, row_budget, counts = _mask_op(
-        log_probs, old_log_probs, advantages, response_mask, _divergence_array(divergence), cu_seqlens,
+        log_probs, old_log_probs, advantages, response_mask, divergence_array(divergence), cu_seqlens,
         -1 if per_row_advantages is None else int(bool(per_row_advantages)),
         params.delta, params.delta_b, params.w_min, params.horizon, params.adaptive_budget, params.budget_quantile,
         params.budget_scale, params.budget_ceiling, params.position_weight, seed, params.prefix_budget,

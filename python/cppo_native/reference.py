@@ -20,7 +20,7 @@ from ._core.codes import MASKED_PREFIX_BUDGET as MASKED_PREFIX
 from ._core.codes import MASKED_TOKEN_THRESHOLD as MASKED_TOKEN
 from ._core.errors import LOG_PROB_TOLERANCE, TOPK_EPS, bad_value_error
 from ._core.errors import topk_error as _topk_error
-from ._core.params import BINARY_KL_EPS, MaskParams, make_params
+from ._core.params import BINARY_KL_EPS, MaskParams, divergence_array, make_params
 
 _U64 = (1 << 64) - 1
 
@@ -138,7 +138,7 @@ def cppo_mask_reference(
     """Reference CPPO mask over NumPy inputs; same arguments as :func:`cppo_native.cppo_mask`,
     and ``row_offset``: the index of the first row in a larger input (the shuffled
     ablation seeds row r as row ``row_offset + r``; errors name r)."""
-    div_array = None if divergence is None or isinstance(divergence, str) else np.asarray(divergence)
+    div_array = None if divergence_array(divergence) is None else np.asarray(divergence)
     params = make_params(
         delta=delta,
         delta_b=delta_b,

@@ -108,12 +108,18 @@ def _seed(name: str, value: Any) -> int:
 _seed.rule = "an int in [0, 2**64)"  # type: ignore[attr-defined]
 
 
+def divergence_array(value: Any) -> Any:
+    """The caller's D when ``divergence`` is an array (mode "given"), else None (a name
+    or None selects an estimator)."""
+    return None if value is None or isinstance(value, str) else value
+
+
 def _divergence(name: str, value: Any) -> str:
     """The estimator's name, or "given" for an array (checked where arrays are)."""
+    if divergence_array(value) is not None:
+        return "given"
     if value is None:
         return "binary_tv"
-    if not isinstance(value, str):
-        return "given"
     if value in DIVERGENCE_MODES and value != "given":
         return value
     raise ValueError(f'{name} must be None, "binary_tv", "binary_kl" or an array, got {value!r}')
