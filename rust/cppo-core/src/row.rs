@@ -300,6 +300,42 @@ impl Isa {
     }
 }
 
+/// The body of a function with run-time ISA variants: `isa_variants!(isa, fn(args) ->
+/// Ret, |v| body)` compiles `body` once per variant (AVX2+FMA, AVX-512 inside
+/// `#[target_feature]` functions, the portable build otherwise), with `v` bound to the
+/// variant, and runs the one `isa` names where this CPU supports it. `body` is usually a
+/// call to an `#[inline(always)]` function, so each variant is that function compiled
+/// with the variant's instructions. Use it as a whole function body (it `return`s).
+macro_rules! isa_variants {
+    ($isa:expr, fn$(<$($g:ident: $b:path),*>)?($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty, |$v:ident| $body:expr) => {{
+        let isa: $crate::row::Isa = $isa;
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx2$(<$($g: $b),*>)?($($arg: $ty),*) -> $ret {
+                let $v = $crate::row::Isa::Avx2;
+                $body
+            }
+            #[target_feature(enable = "avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx512$(<$($g: $b),*>)?($($arg: $ty),*) -> $ret {
+                let $v = $crate::row::Isa::Avx512;
+                $body
+            }
+            match isa {
+                // SAFETY: the CPU supports the features (checked by `supported`).
+                $crate::row::Isa::Avx512 if isa.supported() => return unsafe { avx512($($arg),*) },
+                $crate::row::Isa::Avx2 if isa.supported() => return unsafe { avx2($($arg),*) },
+                _ => {}
+            }
+        }
+        let _ = isa;
+        let $v = $crate::row::Isa::Portable;
+        $body
+    }};
+}
+
 /// Computes one row of the mask (and the optional outputs). `row` (the index in the
 /// call) is reported in errors; `params.row_offset + row` seeds the shuffled ablation.
 /// Runs the variant `Isa::current()`.
@@ -351,45 +387,18 @@ fn dispatch<T: Widen>(
     out: RowOutput,
     defer: bool,
 ) -> Result<RowSummary, BadValue> {
-    #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: the CPU supports the features (checked by `supported`).
-        Isa::Avx512 if isa.supported() => {
-            return unsafe { compute_row_avx512(params, row, input, scratch, out, defer) }
-        }
-        Isa::Avx2 if isa.supported() => {
-            return unsafe { compute_row_avx2(params, row, input, scratch, out, defer) }
-        }
-        _ => {}
-    }
-    let _ = isa;
-    compute_row_impl(Isa::Portable, params, row, input, scratch, out, defer)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn compute_row_avx2<T: Widen>(
-    params: &Params,
-    row: usize,
-    input: &RowInput<T>,
-    scratch: &mut Scratch,
-    out: RowOutput,
-    defer: bool,
-) -> Result<RowSummary, BadValue> {
-    compute_row_impl(Isa::Avx2, params, row, input, scratch, out, defer)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")]
-unsafe fn compute_row_avx512<T: Widen>(
-    params: &Params,
-    row: usize,
-    input: &RowInput<T>,
-    scratch: &mut Scratch,
-    out: RowOutput,
-    defer: bool,
-) -> Result<RowSummary, BadValue> {
-    compute_row_impl(Isa::Avx512, params, row, input, scratch, out, defer)
+    isa_variants!(
+        isa,
+        fn<T: Widen>(
+            params: &Params,
+            row: usize,
+            input: &RowInput<T>,
+            scratch: &mut Scratch,
+            out: RowOutput,
+            defer: bool,
+        ) -> Result<RowSummary, BadValue>,
+        |v| compute_row_impl(v, params, row, input, scratch, out, defer)
+    )
 }
 
 #[inline(always)]

@@ -33,29 +33,11 @@ pub fn scan_mask_one(params: &Params, row: PendingScan) {
 /// a vectorised pass per row. Each row's S, W and c_t are computed by the same
 /// operations in the same order as `Scan::mask_only`, so the bits are the same.
 pub fn scan_mask_pair(params: &Params, a: PendingScan, b: PendingScan) {
-    #[cfg(target_arch = "x86_64")]
-    if Isa::current() == Isa::Avx512 && Isa::Avx512.supported() {
-        // SAFETY: the CPU supports the features.
-        return unsafe { scan_mask_pair_avx512(params, a, b) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if Isa::current() == Isa::Avx2 && Isa::Avx2.supported() {
-        // SAFETY: the CPU supports the features.
-        return unsafe { scan_mask_pair_avx2(params, a, b) };
-    }
-    scan_mask_pair_impl(params, a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scan_mask_pair_avx2(params: &Params, a: PendingScan, b: PendingScan) {
-    scan_mask_pair_impl(params, a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")]
-unsafe fn scan_mask_pair_avx512(params: &Params, a: PendingScan, b: PendingScan) {
-    scan_mask_pair_impl(params, a, b)
+    isa_variants!(
+        Isa::current(),
+        fn(params: &Params, a: PendingScan, b: PendingScan) -> (),
+        |_v| scan_mask_pair_impl(params, a, b)
+    )
 }
 
 #[inline(always)]

@@ -151,11 +151,9 @@ pub(super) fn tv_span_isa<T: Widen>(
     toward: &mut [u8],
     weight: &mut [f64],
 ) -> TvStats {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn avx2<T: Widen>(
+    isa_variants!(
+        isa,
+        fn<T: Widen>(
             k: &TvConsts,
             col0: usize,
             lp: &[T],
@@ -165,35 +163,7 @@ pub(super) fn tv_span_isa<T: Widen>(
             div: &mut [f64],
             toward: &mut [u8],
             weight: &mut [f64],
-        ) -> TvStats {
-            tv_span(k, col0, lp, lq, adv, valid, div, toward, weight)
-        }
-        #[target_feature(enable = "avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn avx512<T: Widen>(
-            k: &TvConsts,
-            col0: usize,
-            lp: &[T],
-            lq: &[T],
-            adv: Advantage,
-            valid: &[u8],
-            div: &mut [f64],
-            toward: &mut [u8],
-            weight: &mut [f64],
-        ) -> TvStats {
-            tv_span(k, col0, lp, lq, adv, valid, div, toward, weight)
-        }
-        match isa {
-            // SAFETY: the CPU supports the features (checked by `supported`).
-            Isa::Avx512 if isa.supported() => {
-                return unsafe { avx512(k, col0, lp, lq, adv, valid, div, toward, weight) }
-            }
-            Isa::Avx2 if isa.supported() => {
-                return unsafe { avx2(k, col0, lp, lq, adv, valid, div, toward, weight) }
-            }
-            _ => {}
-        }
-    }
-    let _ = isa;
-    tv_span(k, col0, lp, lq, adv, valid, div, toward, weight)
+        ) -> TvStats,
+        |_v| tv_span(k, col0, lp, lq, adv, valid, div, toward, weight)
+    )
 }
