@@ -56,12 +56,6 @@ _KINDS = ("tv", "kl")
 # Input handling.
 
 
-_sources = _dispatch.common_source
-_check_float = _dispatch.check_float
-_check_int = _dispatch.check_int
-_check_mask = _dispatch.check_mask
-
-
 def _shape(x: Any) -> tuple:
     return tuple(x.shape)
 
@@ -69,10 +63,6 @@ def _shape(x: Any) -> tuple:
 def _num_threads(num_threads: Optional[int]) -> int:
     """0 (all cores) for None; else checked like the mask's (at most max(64, 4 x cores))."""
     return check_num_threads(num_threads) or 0
-
-
-def _native():
-    return native_module()
 
 
 def _np_floats(x: Any, name: str, n: int, k: Optional[int] = None) -> np.ndarray:
@@ -102,21 +92,21 @@ def _binary(kind: str, log_probs: Any, old_log_probs: Any, response_mask: Any, n
     named = [("log_probs", log_probs), ("old_log_probs", old_log_probs)]
     if response_mask is not None:
         named.append(("response_mask", response_mask))
-    src = _sources(named)
-    _check_float(log_probs, "log_probs")
-    _check_float(old_log_probs, "old_log_probs")
+    src = _dispatch.common_source(named)
+    _dispatch.check_float(log_probs, "log_probs")
+    _dispatch.check_float(old_log_probs, "old_log_probs")
     shape = _shape(log_probs)
     for name, x in named[1:]:
         if _shape(x) != shape:
             raise ValueError(f"{name} must have the shape of log_probs {shape}, got {_shape(x)}")
     if response_mask is not None:
-        _check_mask(response_mask)
+        _dispatch.check_mask(response_mask)
     threads = _num_threads(num_threads)
     if src.device == "cuda":
         return _binary_torch(kind, log_probs, old_log_probs, response_mask, validate)
     n = int(np.prod(shape, dtype=np.int64))
     out = np.empty(n, dtype=np.float64)
-    bad = _native().binary_divergence_into(
+    bad = native_module().binary_divergence_into(
         kind,
         _np_floats(log_probs, "log_probs", n),
         _np_floats(old_log_probs, "old_log_probs", n),
@@ -248,13 +238,13 @@ def topk_divergence(
     ]
     if response_mask is not None:
         named.append(("response_mask", response_mask))
-    src = _sources(named)
+    src = _dispatch.common_source(named)
     for name in ("log_probs", "old_log_probs", "topk_log_probs", "topk_old_log_probs"):
-        _check_float(dict(named)[name], name)
-    _check_int(topk_ids, "topk_ids")
-    _check_int(sampled_ids, "sampled_ids")
+        _dispatch.check_float(dict(named)[name], name)
+    _dispatch.check_int(topk_ids, "topk_ids")
+    _dispatch.check_int(sampled_ids, "sampled_ids")
     if response_mask is not None:
-        _check_mask(response_mask)
+        _dispatch.check_mask(response_mask)
     shape = _shape(log_probs)
     if len(shape) < 1:
         raise ValueError("log_probs must have at least one dimension")
@@ -272,7 +262,7 @@ def topk_divergence(
                            sampled_ids, response_mask, validate)
     n = int(np.prod(shape, dtype=np.int64))
     out = np.empty(n, dtype=np.float64)
-    bad = _native().topk_divergence_into(
+    bad = native_module().topk_divergence_into(
         kind,
         _np_ints(topk_ids, "topk_ids", n, k),
         _np_floats(topk_old_log_probs, "topk_old_log_probs", n, k),
