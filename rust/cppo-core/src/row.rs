@@ -34,7 +34,7 @@ pub struct BadValue {
 }
 
 /// A floating-point element that widens exactly to float64.
-pub trait Widen: Copy + Send + Sync {
+pub trait Widen: Copy + Send + Sync + 'static {
     fn widen(self) -> f64;
 }
 
@@ -512,7 +512,7 @@ fn compute_row_impl<T: Widen>(
                     })
                     .reduce(tv::TvStats::default, tv::TvStats::merge)
             } else {
-                tv::tv_span(&consts, first, lp, lq, adv, valid, div, toward, weight)
+                tv::tv_span_for(isa, &consts, first, lp, lq, adv, valid, div, toward, weight)
             };
             if stats.bad {
                 fill_divergence!(|_, _, _| Ok(0.0));
@@ -825,8 +825,57 @@ impl Scan<'_> {
 
 mod pair;
 mod tv;
+mod tv_avx2;
 
 pub use pair::{scan_mask_group, scan_mask_one, scan_mask_pair, PendingScan};
 
 #[cfg(test)]
 mod tests;
+
+/// The Binary TV pass alone over one row, `reps` times, with the variant `isa` (linear
+/// weights, a finite clamp window): the median nanoseconds per token. For tuning the
+/// pass (`examples/tv_bench.rs`); only with the feature `phase-timing`.
+#[cfg(feature = "phase-timing")]
+#[doc(hidden)]
+pub fn bench_tv_pass<T: Widen>(
+    isa: Isa,
+    lp: &[T],
+    lq: &[T],
+    adv: f64,
+    valid: &[u8],
+    reps: usize,
+) -> (f64, usize) {
+    let n = valid.len();
+    let (mut div, mut toward, mut weight) = (vec![0.0; n], vec![0u8; n], vec![0.0; n]);
+    let k = tv::TvConsts {
+        low: 0.02,
+        high: 0.04,
+        weights: tv::Weights::Linear,
+        horizon_m1: (n - 1) as f64,
+        one_minus_w_min: 0.2,
+    };
+    let mut times = Vec::with_capacity(reps);
+    let mut kept = 0;
+    for _ in 0..reps {
+        let t0 = std::time::Instant::now();
+        let s = tv::tv_span_isa(
+            isa,
+            &k,
+            0,
+            lp,
+            lq,
+            Advantage::Row(adv),
+            valid,
+            &mut div,
+            &mut toward,
+            &mut weight,
+        );
+        times.push(t0.elapsed().as_secs_f64() * 1e9 / n as f64);
+        kept = s.counts.below
+            + s.counts.above
+            + s.counts.valid
+            + toward.iter().map(|&t| t as usize).sum::<usize>();
+    }
+    times.sort_by(f64::total_cmp);
+    (times[reps / 2], kept)
+}

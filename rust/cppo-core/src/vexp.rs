@@ -21,12 +21,12 @@
 /// The fast form is exact-range for x >= TINY (2^k stays a normal number).
 pub const TINY: f64 = -708.0;
 
-const LOG2E: f64 = std::f64::consts::LOG2_E;
-const LN2_HI: f64 = 0.693147180559663; // 0x3fe62e42fefa3000
-const LN2_LO: f64 = 2.8235290563031577e-13;
+pub(crate) const LOG2E: f64 = std::f64::consts::LOG2_E;
+pub(crate) const LN2_HI: f64 = 0.693147180559663; // 0x3fe62e42fefa3000
+pub(crate) const LN2_LO: f64 = 2.8235290563031577e-13;
 /// 1.5 * 2^52: adding it rounds to an integer, held in the low mantissa bits.
-const SHIFTER: f64 = 6755399441055744.0;
-const C: [f64; 12] = [
+pub(crate) const SHIFTER: f64 = 6755399441055744.0;
+pub(crate) const C: [f64; 12] = [
     0.5,
     0.16666666666666666,
     0.041666666666666664,
@@ -46,13 +46,24 @@ const C: [f64; 12] = [
 /// at the result's scale.
 #[inline(always)]
 fn exp_reduced(r: f64, r_lo: f64) -> f64 {
-    let mut q = C[11];
-    for &c in C[..11].iter().rev() {
-        q = q.mul_add(r, c);
-    }
+    // Estrin's scheme: a dependency chain of 5 operations instead of Horner's 11.
+    let r2 = r * r;
+    let r4 = r2 * r2;
+    let r8 = r4 * r4;
+    let p01 = C[1].mul_add(r, C[0]);
+    let p23 = C[3].mul_add(r, C[2]);
+    let p45 = C[5].mul_add(r, C[4]);
+    let p67 = C[7].mul_add(r, C[6]);
+    let p89 = C[9].mul_add(r, C[8]);
+    let p1011 = C[11].mul_add(r, C[10]);
+    let p03 = p23.mul_add(r2, p01);
+    let p47 = p67.mul_add(r2, p45);
+    let p811 = p1011.mul_add(r2, p89);
+    let p07 = p47.mul_add(r4, p03);
+    let q = p811.mul_add(r8, p07);
     let hi = 1.0 + r;
     let lo = (1.0 - hi) + r; // exact
-    hi + (lo + (r * r).mul_add(q, r_lo))
+    hi + (lo + r2.mul_add(q, r_lo))
 }
 
 /// (k as f64, bits whose low 12 bits are k mod 4096, r, r_lo) with

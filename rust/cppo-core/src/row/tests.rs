@@ -514,3 +514,112 @@ fn row_offset_shifts_the_shuffle_seed() {
     assert_eq!(thresholds(u64::MAX, 1), thresholds(0, 0));
     assert_ne!(thresholds(5, 0), thresholds(0, 0));
 }
+
+/// Every instruction-set variant's Binary TV pass (`tv::tv_span_for`: the AVX2
+/// intrinsics for float32/float64, the generic loop otherwise) returns exactly what the
+/// portable generic pass returns: D_t, direction bytes, weights and stats, for float32
+/// and float64 log-probs, row and token advantages, every weight mode, any span length
+/// and start column, with bad values, NaN and arguments below `vexp::TINY` at valid and
+/// at padding positions.
+#[test]
+fn tv_pass_variants_agree() {
+    use super::tv::{tv_span, tv_span_for, TvConsts, TvStats, Weights};
+    let mut rng = SplitMix64::new(11, 0);
+    let mut uniform = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    #[allow(clippy::too_many_arguments)]
+    fn check<T: Widen>(
+        isa: Isa,
+        k: &TvConsts,
+        col0: usize,
+        lp: &[T],
+        lq: &[T],
+        adv: Advantage,
+        valid: &[u8],
+        case: usize,
+    ) {
+        let n = valid.len();
+        let run = |v: Option<Isa>| {
+            let (mut d, mut t, mut w) = (vec![7.0; n], vec![9u8; n], vec![5.0; n]);
+            let s: TvStats = match v {
+                Some(isa) => tv_span_for(isa, k, col0, lp, lq, adv, valid, &mut d, &mut t, &mut w),
+                None => tv_span(k, col0, lp, lq, adv, valid, &mut d, &mut t, &mut w),
+            };
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let c = s.counts;
+            (
+                bits(&d),
+                t,
+                bits(&w),
+                s.bad,
+                s.tiny,
+                c.valid,
+                c.below,
+                c.above,
+            )
+        };
+        assert_eq!(run(Some(isa)), run(None), "case {case} {isa:?}");
+    }
+    for case in 0..400 {
+        let n = (uniform() * [3.0, 9.0, 40.0, 300.0][case % 4]) as usize;
+        let special = |u: f64| match (u * 40.0) as usize {
+            0 => f64::NAN,
+            1 => 0.5,
+            2 => f64::NEG_INFINITY,
+            3 => -720.0 - u,
+            4 => -1e-7,
+            5 => 1e-7,
+            _ => -3.0 * u,
+        };
+        let spiky = case % 3 == 0;
+        let mut value = |scale: f64| {
+            let u = uniform();
+            if spiky {
+                special(u)
+            } else {
+                -scale * u
+            }
+        };
+        let lp: Vec<f64> = (0..n).map(|_| value(3.0)).collect();
+        // Some tokens with lp = lq, and zero advantages: a (p - q) = 0 (kept toward mu).
+        let lq: Vec<f64> = (0..n)
+            .map(|i| if i % 11 == 3 { lp[i] } else { value(2.0) })
+            .collect();
+        let adv: Vec<f64> = (0..n)
+            .map(|i| match i % 17 {
+                5 if spiky => f64::INFINITY,
+                9 => 0.0,
+                _ => uniform() - 0.5,
+            })
+            .collect();
+        let valid: Vec<u8> = (0..n)
+            .map(|_| (uniform() < 0.8) as u8 * (1 + (uniform() * 3.0) as u8))
+            .collect();
+        // Window edges at D = 0 (tokens with lp = lq) test the strict comparisons.
+        let (low, high) = match case % 5 {
+            0 => (f64::NEG_INFINITY, f64::INFINITY),
+            1 => (0.0, 0.0),
+            _ => (0.05, 0.3),
+        };
+        let k = TvConsts {
+            low,
+            high,
+            weights: [Weights::Linear, Weights::Ones, Weights::Skip][case % 3],
+            horizon_m1: (1 + (uniform() * 400.0) as usize) as f64,
+            one_minus_w_min: 0.2,
+        };
+        let col0 = (uniform() * 5000.0) as usize;
+        let lp32: Vec<f32> = lp.iter().map(|&x| x as f32).collect();
+        let lq32: Vec<f32> = lq.iter().map(|&x| x as f32).collect();
+        let row_adv = Advantage::Row(if spiky && case % 7 == 0 {
+            f64::NAN
+        } else {
+            adv.first().copied().unwrap_or(0.3)
+        });
+        for isa in Isa::available() {
+            for a in [row_adv, Advantage::Token(&adv)] {
+                check(isa, &k, col0, &lp, &lq, a, &valid, case);
+                check(isa, &k, col0, &lp32, &lq32, a, &valid, case);
+            }
+        }
+    }
+}

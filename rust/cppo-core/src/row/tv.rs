@@ -136,6 +136,56 @@ pub(super) fn tv_span<T: Widen>(
     }
 }
 
+/// `tv_span` for the variant `isa` (inlined into a variant's code): with AVX2 and
+/// float32 or float64 log-probs, the intrinsics version (`tv_avx2`, the same bits);
+/// otherwise the generic loop compiled for the variant.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(super) fn tv_span_for<T: Widen>(
+    isa: Isa,
+    k: &TvConsts,
+    col0: usize,
+    lp: &[T],
+    lq: &[T],
+    adv: Advantage,
+    valid: &[u8],
+    div: &mut [f64],
+    toward: &mut [u8],
+    weight: &mut [f64],
+) -> TvStats {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && isa.supported() {
+        use std::any::TypeId;
+        macro_rules! avx2_as {
+            ($t:ty) => {
+                if TypeId::of::<T>() == TypeId::of::<$t>() {
+                    // SAFETY: T is $t (same type id), so the slices reinterpret exactly;
+                    // the CPU has AVX2 and FMA (checked above).
+                    unsafe {
+                        let cast =
+                            |s: &[T]| std::slice::from_raw_parts(s.as_ptr() as *const $t, s.len());
+                        return super::tv_avx2::tv_span_avx2(
+                            k,
+                            col0,
+                            cast(lp),
+                            cast(lq),
+                            adv,
+                            valid,
+                            div,
+                            toward,
+                            weight,
+                        );
+                    }
+                }
+            };
+        }
+        avx2_as!(f32);
+        avx2_as!(f64);
+    }
+    let _ = isa;
+    tv_span(k, col0, lp, lq, adv, valid, div, toward, weight)
+}
+
 /// `tv_span` compiled for the variant `isa` (called from worker threads when a row is
 /// split, outside the caller's target-feature function).
 #[allow(clippy::too_many_arguments)]
@@ -164,6 +214,6 @@ pub(super) fn tv_span_isa<T: Widen>(
             toward: &mut [u8],
             weight: &mut [f64],
         ) -> TvStats,
-        |_v| tv_span(k, col0, lp, lq, adv, valid, div, toward, weight)
+        |v| tv_span_for(v, k, col0, lp, lq, adv, valid, div, toward, weight)
     )
 }

@@ -1,0 +1,281 @@
+//! The Binary TV pass (`tv::tv_span`) written with AVX2+FMA intrinsics, for float32 and
+//! float64 log-probs: four tokens a step, two steps interleaved (the exp polynomials are
+//! latency chains). LLVM's vectorisation of the generic loop spends ~80 instructions a
+//! token on AVX2 (16 vector registers: spills, and byte/word shuffles for the valid
+//! flags, the direction bytes and the counts); this one spends ~25.
+//!
+//! Same bits as the generic pass: every floating-point value is the same IEEE-754
+//! operations in the same order (`vexp::exp_fast` lane by lane, the weights' division,
+//! `a * (p - q) <= 0`), and the counts are integer sums (`tv::tests` compare the two
+//! exactly, including bad, tiny and NaN values at valid and padding positions).
+//!
+//! Differences in form only: the input checks and `vexp::TINY` arguments raise one
+//! "slow" flag (the span is then re-examined by the generic pass, which tells which
+//! it was), and the direction bytes come from `movemask`.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+use super::tv::{tv_span, TvConsts, TvStats, Weights};
+use super::{Advantage, Widen};
+use crate::budget::WindowCounts;
+use crate::divergence::LOG_PROB_TOLERANCE;
+use crate::vexp;
+
+/// Loads four log-probs as float64.
+pub(super) trait Load4: Widen {
+    /// # Safety
+    /// `p` points at four readable elements; AVX2 is available.
+    unsafe fn load4(p: *const Self) -> __m256d;
+}
+
+impl Load4 for f64 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load4(p: *const f64) -> __m256d {
+        _mm256_loadu_pd(p)
+    }
+}
+
+impl Load4 for f32 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load4(p: *const f32) -> __m256d {
+        _mm256_cvtps_pd(_mm_loadu_ps(p))
+    }
+}
+
+/// `vexp::exp_fast`, four lanes: the same operations in the same order.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp4(x: __m256d) -> __m256d {
+    let t = _mm256_fmadd_pd(
+        x,
+        _mm256_set1_pd(vexp::LOG2E),
+        _mm256_set1_pd(vexp::SHIFTER),
+    );
+    let k = _mm256_sub_pd(t, _mm256_set1_pd(vexp::SHIFTER));
+    // (-k).mul_add(c, y) = fma(-k, c, y) = -(k c) + y: fnmadd (negation is exact).
+    let hi = _mm256_fnmadd_pd(k, _mm256_set1_pd(vexp::LN2_HI), x);
+    let r = _mm256_fnmadd_pd(k, _mm256_set1_pd(vexp::LN2_LO), hi);
+    let r_lo = _mm256_fnmadd_pd(k, _mm256_set1_pd(vexp::LN2_LO), _mm256_sub_pd(hi, r));
+    let scale = _mm256_castsi256_pd(_mm256_slli_epi64::<52>(_mm256_add_epi64(
+        _mm256_castpd_si256(t),
+        _mm256_set1_epi64x(1023),
+    )));
+    let c = |i: usize| _mm256_set1_pd(vexp::C[i]);
+    let r2 = _mm256_mul_pd(r, r);
+    let r4 = _mm256_mul_pd(r2, r2);
+    let r8 = _mm256_mul_pd(r4, r4);
+    let p01 = _mm256_fmadd_pd(c(1), r, c(0));
+    let p23 = _mm256_fmadd_pd(c(3), r, c(2));
+    let p45 = _mm256_fmadd_pd(c(5), r, c(4));
+    let p67 = _mm256_fmadd_pd(c(7), r, c(6));
+    let p89 = _mm256_fmadd_pd(c(9), r, c(8));
+    let p1011 = _mm256_fmadd_pd(c(11), r, c(10));
+    let p03 = _mm256_fmadd_pd(p23, r2, p01);
+    let p47 = _mm256_fmadd_pd(p67, r2, p45);
+    let p811 = _mm256_fmadd_pd(p1011, r2, p89);
+    let p07 = _mm256_fmadd_pd(p47, r4, p03);
+    let q = _mm256_fmadd_pd(p811, r8, p07);
+    let one = _mm256_set1_pd(1.0);
+    let h = _mm256_add_pd(one, r);
+    let lo = _mm256_add_pd(_mm256_sub_pd(one, h), r);
+    let e = _mm256_add_pd(h, _mm256_add_pd(lo, _mm256_fmadd_pd(r2, q, r_lo)));
+    _mm256_mul_pd(e, scale)
+}
+
+/// Four lanes' running state.
+struct Acc {
+    slow: __m256d,
+    valid: __m256i,
+    below: __m256i,
+    above: __m256i,
+}
+
+/// The pass over one span; `tv::tv_span`'s contract.
+///
+/// # Safety
+/// AVX2 and FMA are available.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn tv_span_avx2<T: Load4>(
+    k: &TvConsts,
+    col0: usize,
+    lp: &[T],
+    lq: &[T],
+    adv: Advantage,
+    valid: &[u8],
+    div: &mut [f64],
+    toward: &mut [u8],
+    weight: &mut [f64],
+) -> TvStats {
+    let n = valid.len();
+    let (lp, lq, div, toward) = (&lp[..n], &lq[..n], &mut div[..n], &mut toward[..n]);
+    let weight = if k.weights == Weights::Skip {
+        &mut weight[..0]
+    } else {
+        &mut weight[..n]
+    };
+    let adv_token = match adv {
+        Advantage::Token(a) => Some(&a[..n]),
+        Advantage::Row(_) => None,
+    };
+    let adv_row = match adv {
+        Advantage::Row(a) => a,
+        Advantage::Token(_) => 0.0,
+    };
+    let steps = n / 4;
+    let zero = _mm256_setzero_pd();
+    let (tiny, tol) = (
+        _mm256_set1_pd(vexp::TINY),
+        _mm256_set1_pd(LOG_PROB_TOLERANCE),
+    );
+    let (low, high) = (_mm256_set1_pd(k.low), _mm256_set1_pd(k.high));
+    let sign = _mm256_set1_pd(-0.0);
+    let inf = _mm256_set1_pd(f64::INFINITY);
+    let (hm1, omw, one) = (
+        _mm256_set1_pd(k.horizon_m1),
+        _mm256_set1_pd(k.one_minus_w_min),
+        _mm256_set1_pd(1.0),
+    );
+    let row_a = _mm256_set1_pd(adv_row);
+    // Columns as float64 (exact below 2^52): col0 + c, c = 4 i + lane.
+    let col_base = _mm256_add_pd(
+        _mm256_set1_pd(col0 as f64),
+        _mm256_setr_pd(0.0, 1.0, 2.0, 3.0),
+    );
+    let mut acc = Acc {
+        slow: zero,
+        valid: _mm256_setzero_si256(),
+        below: _mm256_setzero_si256(),
+        above: _mm256_setzero_si256(),
+    };
+    let (lpp, lqp, vp) = (lp.as_ptr(), lq.as_ptr(), valid.as_ptr());
+    let (dp, tp) = (div.as_mut_ptr(), toward.as_mut_ptr());
+    let wp = weight.as_mut_ptr();
+    // One step: four tokens from `c` (a macro: a closure would not be compiled with
+    // this function's target features, nor inlined).
+    macro_rules! step {
+        ($c:expr, $acc:expr) => {{
+            let (c, acc): (usize, &mut Acc) = ($c, $acc);
+            let p = T::load4(lpp.add(c));
+            let q = T::load4(lqp.add(c));
+            let a = match adv_token {
+                Some(at) => _mm256_loadu_pd(at.as_ptr().add(c)),
+                None => row_a,
+            };
+            let flags = (vp.add(c) as *const u32).read_unaligned();
+            // v: all ones where valid[c] != 0.
+            let vi = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(flags as i32));
+            let v = _mm256_castsi256_pd(_mm256_xor_si256(
+                _mm256_cmpeq_epi64(vi, _mm256_setzero_si256()),
+                _mm256_set1_epi64x(-1),
+            ));
+            // Slow path: a bad value or an argument below TINY at a valid position.
+            let ok_p = _mm256_and_pd(
+                _mm256_cmp_pd::<_CMP_GE_OQ>(p, tiny),
+                _mm256_cmp_pd::<_CMP_LE_OQ>(p, tol),
+            );
+            let ok_q = _mm256_and_pd(
+                _mm256_cmp_pd::<_CMP_GE_OQ>(q, tiny),
+                _mm256_cmp_pd::<_CMP_LE_OQ>(q, tol),
+            );
+            let ok_a = _mm256_cmp_pd::<_CMP_LT_OQ>(_mm256_andnot_pd(sign, a), inf);
+            let ok = _mm256_and_pd(_mm256_and_pd(ok_p, ok_q), ok_a);
+            acc.slow = _mm256_or_pd(acc.slow, _mm256_andnot_pd(ok, v));
+            let d = _mm256_andnot_pd(sign, _mm256_sub_pd(exp4(p), exp4(q)));
+            let d = _mm256_and_pd(d, v);
+            _mm256_storeu_pd(dp.add(c), d);
+            // toward: v & (a (p - q) <= 0), one byte per token.
+            let tw = _mm256_and_pd(
+                _mm256_cmp_pd::<_CMP_LE_OQ>(_mm256_mul_pd(a, _mm256_sub_pd(p, q)), zero),
+                v,
+            );
+            let bits = _mm256_movemask_pd(tw) as u32;
+            (tp.add(c) as *mut u32).write_unaligned((bits.wrapping_mul(0x0020_4081)) & 0x0101_0101);
+            // Counts: the compare masks are -1 per counted lane.
+            let vi = _mm256_castpd_si256(v);
+            acc.valid = _mm256_sub_epi64(acc.valid, vi);
+            acc.below = _mm256_sub_epi64(
+                acc.below,
+                _mm256_castpd_si256(_mm256_and_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(d, low), v)),
+            );
+            acc.above = _mm256_sub_epi64(
+                acc.above,
+                _mm256_castpd_si256(_mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(d, high), v)),
+            );
+            match k.weights {
+                Weights::Linear => {
+                    let col = _mm256_add_pd(col_base, _mm256_set1_pd(c as f64));
+                    let ratio = _mm256_div_pd(col, hm1);
+                    let w = _mm256_sub_pd(one, _mm256_mul_pd(omw, _mm256_min_pd(ratio, one)));
+                    _mm256_storeu_pd(wp.add(c), _mm256_and_pd(w, v));
+                }
+                Weights::Ones => _mm256_storeu_pd(wp.add(c), _mm256_and_pd(one, v)),
+                Weights::Skip => {}
+            }
+        }};
+    }
+    let mut i = 0;
+    while i + 2 <= steps {
+        step!(4 * i, &mut acc);
+        step!(4 * i + 4, &mut acc);
+        i += 2;
+    }
+    if i < steps {
+        step!(4 * i, &mut acc);
+    }
+    let sum = |x: __m256i| {
+        let mut l = [0u64; 4];
+        _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, x);
+        (l[0] + l[1] + l[2] + l[3]) as usize
+    };
+    let slow = _mm256_movemask_pd(acc.slow) != 0;
+    let body = TvStats {
+        bad: false,
+        tiny: false,
+        counts: WindowCounts {
+            valid: sum(acc.valid),
+            below: sum(acc.below),
+            above: sum(acc.above),
+        },
+    };
+    let done = 4 * steps;
+    let adv_sub = |r: std::ops::Range<usize>| match adv_token {
+        Some(at) => Advantage::Token(&at[r]),
+        None => Advantage::Row(adv_row),
+    };
+    let skip = k.weights == Weights::Skip;
+    let tail_w = if skip { 0..0 } else { done..n };
+    let tail = tv_span(
+        k,
+        col0 + done,
+        &lp[done..],
+        &lq[done..],
+        adv_sub(done..n),
+        &valid[done..],
+        &mut div[done..],
+        &mut toward[done..],
+        &mut weight[tail_w],
+    );
+    if !slow {
+        return body.merge(tail);
+    }
+    // Rare: re-run the generic pass over the body, which says whether a value was bad
+    // or only below TINY (same outputs, same counts).
+    let head_w = if skip { 0..0 } else { 0..done };
+    tv_span(
+        k,
+        col0,
+        &lp[..done],
+        &lq[..done],
+        adv_sub(0..done),
+        &valid[..done],
+        &mut div[..done],
+        &mut toward[..done],
+        &mut weight[head_w],
+    )
+    .merge(tail)
+}
