@@ -833,7 +833,8 @@ pub use pair::{scan_mask_group, scan_mask_one, scan_mask_pair, PendingScan};
 mod tests;
 
 /// The Binary TV pass alone over one row, `reps` times, with the variant `isa` (linear
-/// weights, a finite clamp window): the median nanoseconds per token. For tuning the
+/// weights, a finite clamp window): the 5th-percentile nanoseconds per token (this
+/// VM's timings are noisy). For tuning the
 /// pass (`examples/tv_bench.rs`); only with the feature `phase-timing`.
 #[cfg(feature = "phase-timing")]
 #[doc(hidden)]
@@ -877,5 +878,5 @@ pub fn bench_tv_pass<T: Widen>(
             + toward.iter().map(|&t| t as usize).sum::<usize>();
     }
     times.sort_by(f64::total_cmp);
-    (times[reps / 2], kept)
+    (times[reps / 20], kept)
 }

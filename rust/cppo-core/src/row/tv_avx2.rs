@@ -1,13 +1,17 @@
 //! The Binary TV pass (`tv::tv_span`) written with AVX2+FMA intrinsics, for float32 and
-//! float64 log-probs: four tokens a step, two steps interleaved (the exp polynomials are
-//! latency chains). LLVM's vectorisation of the generic loop spends ~80 instructions a
-//! token on AVX2 (16 vector registers: spills, and byte/word shuffles for the valid
-//! flags, the direction bytes and the counts); this one spends ~25.
+//! float64 log-probs. LLVM's vectorisation of the generic loop for AVX2 (16 vector
+//! registers) spent ~45 instructions a token on spills, constant re-broadcasts and
+//! byte/word shuffles for the valid flags, the direction bytes and the counts; on an
+//! AMD EPYC (Zen 3) it ran at ~6.5 ns a token, this at ~4 (`examples/tv_bench.rs`).
+//! Eight tokens a step: the four `exp` evaluations (p and q of two groups of four) are
+//! interleaved operation by operation, each being a latency chain of ~45 cycles
+//! (Horner's form of the polynomial, a chain of 11 FMAs, ran 1.6x slower here).
 //!
 //! Same bits as the generic pass: every floating-point value is the same IEEE-754
 //! operations in the same order (`vexp::exp_fast` lane by lane, the weights' division,
-//! `a * (p - q) <= 0`), and the counts are integer sums (`tv::tests` compare the two
-//! exactly, including bad, tiny and NaN values at valid and padding positions).
+//! `a * (p - q) <= 0`), and the counts are integer sums
+//! (`row::tests::tv_pass_variants_agree` compares the two exactly, with bad, tiny and
+//! NaN values at valid and padding positions).
 //!
 //! Differences in form only: the input checks and `vexp::TINY` arguments raise one
 //! "slow" flag (the span is then re-examined by the generic pass, which tells which
@@ -46,44 +50,64 @@ impl Load4 for f32 {
     }
 }
 
-/// `vexp::exp_fast`, four lanes: the same operations in the same order.
+/// `vexp::exp_fast` on N vectors of four lanes: the same operations in the same order
+/// for each lane; the N evaluations are interleaved operation by operation (each is a
+/// latency chain of ~45 cycles).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp4(x: __m256d) -> __m256d {
-    let t = _mm256_fmadd_pd(
-        x,
+unsafe fn exp4n<const N: usize>(kc: &[__m256d; 12], x: [__m256d; N]) -> [__m256d; N] {
+    macro_rules! each {
+        (|$i:ident| $e:expr) => {{
+            let mut out = [_mm256_setzero_pd(); N];
+            for $i in 0..N {
+                out[$i] = $e;
+            }
+            out
+        }};
+    }
+    let c = |i: usize| kc[i];
+    let t = each!(|i| _mm256_fmadd_pd(
+        x[i],
         _mm256_set1_pd(vexp::LOG2E),
-        _mm256_set1_pd(vexp::SHIFTER),
-    );
-    let k = _mm256_sub_pd(t, _mm256_set1_pd(vexp::SHIFTER));
+        _mm256_set1_pd(vexp::SHIFTER)
+    ));
+    let k = each!(|i| _mm256_sub_pd(t[i], _mm256_set1_pd(vexp::SHIFTER)));
     // (-k).mul_add(c, y) = fma(-k, c, y) = -(k c) + y: fnmadd (negation is exact).
-    let hi = _mm256_fnmadd_pd(k, _mm256_set1_pd(vexp::LN2_HI), x);
-    let r = _mm256_fnmadd_pd(k, _mm256_set1_pd(vexp::LN2_LO), hi);
-    let r_lo = _mm256_fnmadd_pd(k, _mm256_set1_pd(vexp::LN2_LO), _mm256_sub_pd(hi, r));
-    let scale = _mm256_castsi256_pd(_mm256_slli_epi64::<52>(_mm256_add_epi64(
-        _mm256_castpd_si256(t),
-        _mm256_set1_epi64x(1023),
-    )));
-    let c = |i: usize| _mm256_set1_pd(vexp::C[i]);
-    let r2 = _mm256_mul_pd(r, r);
-    let r4 = _mm256_mul_pd(r2, r2);
-    let r8 = _mm256_mul_pd(r4, r4);
-    let p01 = _mm256_fmadd_pd(c(1), r, c(0));
-    let p23 = _mm256_fmadd_pd(c(3), r, c(2));
-    let p45 = _mm256_fmadd_pd(c(5), r, c(4));
-    let p67 = _mm256_fmadd_pd(c(7), r, c(6));
-    let p89 = _mm256_fmadd_pd(c(9), r, c(8));
-    let p1011 = _mm256_fmadd_pd(c(11), r, c(10));
-    let p03 = _mm256_fmadd_pd(p23, r2, p01);
-    let p47 = _mm256_fmadd_pd(p67, r2, p45);
-    let p811 = _mm256_fmadd_pd(p1011, r2, p89);
-    let p07 = _mm256_fmadd_pd(p47, r4, p03);
-    let q = _mm256_fmadd_pd(p811, r8, p07);
+    let hi = each!(|i| _mm256_fnmadd_pd(k[i], _mm256_set1_pd(vexp::LN2_HI), x[i]));
+    let r = each!(|i| _mm256_fnmadd_pd(k[i], _mm256_set1_pd(vexp::LN2_LO), hi[i]));
+    let r2 = each!(|i| _mm256_mul_pd(r[i], r[i]));
+    let p01 = each!(|i| _mm256_fmadd_pd(c(1), r[i], c(0)));
+    let p23 = each!(|i| _mm256_fmadd_pd(c(3), r[i], c(2)));
+    let p45 = each!(|i| _mm256_fmadd_pd(c(5), r[i], c(4)));
+    let p67 = each!(|i| _mm256_fmadd_pd(c(7), r[i], c(6)));
+    let p89 = each!(|i| _mm256_fmadd_pd(c(9), r[i], c(8)));
+    let p1011 = each!(|i| _mm256_fmadd_pd(c(11), r[i], c(10)));
+    let r4 = each!(|i| _mm256_mul_pd(r2[i], r2[i]));
+    let p03 = each!(|i| _mm256_fmadd_pd(p23[i], r2[i], p01[i]));
+    let p47 = each!(|i| _mm256_fmadd_pd(p67[i], r2[i], p45[i]));
+    let p811 = each!(|i| _mm256_fmadd_pd(p1011[i], r2[i], p89[i]));
+    let r8 = each!(|i| _mm256_mul_pd(r4[i], r4[i]));
+    let p07 = each!(|i| _mm256_fmadd_pd(p47[i], r4[i], p03[i]));
+    let q = each!(|i| _mm256_fmadd_pd(p811[i], r8[i], p07[i]));
+    let r_lo = each!(|i| _mm256_fnmadd_pd(
+        k[i],
+        _mm256_set1_pd(vexp::LN2_LO),
+        _mm256_sub_pd(hi[i], r[i])
+    ));
     let one = _mm256_set1_pd(1.0);
-    let h = _mm256_add_pd(one, r);
-    let lo = _mm256_add_pd(_mm256_sub_pd(one, h), r);
-    let e = _mm256_add_pd(h, _mm256_add_pd(lo, _mm256_fmadd_pd(r2, q, r_lo)));
-    _mm256_mul_pd(e, scale)
+    let h = each!(|i| _mm256_add_pd(one, r[i]));
+    let lo = each!(|i| _mm256_add_pd(_mm256_sub_pd(one, h[i]), r[i]));
+    each!(|i| {
+        let e = _mm256_add_pd(
+            h[i],
+            _mm256_add_pd(lo[i], _mm256_fmadd_pd(r2[i], q[i], r_lo[i])),
+        );
+        let scale = _mm256_castsi256_pd(_mm256_slli_epi64::<52>(_mm256_add_epi64(
+            _mm256_castpd_si256(t[i]),
+            _mm256_set1_epi64x(1023),
+        )));
+        _mm256_mul_pd(e, scale)
+    })
 }
 
 /// Four lanes' running state.
@@ -146,6 +170,10 @@ pub(super) unsafe fn tv_span_avx2<T: Load4>(
         _mm256_set1_pd(col0 as f64),
         _mm256_setr_pd(0.0, 1.0, 2.0, 3.0),
     );
+    // The polynomial's coefficients, opaque to the compiler: read as memory operands
+    // instead of re-broadcast before every use (AVX2 has 16 vector registers).
+    let kc: [__m256d; 12] =
+        std::hint::black_box(std::array::from_fn(|i| _mm256_set1_pd(vexp::C[i])));
     let mut acc = Acc {
         slow: zero,
         valid: _mm256_setzero_si256(),
@@ -158,10 +186,9 @@ pub(super) unsafe fn tv_span_avx2<T: Load4>(
     // One step: four tokens from `c` (a macro: a closure would not be compiled with
     // this function's target features, nor inlined).
     macro_rules! step {
-        ($c:expr, $acc:expr) => {{
+        ($c:expr, $acc:expr, $p:expr, $q:expr, $ep:expr, $eq:expr) => {{
             let (c, acc): (usize, &mut Acc) = ($c, $acc);
-            let p = T::load4(lpp.add(c));
-            let q = T::load4(lqp.add(c));
+            let (p, q, ep, eq) = ($p, $q, $ep, $eq);
             let a = match adv_token {
                 Some(at) => _mm256_loadu_pd(at.as_ptr().add(c)),
                 None => row_a,
@@ -185,7 +212,7 @@ pub(super) unsafe fn tv_span_avx2<T: Load4>(
             let ok_a = _mm256_cmp_pd::<_CMP_LT_OQ>(_mm256_andnot_pd(sign, a), inf);
             let ok = _mm256_and_pd(_mm256_and_pd(ok_p, ok_q), ok_a);
             acc.slow = _mm256_or_pd(acc.slow, _mm256_andnot_pd(ok, v));
-            let d = _mm256_andnot_pd(sign, _mm256_sub_pd(exp4(p), exp4(q)));
+            let d = _mm256_andnot_pd(sign, _mm256_sub_pd(ep, eq));
             let d = _mm256_and_pd(d, v);
             _mm256_storeu_pd(dp.add(c), d);
             // toward: v & (a (p - q) <= 0), one byte per token.
@@ -220,12 +247,19 @@ pub(super) unsafe fn tv_span_avx2<T: Load4>(
     }
     let mut i = 0;
     while i + 2 <= steps {
-        step!(4 * i, &mut acc);
-        step!(4 * i + 4, &mut acc);
+        let (c0, c1) = (4 * i, 4 * i + 4);
+        let (p0, q0) = (T::load4(lpp.add(c0)), T::load4(lqp.add(c0)));
+        let (p1, q1) = (T::load4(lpp.add(c1)), T::load4(lqp.add(c1)));
+        let [ep0, eq0, ep1, eq1] = exp4n(&kc, [p0, q0, p1, q1]);
+        step!(c0, &mut acc, p0, q0, ep0, eq0);
+        step!(c1, &mut acc, p1, q1, ep1, eq1);
         i += 2;
     }
     if i < steps {
-        step!(4 * i, &mut acc);
+        let c0 = 4 * i;
+        let (p0, q0) = (T::load4(lpp.add(c0)), T::load4(lqp.add(c0)));
+        let [ep0, eq0] = exp4n(&kc, [p0, q0]);
+        step!(c0, &mut acc, p0, q0, ep0, eq0);
     }
     let sum = |x: __m256i| {
         let mut l = [0u64; 4];
