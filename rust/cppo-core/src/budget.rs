@@ -182,8 +182,8 @@ unsafe fn compact_window_avx2(
             let (mut out, mut lane) = (0, 0);
             while lane < 4 {
                 if k & (1 << lane) != 0 {
-                    t[k][2 * out] = 2 * lane as i32;
-                    t[k][2 * out + 1] = 2 * lane as i32 + 1;
+                    t[k][2 * out] = 2 * lane;
+                    t[k][2 * out + 1] = 2 * lane + 1;
                     out += 1;
                 }
                 lane += 1;
