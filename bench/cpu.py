@@ -10,6 +10,10 @@ the spec requires). The memory floor (`_native.memory_floor`) reads every byte t
 reads (log-probs, old log-probs, advantages, response mask) once and writes one byte
 per token (the bool mask), on the same number of threads.
 
+All methods of a case, at both thread counts, are timed in interleaved rounds
+(`time_interleaved`): this shared VM's speed drifts by up to ~30% over seconds, and a
+method timed on its own would see another drift than the one it is compared with.
+
 Per case and thread count: speedup_vs_eager, speedup_vs_compile (their time / ours),
 over_floor (our time / the floor's) and scaling_1_to_2 (our 1-thread time / 2-thread
 time); `targets` says whether issue #13's targets hold (>= 10x eager and compile at 1
@@ -114,16 +118,33 @@ def runner(method, data, threads):
     raise ValueError(method)
 
 
-def time_it(fn, min_time=1.0, min_reps=3, max_reps=50):
-    fn()  # warm-up (thread pools, per-thread buffers, compilation)
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < min_time and len(times) < max_reps):
-        t0 = time.perf_counter()
+ROUNDS = 10  # interleaved rounds per case
+SLOT_TIME = 0.05  # seconds a fast method runs in each round (slow ones: one call)
+
+
+def time_interleaved(fns, fast, rounds, slot_time):
+    """Times every (method, threads) callable of a case in interleaved rounds: each round
+    runs each of them in turn (fast ones for `slot_time`, slow ones once), so that the
+    machine's drift during the case (this shared VM's speed was seen to move by 30% over
+    seconds) falls on every method alike and the ratios compare like with like. Returns
+    {slot: (median, best, reps)} over all of a slot's calls."""
+    times = {slot: [] for slot in fns}
+    for slot, fn in fns.items():  # warm-up (thread pools, per-thread buffers, compilation)
+        torch.set_num_threads(slot[1])
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), len(times)
+        fn()
+    for _ in range(rounds):
+        for slot, fn in fns.items():
+            torch.set_num_threads(slot[1])
+            start = time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                fn()
+                t1 = time.perf_counter()
+                times[slot].append(t1 - t0)
+                if not fast(slot) or t1 - start >= slot_time or len(times[slot]) >= 400 * rounds:
+                    break
+    return {slot: (statistics.median(t), min(t), len(t)) for slot, t in times.items()}
 
 
 def peak_extra_memory(method, data, threads):
@@ -224,24 +245,25 @@ def run_case(b, l, dtype, methods, opts):
         # The torch backend obeys the spec's tie rule; count any difference from native.
         case["mismatches_torch_backend_vs_native"] = int((ours != runner("cppo_native_torch", data, None)().numpy()).sum())
     fast = ("cppo_native", "floor")
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        for method in methods:
-            if method == "numpy" and threads == 2:
-                continue  # NumPy's elementwise ops are single-threaded
-            min_time = 0.05 if opts.tiny else 0.5 if method in fast else 1.0
-            med, best, reps = time_it(runner(method, data, threads), min_time=min_time,
-                                      max_reps=400 if method in fast else 50)
-            entry = case["methods"].setdefault(method, {})
-            entry[f"threads_{threads}"] = {
-                "median_s": med,
-                "best_s": best,
-                "reps": reps,
-                "tokens_per_s": b * l / med,
-                "valid_tokens_per_s": valid_tokens / med,
-            }
-            print(f"{b:4d} x {l:5d} {dtype}  {method:26s} threads={threads}  {med * 1e3:9.3f} ms  "
-                  f"{b * l / med / 1e6:8.1f} M tok/s", flush=True)
+    slots = [(method, threads) for threads in (1, 2) for method in methods
+             if not (method == "numpy" and threads == 2)]  # NumPy's elementwise ops are single-threaded
+    timed = time_interleaved(
+        {slot: runner(slot[0], data, slot[1]) for slot in slots},
+        fast=lambda slot: slot[0] in fast,
+        rounds=3 if opts.tiny else ROUNDS,
+        slot_time=0.01 if opts.tiny else SLOT_TIME,
+    )
+    for (method, threads), (med, best, reps) in timed.items():
+        entry = case["methods"].setdefault(method, {})
+        entry[f"threads_{threads}"] = {
+            "median_s": med,
+            "best_s": best,
+            "reps": reps,
+            "tokens_per_s": b * l / med,
+            "valid_tokens_per_s": valid_tokens / med,
+        }
+        print(f"{b:4d} x {l:5d} {dtype}  {method:26s} threads={threads}  {med * 1e3:9.3f} ms  "
+              f"{b * l / med / 1e6:8.1f} M tok/s", flush=True)
     m = case["methods"]
     ours = m["cppo_native"]
     for threads in (1, 2):
