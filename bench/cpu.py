@@ -120,13 +120,16 @@ def runner(method, data, threads):
 
 ROUNDS = 10  # interleaved rounds per case
 SLOT_TIME = 0.05  # seconds a fast method runs in each round (slow ones: one call)
+SETTLE_S = 0.02  # pause before each slot
 
 
 def time_interleaved(fns, fast, rounds, slot_time):
     """Times every (method, threads) callable of a case in interleaved rounds: each round
     runs each of them in turn (fast ones for `slot_time`, slow ones once), so that the
     machine's drift during the case (this shared VM's speed was seen to move by 30% over
-    seconds) falls on every method alike and the ratios compare like with like. Returns
+    seconds) falls on every method alike and the ratios compare like with like. Each
+    slot starts with a pause and an untimed call, so that no method is timed while the
+    previous one's threads still spin on the other core. Returns
     {slot: (median, best, reps)} over all of a slot's calls."""
     times = {slot: [] for slot in fns}
     for slot, fn in fns.items():  # warm-up (thread pools, per-thread buffers, compilation)
@@ -136,6 +139,10 @@ def time_interleaved(fns, fast, rounds, slot_time):
     for _ in range(rounds):
         for slot, fn in fns.items():
             torch.set_num_threads(slot[1])
+            # Let the previous method's threads go idle (OpenMP workers spin for a while
+            # after a parallel region; ours linger 0.1 ms), then one untimed call.
+            time.sleep(SETTLE_S)
+            fn()
             start = time.perf_counter()
             while True:
                 t0 = time.perf_counter()
