@@ -200,6 +200,7 @@ pub struct Scratch {
     valid_columns: Vec<usize>,
     permutation: Vec<usize>,
     /// Per token of a group of rows, bit l: row l's Z_t <= c_t (`pair::scan_mask_group`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     lane_bits: Vec<u8>,
 }
 
