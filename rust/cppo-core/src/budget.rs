@@ -132,13 +132,13 @@ pub(crate) fn adaptive_budget(
 /// the front of `bits` (in order; `bits` holds `div.len() + 4`, its tail is scratch)
 /// and returns how many there are. The values are finite and >= -0.0 and low > 0; d +
 /// 0.0 turns a given -0.0 into +0.0 (an equal value), so integer order on the bits is
-/// numeric order. With AVX2, four values a step by a permutation table (the same
-/// values in the same order).
+/// numeric order. Under the AVX2 and AVX-512 variants, four values a step by a
+/// permutation table (the same values in the same order).
 fn compact_window(div: &[f64], valid: &[u8], (low, high): (f64, f64), bits: &mut [u64]) -> usize {
     let valid = &valid[..div.len()];
     assert!(bits.len() >= div.len() + 4);
     #[cfg(target_arch = "x86_64")]
-    if crate::row::Isa::Avx2.supported() {
+    if crate::row::Isa::current_has_avx2() {
         // SAFETY: the CPU has AVX2; lengths checked above.
         return unsafe { compact_window_avx2(div, valid, (low, high), bits) };
     }
@@ -308,6 +308,14 @@ mod tests {
             let mut got = vec![0u64; n + 4];
             let k = compact_window(&div, &valid, (low, high), &mut got);
             assert_eq!((k, &got[..k]), (m, &want[..m]), "case {case}");
+            // The AVX2 loop itself, whatever variant CPPO_NATIVE_ISA chose.
+            #[cfg(target_arch = "x86_64")]
+            if crate::row::Isa::Avx2.supported() {
+                let mut got = vec![0u64; n + 4];
+                // SAFETY: the CPU has AVX2; `got` holds n + 4.
+                let k = unsafe { compact_window_avx2(&div, &valid, (low, high), &mut got) };
+                assert_eq!((k, &got[..k]), (m, &want[..m]), "case {case} (avx2)");
+            }
             assert!(m > 0 || n < 8, "case {case}: nothing selected");
         }
     }

@@ -273,6 +273,13 @@ impl Isa {
         }
     }
 
+    /// Whether code with hand-written AVX2 intrinsics (outside the variants' shared Rust)
+    /// may run under the variant in use: it is AVX2 or AVX-512 (not `portable`, which
+    /// `CPPO_NATIVE_ISA` may choose) and this CPU has AVX2 and FMA.
+    pub fn current_has_avx2() -> bool {
+        matches!(Isa::current(), Isa::Avx2 | Isa::Avx512) && Isa::Avx2.supported()
+    }
+
     /// The variants this CPU can run, best last.
     pub fn available() -> Vec<Isa> {
         [Isa::Portable, Isa::Avx2, Isa::Avx512]
@@ -497,23 +504,32 @@ fn compute_row_impl<T: Widen>(
                     .zip(weight.par_chunks_mut(SPLIT_CHUNK))
                     .enumerate()
                     .map(|(i, ((d, t), w))| {
-                        let span = i * SPLIT_CHUNK..i * SPLIT_CHUNK + d.len();
-                        tv::tv_span_isa(
-                            isa,
-                            &consts,
-                            first + span.start,
-                            &lp[span.clone()],
-                            &lq[span.clone()],
-                            adv.sub(span.clone()),
-                            &valid[span],
-                            d,
-                            t,
-                            w,
-                        )
+                        let cols = i * SPLIT_CHUNK..i * SPLIT_CHUNK + d.len();
+                        let span = tv::Span {
+                            col0: first + cols.start,
+                            lp: &lp[cols.clone()],
+                            lq: &lq[cols.clone()],
+                            adv: adv.sub(cols.clone()),
+                            valid: &valid[cols],
+                            div: d,
+                            toward: t,
+                            weight: w,
+                        };
+                        tv::tv_span_isa(isa, &consts, span)
                     })
                     .reduce(tv::TvStats::default, tv::TvStats::merge)
             } else {
-                tv::tv_span_for(isa, &consts, first, lp, lq, adv, valid, div, toward, weight)
+                let span = tv::Span {
+                    col0: first,
+                    lp,
+                    lq,
+                    adv,
+                    valid,
+                    div,
+                    toward,
+                    weight,
+                };
+                tv::tv_span_for(isa, &consts, span)
             };
             if stats.bad {
                 fill_divergence!(|_, _, _| Ok(0.0));
@@ -826,58 +842,11 @@ impl Scan<'_> {
 
 mod pair;
 mod tv;
+#[cfg(feature = "phase-timing")]
+pub use tv::bench_tv_pass;
 mod tv_avx2;
 
 pub use pair::{scan_mask_group, scan_mask_one, scan_mask_pair, PendingScan};
 
 #[cfg(test)]
 mod tests;
-
-/// The Binary TV pass alone over one row, `reps` times, with the variant `isa` (linear
-/// weights, a finite clamp window): the 5th-percentile nanoseconds per token (this
-/// VM's timings are noisy). For tuning the
-/// pass (`examples/tv_bench.rs`); only with the feature `phase-timing`.
-#[cfg(feature = "phase-timing")]
-#[doc(hidden)]
-pub fn bench_tv_pass<T: Widen>(
-    isa: Isa,
-    lp: &[T],
-    lq: &[T],
-    adv: f64,
-    valid: &[u8],
-    reps: usize,
-) -> (f64, usize) {
-    let n = valid.len();
-    let (mut div, mut toward, mut weight) = (vec![0.0; n], vec![0u8; n], vec![0.0; n]);
-    let k = tv::TvConsts {
-        low: 0.02,
-        high: 0.04,
-        weights: tv::Weights::Linear,
-        horizon_m1: (n - 1) as f64,
-        one_minus_w_min: 0.2,
-    };
-    let mut times = Vec::with_capacity(reps);
-    let mut kept = 0;
-    for _ in 0..reps {
-        let t0 = std::time::Instant::now();
-        let s = tv::tv_span_isa(
-            isa,
-            &k,
-            0,
-            lp,
-            lq,
-            Advantage::Row(adv),
-            valid,
-            &mut div,
-            &mut toward,
-            &mut weight,
-        );
-        times.push(t0.elapsed().as_secs_f64() * 1e9 / n as f64);
-        kept = s.counts.below
-            + s.counts.above
-            + s.counts.valid
-            + toward.iter().map(|&t| t as usize).sum::<usize>();
-    }
-    times.sort_by(f64::total_cmp);
-    (times[reps / 20], kept)
-}

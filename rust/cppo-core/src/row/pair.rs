@@ -104,11 +104,7 @@ pub fn scan_mask_group(params: &Params, rows: Vec<PendingScan>) {
 
 fn scan_mask_group_inner(params: &Params, rows: Vec<PendingScan>) {
     #[cfg(target_arch = "x86_64")]
-    if params.prefix_budget
-        && rows.len() >= 2
-        && matches!(Isa::current(), Isa::Avx2 | Isa::Avx512)
-        && Isa::Avx2.supported()
-    {
+    if params.prefix_budget && rows.len() >= 2 && Isa::current_has_avx2() {
         // SAFETY: the CPU supports the features.
         return unsafe { scan_group_avx2(params, rows) };
     }

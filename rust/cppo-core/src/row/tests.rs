@@ -523,7 +523,7 @@ fn row_offset_shifts_the_shuffle_seed() {
 /// at padding positions.
 #[test]
 fn tv_pass_variants_agree() {
-    use super::tv::{tv_span, tv_span_for, TvConsts, TvStats, Weights};
+    use super::tv::{tv_span, tv_span_for, Span, TvConsts, TvStats, Weights};
     let mut rng = SplitMix64::new(11, 0);
     let mut uniform = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
     #[allow(clippy::too_many_arguments)]
@@ -540,9 +540,19 @@ fn tv_pass_variants_agree() {
         let n = valid.len();
         let run = |v: Option<Isa>| {
             let (mut d, mut t, mut w) = (vec![7.0; n], vec![9u8; n], vec![5.0; n]);
+            let span = Span {
+                col0,
+                lp,
+                lq,
+                adv,
+                valid,
+                div: &mut d,
+                toward: &mut t,
+                weight: &mut w,
+            };
             let s: TvStats = match v {
-                Some(isa) => tv_span_for(isa, k, col0, lp, lq, adv, valid, &mut d, &mut t, &mut w),
-                None => tv_span(k, col0, lp, lq, adv, valid, &mut d, &mut t, &mut w),
+                Some(isa) => tv_span_for(isa, k, span),
+                None => tv_span(k, span),
             };
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let c = s.counts;

@@ -62,27 +62,88 @@ fn col_f64(col: u64) -> f64 {
     f64::from_bits(0x4330_0000_0000_0000 | col) - 4_503_599_627_370_496.0
 }
 
-/// The pass over one span (all slices of the span's length).
-#[allow(clippy::too_many_arguments)]
+/// One span of a row's window for the pass: its first column, the inputs and the
+/// outputs, all of the span's length (`weight` may be empty under `Weights::Skip`).
+pub(super) struct Span<'a, T> {
+    pub col0: usize,
+    pub lp: &'a [T],
+    pub lq: &'a [T],
+    pub adv: Advantage<'a>,
+    pub valid: &'a [u8],
+    pub div: &'a mut [f64],
+    pub toward: &'a mut [u8],
+    pub weight: &'a mut [f64],
+}
+
+impl<'a, T> Span<'a, T> {
+    /// Every slice cut to `valid`'s length; `weight` to none under `Weights::Skip`.
+    #[inline(always)]
+    pub fn fit(self, weights: Weights) -> Self {
+        let n = self.valid.len();
+        let w = if weights == Weights::Skip { 0 } else { n };
+        Span {
+            col0: self.col0,
+            lp: &self.lp[..n],
+            lq: &self.lq[..n],
+            adv: self.adv.sub(0..n),
+            valid: self.valid,
+            div: &mut self.div[..n],
+            toward: &mut self.toward[..n],
+            weight: &mut self.weight[..w],
+        }
+    }
+
+    /// The span's first `mid` positions and the rest (a fitted span; used by the AVX2
+    /// pass for its tail and its slow path).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[inline(always)]
+    pub fn split_at(self, mid: usize) -> (Self, Self) {
+        let n = self.valid.len();
+        let (lp, lp2) = self.lp.split_at(mid);
+        let (lq, lq2) = self.lq.split_at(mid);
+        let (valid, valid2) = self.valid.split_at(mid);
+        let (div, div2) = self.div.split_at_mut(mid);
+        let (toward, toward2) = self.toward.split_at_mut(mid);
+        let (weight, weight2) = self.weight.split_at_mut(mid.min(self.weight.len()));
+        (
+            Span {
+                col0: self.col0,
+                lp,
+                lq,
+                adv: self.adv.sub(0..mid),
+                valid,
+                div,
+                toward,
+                weight,
+            },
+            Span {
+                col0: self.col0 + mid,
+                lp: lp2,
+                lq: lq2,
+                adv: self.adv.sub(mid..n),
+                valid: valid2,
+                div: div2,
+                toward: toward2,
+                weight: weight2,
+            },
+        )
+    }
+}
+
+/// The pass over one span.
 #[inline(always)]
-pub(super) fn tv_span<T: Widen>(
-    k: &TvConsts,
-    col0: usize,
-    lp: &[T],
-    lq: &[T],
-    adv: Advantage,
-    valid: &[u8],
-    div: &mut [f64],
-    toward: &mut [u8],
-    weight: &mut [f64],
-) -> TvStats {
+pub(super) fn tv_span<T: Widen>(k: &TvConsts, span: Span<T>) -> TvStats {
+    let Span {
+        col0,
+        lp,
+        lq,
+        adv,
+        valid,
+        div,
+        toward,
+        weight,
+    } = span.fit(k.weights);
     let n = valid.len();
-    let (lp, lq, div, toward) = (&lp[..n], &lq[..n], &mut div[..n], &mut toward[..n]);
-    let weight = if k.weights == Weights::Skip {
-        &mut weight[..0]
-    } else {
-        &mut weight[..n]
-    };
     debug_assert!(((col0 + n) as u64) < (1u64 << 52));
     macro_rules! pass {
         ($adv:expr, $weights:expr) => {{
@@ -129,30 +190,15 @@ pub(super) fn tv_span<T: Widen>(
     }
     match adv {
         Advantage::Row(a) => with_weights!(|_c: usize| a),
-        Advantage::Token(adv) => {
-            let adv = &adv[..n];
-            with_weights!(|c: usize| adv[c])
-        }
+        Advantage::Token(adv) => with_weights!(|c: usize| adv[c]),
     }
 }
 
 /// `tv_span` for the variant `isa` (inlined into a variant's code): with AVX2 and
 /// float32 or float64 log-probs, the intrinsics version (`tv_avx2`, the same bits);
 /// otherwise the generic loop compiled for the variant.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(super) fn tv_span_for<T: Widen>(
-    isa: Isa,
-    k: &TvConsts,
-    col0: usize,
-    lp: &[T],
-    lq: &[T],
-    adv: Advantage,
-    valid: &[u8],
-    div: &mut [f64],
-    toward: &mut [u8],
-    weight: &mut [f64],
-) -> TvStats {
+pub(super) fn tv_span_for<T: Widen>(isa: Isa, k: &TvConsts, span: Span<T>) -> TvStats {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 && isa.supported() {
         use std::any::TypeId;
@@ -164,17 +210,17 @@ pub(super) fn tv_span_for<T: Widen>(
                     unsafe {
                         let cast =
                             |s: &[T]| std::slice::from_raw_parts(s.as_ptr() as *const $t, s.len());
-                        return super::tv_avx2::tv_span_avx2(
-                            k,
-                            col0,
-                            cast(lp),
-                            cast(lq),
-                            adv,
-                            valid,
-                            div,
-                            toward,
-                            weight,
-                        );
+                        let span = Span {
+                            col0: span.col0,
+                            lp: cast(span.lp),
+                            lq: cast(span.lq),
+                            adv: span.adv,
+                            valid: span.valid,
+                            div: span.div,
+                            toward: span.toward,
+                            weight: span.weight,
+                        };
+                        return super::tv_avx2::tv_span_avx2(k, span);
                     }
                 }
             };
@@ -183,37 +229,63 @@ pub(super) fn tv_span_for<T: Widen>(
         avx2_as!(f64);
     }
     let _ = isa;
-    tv_span(k, col0, lp, lq, adv, valid, div, toward, weight)
+    tv_span(k, span)
 }
 
 /// `tv_span` compiled for the variant `isa` (called from worker threads when a row is
 /// split, outside the caller's target-feature function).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn tv_span_isa<T: Widen>(
-    isa: Isa,
-    k: &TvConsts,
-    col0: usize,
-    lp: &[T],
-    lq: &[T],
-    adv: Advantage,
-    valid: &[u8],
-    div: &mut [f64],
-    toward: &mut [u8],
-    weight: &mut [f64],
-) -> TvStats {
+pub(super) fn tv_span_isa<T: Widen>(isa: Isa, k: &TvConsts, span: Span<T>) -> TvStats {
     isa_variants!(
         isa,
-        fn<T: Widen>(
-            k: &TvConsts,
-            col0: usize,
-            lp: &[T],
-            lq: &[T],
-            adv: Advantage,
-            valid: &[u8],
-            div: &mut [f64],
-            toward: &mut [u8],
-            weight: &mut [f64],
-        ) -> TvStats,
-        |v| tv_span_for(v, k, col0, lp, lq, adv, valid, div, toward, weight)
+        fn<T: Widen>(k: &TvConsts, span: Span<'_, T>) -> TvStats,
+        |v| tv_span_for(v, k, span)
     )
+}
+
+/// The Binary TV pass alone over one row, `reps` times, with the variant `isa` (linear
+/// weights, a finite clamp window): the 5th-percentile nanoseconds per token (this
+/// VM's timings are noisy). For tuning the
+/// pass (`examples/tv_bench.rs`); only with the feature `phase-timing`.
+#[cfg(feature = "phase-timing")]
+#[doc(hidden)]
+pub fn bench_tv_pass<T: Widen>(
+    isa: Isa,
+    lp: &[T],
+    lq: &[T],
+    adv: f64,
+    valid: &[u8],
+    reps: usize,
+) -> (f64, usize) {
+    let n = valid.len();
+    let (mut div, mut toward, mut weight) = (vec![0.0; n], vec![0u8; n], vec![0.0; n]);
+    let k = TvConsts {
+        low: 0.02,
+        high: 0.04,
+        weights: Weights::Linear,
+        horizon_m1: (n - 1) as f64,
+        one_minus_w_min: 0.2,
+    };
+    let mut times = Vec::with_capacity(reps);
+    let mut kept = 0;
+    for _ in 0..reps {
+        let t0 = std::time::Instant::now();
+        let span = Span {
+            col0: 0,
+            lp,
+            lq,
+            adv: Advantage::Row(adv),
+            valid,
+            div: &mut div,
+            toward: &mut toward,
+            weight: &mut weight,
+        };
+        let s = tv_span_isa(isa, &k, span);
+        times.push(t0.elapsed().as_secs_f64() * 1e9 / n as f64);
+        kept = s.counts.below
+            + s.counts.above
+            + s.counts.valid
+            + toward.iter().map(|&t| t as usize).sum::<usize>();
+    }
+    times.sort_by(f64::total_cmp);
+    (times[reps / 20], kept)
 }

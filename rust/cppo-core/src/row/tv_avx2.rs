@@ -21,7 +21,7 @@
 
 use std::arch::x86_64::*;
 
-use super::tv::{tv_span, TvConsts, TvStats, Weights};
+use super::tv::{tv_span, Span, TvConsts, TvStats, Weights};
 use super::{Advantage, Widen};
 use crate::budget::WindowCounts;
 use crate::divergence::LOG_PROB_TOLERANCE;
@@ -122,33 +122,13 @@ struct Acc {
 ///
 /// # Safety
 /// AVX2 and FMA are available.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn tv_span_avx2<T: Load4>(
-    k: &TvConsts,
-    col0: usize,
-    lp: &[T],
-    lq: &[T],
-    adv: Advantage,
-    valid: &[u8],
-    div: &mut [f64],
-    toward: &mut [u8],
-    weight: &mut [f64],
-) -> TvStats {
-    let n = valid.len();
-    let (lp, lq, div, toward) = (&lp[..n], &lq[..n], &mut div[..n], &mut toward[..n]);
-    let weight = if k.weights == Weights::Skip {
-        &mut weight[..0]
-    } else {
-        &mut weight[..n]
-    };
-    let adv_token = match adv {
-        Advantage::Token(a) => Some(&a[..n]),
-        Advantage::Row(_) => None,
-    };
-    let adv_row = match adv {
-        Advantage::Row(a) => a,
-        Advantage::Token(_) => 0.0,
+pub(super) unsafe fn tv_span_avx2<T: Load4>(k: &TvConsts, span: Span<T>) -> TvStats {
+    let span = span.fit(k.weights);
+    let (n, col0) = (span.valid.len(), span.col0);
+    let (adv_token, adv_row) = match span.adv {
+        Advantage::Token(a) => (Some(a), 0.0),
+        Advantage::Row(a) => (None, a),
     };
     let steps = n / 4;
     let zero = _mm256_setzero_pd();
@@ -180,9 +160,9 @@ pub(super) unsafe fn tv_span_avx2<T: Load4>(
         below: _mm256_setzero_si256(),
         above: _mm256_setzero_si256(),
     };
-    let (lpp, lqp, vp) = (lp.as_ptr(), lq.as_ptr(), valid.as_ptr());
-    let (dp, tp) = (div.as_mut_ptr(), toward.as_mut_ptr());
-    let wp = weight.as_mut_ptr();
+    let (lpp, lqp, vp) = (span.lp.as_ptr(), span.lq.as_ptr(), span.valid.as_ptr());
+    let (dp, tp) = (span.div.as_mut_ptr(), span.toward.as_mut_ptr());
+    let wp = span.weight.as_mut_ptr();
     // One step: four tokens from `c` (a macro: a closure would not be compiled with
     // this function's target features, nor inlined).
     macro_rules! step {
@@ -276,40 +256,12 @@ pub(super) unsafe fn tv_span_avx2<T: Load4>(
             above: sum(acc.above),
         },
     };
-    let done = 4 * steps;
-    let adv_sub = |r: std::ops::Range<usize>| match adv_token {
-        Some(at) => Advantage::Token(&at[r]),
-        None => Advantage::Row(adv_row),
-    };
-    let skip = k.weights == Weights::Skip;
-    let tail_w = if skip { 0..0 } else { done..n };
-    let tail = tv_span(
-        k,
-        col0 + done,
-        &lp[done..],
-        &lq[done..],
-        adv_sub(done..n),
-        &valid[done..],
-        &mut div[done..],
-        &mut toward[done..],
-        &mut weight[tail_w],
-    );
+    let (head, tail) = span.split_at(4 * steps);
+    let tail = tv_span(k, tail);
     if !slow {
         return body.merge(tail);
     }
     // Rare: re-run the generic pass over the body, which says whether a value was bad
     // or only below TINY (same outputs, same counts).
-    let head_w = if skip { 0..0 } else { 0..done };
-    tv_span(
-        k,
-        col0,
-        &lp[..done],
-        &lq[..done],
-        adv_sub(0..done),
-        &valid[..done],
-        &mut div[..done],
-        &mut toward[..done],
-        &mut weight[head_w],
-    )
-    .merge(tail)
+    tv_span(k, head).merge(tail)
 }
