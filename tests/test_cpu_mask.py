@@ -497,3 +497,92 @@ def test_any_cpu_dlpack_producer():
     cu = _Producer(np.array([0, 4, 7]))
     packed = cppo_mask(_Producer(lp[0]), _Producer(lq[0]), _Producer(adv[:2]), None, **KNOBS, cu_seqlens=cu)
     np.testing.assert_array_equal(packed, cppo_mask(lp[0], lq[0], adv[:2], None, **KNOBS, cu_seqlens=np.array([0, 4, 7])))
+
+
+# ---------------------------------------------------------------------------------------
+# The fast path (`_backends.cpu.fast_mask`): the commonest call (NumPy, C order,
+# float32/float64, bool mask) skips the general path's conversions; it must give the
+# general path's bits and errors, and decline everything else.
+
+
+def _general_path(lp, lq, adv, valid, **knobs):
+    from cppo_native._backends import dispatch
+    from cppo_native._core.params import make_params
+
+    params = make_params(**knobs)
+    prep = dispatch.prepare_mask_inputs(lp, lq, adv, valid, None, None, None)
+    return dispatch.run_mask(prep, params, return_info=False, validate=True, num_threads=None)[0]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(packed=False), st.sampled_from([np.float32, np.float64]), st.booleans(), st.booleans())
+def test_fast_path_equals_general_path(case: Case, dtype, per_token_adv, no_mask):
+    from cppo_native._backends.cpu import fast_mask
+    from cppo_native._core.params import make_params
+
+    if case.divergence is not None and not isinstance(case.divergence, str):
+        return  # a given divergence takes the general path
+    knobs = dict(case.knobs, divergence=case.divergence)
+    lp, lq = case.log_probs.astype(dtype), case.old_log_probs.astype(dtype)
+    adv = case.advantages.astype(dtype)
+    if per_token_adv and adv.ndim == 1:
+        adv = np.repeat(adv[:, None], lp.shape[1], axis=1)
+    valid = None if no_mask or case.response_mask is None else case.response_mask != 0
+    if valid is None:  # every position valid: garbage at padding would be a bad value
+        lp, lq = np.where(np.isfinite(lp), np.minimum(lp, 0), -1.0), np.where(np.isfinite(lq), np.minimum(lq, 0), -1.0)
+        lp, lq, adv = lp.astype(dtype), lq.astype(dtype), np.nan_to_num(adv, posinf=1.0, neginf=-1.0).astype(dtype)
+    fast = fast_mask(lp, lq, adv, valid, make_params(**knobs), 0)
+    assert fast is not None, "these inputs are the fast path's"
+    np.testing.assert_array_equal(fast, _general_path(lp, lq, adv, valid, **knobs))
+    np.testing.assert_array_equal(cppo_mask(lp, lq, adv, valid, **knobs), fast)
+
+
+def test_fast_path_declines_other_inputs():
+    from cppo_native._backends.cpu import fast_mask
+    from cppo_native._core.params import make_params
+
+    rng = np.random.default_rng(5)
+    lp = -rng.exponential(0.5, size=(3, 17))
+    lq = np.minimum(lp + rng.normal(0, 0.1, size=lp.shape), 0.0)
+    adv, valid = rng.normal(size=3), rng.random(lp.shape) < 0.8
+    params = make_params(**KNOBS)
+    want = cppo_mask_reference(lp, lq, adv, valid, **KNOBS).mask
+    variants = {
+        "float16": (lp.astype(np.float16), lq.astype(np.float16), adv, valid),
+        "mixed dtypes": (lp.astype(np.float32), lq, adv, valid),
+        "big-endian": (lp.astype(">f8"), lq.astype(">f8"), adv, valid),
+        "not C order": (np.asfortranarray(lp), np.asfortranarray(lq), adv, valid),
+        "advantages [B, 1]": (lp, lq, adv[:, None], valid),
+        "int advantages": (lp, lq, np.array([1, -1, 2]), valid),
+        "uint8 mask": (lp, lq, adv, valid.astype(np.uint8)),
+        "torch": tuple(torch.from_numpy(np.asarray(x)) for x in (lp, lq, adv, valid)),
+        "lists": (lp.tolist(), lq.tolist(), adv.tolist(), valid.tolist()),
+        "a subclass": (lp.view(np.matrix), lq, adv, valid),
+    }
+    for name, args in variants.items():
+        assert fast_mask(*args, params, 0) is None, name
+        got = cppo_mask(*args, **KNOBS)
+        got = got.numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+        if name == "float16":  # the reference on the rounded inputs
+            ref = cppo_mask_reference(*(np.asarray(a, np.float64) for a in args[:2]), adv, valid, **KNOBS).mask
+            np.testing.assert_array_equal(got, ref, err_msg=name)
+        elif name != "a subclass":
+            np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_path_bad_value_error_is_the_general_paths(dtype):
+    lp = np.full((2, 5), -0.5, dtype=dtype)
+    lq = lp.copy()
+    lq[1, 3] = 0.25  # a log-prob above 0 at a valid position
+    adv, valid = np.ones(2, dtype=dtype), np.ones((2, 5), dtype=bool)
+    before = [x.copy() for x in (lp, lq, adv, valid)]
+    with pytest.raises(ValueError) as fast:
+        cppo_mask(lp, lq, adv, valid, **KNOBS)
+    with pytest.raises(ValueError) as general:
+        _general_path(lp, lq, adv, valid, **KNOBS)
+    assert str(fast.value) == str(general.value)
+    assert "row 1, column 3" in str(fast.value) and "old_log_probs" in str(fast.value)
+    for x, b in zip((lp, lq, adv, valid), before):
+        np.testing.assert_array_equal(x, b)
+    np.testing.assert_array_equal(cppo_mask(lp, lp, adv, valid, **KNOBS), np.ones((2, 5), dtype=bool))
