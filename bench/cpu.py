@@ -121,15 +121,22 @@ def runner(method, data, threads):
 ROUNDS = 10  # interleaved rounds per case
 SLOT_TIME = 0.05  # seconds a fast method runs in each round (slow ones: one call)
 SETTLE_S = 0.02  # pause before each slot
+# Untimed calls of a fast method before its slot is timed (slow ones: one call, which
+# lasts longer). After the pause this 2-vCPU VM's idle second core came back slowly: the
+# first 2-thread calls of a slot ran at one thread's speed (9.7 ms, then ~5.0 ms, on
+# 256 x 8192), which fell on whichever fast method a round timed first at two threads.
+WARM_S = 0.03
 
 
-def time_interleaved(fns, fast, rounds, slot_time):
+def time_interleaved(fns, fast, rounds, slot_time, warm_time=WARM_S):
     """Times every (method, threads) callable of a case in interleaved rounds: each round
     runs each of them in turn (fast ones for `slot_time`, slow ones once), so that the
     machine's drift during the case (this shared VM's speed was seen to move by 30% over
     seconds) falls on every method alike and the ratios compare like with like. Each
-    slot starts with a pause and an untimed call, so that no method is timed while the
-    previous one's threads still spin on the other core. Returns
+    slot starts with a pause, so that no method is timed while the previous one's
+    threads still spin on the other core, then untimed calls (`warm_time` seconds of a
+    fast method, one call of a slow one), so that none is timed while the idle core
+    comes back to speed. Returns
     {slot: (median, best, reps)} over all of a slot's calls."""
     times = {slot: [] for slot in fns}
     for slot, fn in fns.items():  # warm-up (thread pools, per-thread buffers, compilation)
@@ -142,7 +149,10 @@ def time_interleaved(fns, fast, rounds, slot_time):
             # Let the previous method's threads go idle (OpenMP workers spin for a while
             # after a parallel region; ours linger 0.1 ms), then one untimed call.
             time.sleep(SETTLE_S)
+            warm = time.perf_counter()
             fn()
+            while fast(slot) and time.perf_counter() - warm < warm_time:
+                fn()
             start = time.perf_counter()
             while True:
                 t0 = time.perf_counter()
@@ -259,6 +269,7 @@ def run_case(b, l, dtype, methods, opts):
         fast=lambda slot: slot[0] in fast,
         rounds=3 if opts.tiny else ROUNDS,
         slot_time=0.01 if opts.tiny else SLOT_TIME,
+        warm_time=0.0 if opts.tiny else WARM_S,
     )
     for (method, threads), (med, best, reps) in timed.items():
         entry = case["methods"].setdefault(method, {})
