@@ -15,9 +15,9 @@
 //! the rounding error of r carried in r_lo); exp(r) = 1 + r + r^2 q(r) with 1 + r split
 //! exactly and q the Taylor polynomial of degree 11 (terms to r^13/13!; the truncation
 //! is below 2^-57 relative) evaluated by Estrin's scheme (a dependency chain of 5
-//! operations instead of Horner's 11: the vector loops are latency-bound); the scale 2^k is built from the exponent bits. Arguments
-//! below `TINY` (results below 2^-1021, subnormal or zero) need a two-step scale:
-//! `exp_tiny`.
+//! operations instead of Horner's 11: the vector loops are latency-bound); the scale
+//! 2^k is built from the exponent bits. Arguments below `TINY` (results below
+//! 2^-1021, subnormal or zero) need a two-step scale: `exp_tiny`.
 
 /// The fast form is exact-range for x >= TINY (2^k stays a normal number).
 pub const TINY: f64 = -708.0;

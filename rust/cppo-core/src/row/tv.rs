@@ -195,7 +195,8 @@ pub(super) fn tv_span<T: Widen>(k: &TvConsts, span: Span<T>) -> TvStats {
 }
 
 /// `tv_span` for the variant `isa` (inlined into a variant's code): with AVX2 and
-/// float32 or float64 log-probs, the intrinsics version (`tv_avx2`, the same bits);
+/// float32 or float64 log-probs, the AVX2 version (`tv_avx2`: assembly `exp`,
+/// intrinsics around it; the same bits);
 /// otherwise the generic loop compiled for the variant.
 #[inline(always)]
 pub(super) fn tv_span_for<T: Widen>(isa: Isa, k: &TvConsts, span: Span<T>) -> TvStats {

@@ -66,13 +66,7 @@ impl Load4 for f32 {
 struct ExpConsts([[f64; 4]; 17]);
 
 static EXP_CONSTS: ExpConsts = {
-    let head = [
-        vexp::LOG2E,
-        vexp::SHIFTER,
-        vexp::LN2_HI,
-        vexp::LN2_LO,
-        1.0,
-    ];
+    let head = [vexp::LOG2E, vexp::SHIFTER, vexp::LN2_HI, vexp::LN2_LO, 1.0];
     let mut t = [[0.0; 4]; 17];
     let mut i = 0;
     while i < 17 {
@@ -94,124 +88,131 @@ static EXP_CONSTS: ExpConsts = {
 /// exp(r) (in [0.70, 1.42]) instead of multiplying by 2^k. For x >= `vexp::TINY` the
 /// product is a normal number, so the two are the same bits (the pass takes the slow
 /// path below TINY).
+///
+/// # Safety
+/// `p0` and `p1` each point at four readable elements; AVX2 and FMA are available.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_pair<T: Load4>(p0: *const T, p1: *const T) -> (__m256d, __m256d) {
     let mut slot = MaybeUninit::<[__m256d; 4]>::uninit();
     let (x0, x1): (__m256d, __m256d);
+    // SAFETY (the block below): it reads four elements at p0 and at p1 (the caller's
+    // contract), EXP_CONSTS (32-byte aligned, 544 bytes) and `slot` (32-byte aligned, 128
+    // bytes), which it writes before reading; it touches no other memory, no stack and
+    // no flags, and every vector register it writes is an operand.
     macro_rules! exp_asm {
         ($load:literal) => {
-    std::arch::asm!(
-        concat!($load, " {x0}, [{p0}]"),
-        concat!($load, " {x1}, [{p1}]"),
-        // t = fma(x, LOG2E, SHIFTER); kk = t - SHIFTER (in a)
-        "vmovapd {t0}, [{k} + 32]",
-        "vmovapd {t1}, [{k} + 32]",
-        "vfmadd231pd {t0}, {x0}, [{k}]",
-        "vfmadd231pd {t1}, {x1}, [{k}]",
-        "vsubpd {a0}, {t0}, [{k} + 32]",
-        "vsubpd {a1}, {t1}, [{k} + 32]",
-        // hi = fma(-kk, LN2_HI, x) (in x)
-        "vfnmadd231pd {x0}, {a0}, [{k} + 64]",
-        "vfnmadd231pd {x1}, {a1}, [{k} + 64]",
-        // k << 52 (the low bits of t hold k), to slot 0
-        "vpsllq {t0}, {t0}, 52",
-        "vpsllq {t1}, {t1}, 52",
-        "vmovapd [{s}], {t0}",
-        "vmovapd [{s} + 64], {t1}",
-        // r = fma(-kk, LN2_LO, hi)
-        "vmovapd {r0}, {x0}",
-        "vmovapd {r1}, {x1}",
-        "vfnmadd231pd {r0}, {a0}, [{k} + 96]",
-        "vfnmadd231pd {r1}, {a1}, [{k} + 96]",
-        // r_lo = fma(-kk, LN2_LO, hi - r), to slot 1
-        "vsubpd {x0}, {x0}, {r0}",
-        "vsubpd {x1}, {x1}, {r1}",
-        "vfnmadd231pd {x0}, {a0}, [{k} + 96]",
-        "vfnmadd231pd {x1}, {a1}, [{k} + 96]",
-        "vmovapd [{s} + 32], {x0}",
-        "vmovapd [{s} + 96], {x1}",
-        // r2 (t); p01 = fma(C1, r, C0) (a); p23 (b); p03 = fma(p23, r2, p01) (a)
-        "vmulpd {t0}, {r0}, {r0}",
-        "vmulpd {t1}, {r1}, {r1}",
-        "vmovapd {a0}, [{k} + 160]",
-        "vmovapd {a1}, [{k} + 160]",
-        "vfmadd231pd {a0}, {r0}, [{k} + 192]",
-        "vfmadd231pd {a1}, {r1}, [{k} + 192]",
-        "vmovapd {b0}, [{k} + 224]",
-        "vmovapd {b1}, [{k} + 224]",
-        "vfmadd231pd {b0}, {r0}, [{k} + 256]",
-        "vfmadd231pd {b1}, {r1}, [{k} + 256]",
-        "vfmadd231pd {a0}, {b0}, {t0}",
-        "vfmadd231pd {a1}, {b1}, {t1}",
-        // p45 (b); p67 (c); p47 = fma(p67, r2, p45) (b)
-        "vmovapd {b0}, [{k} + 288]",
-        "vmovapd {b1}, [{k} + 288]",
-        "vfmadd231pd {b0}, {r0}, [{k} + 320]",
-        "vfmadd231pd {b1}, {r1}, [{k} + 320]",
-        "vmovapd {c0}, [{k} + 352]",
-        "vmovapd {c1}, [{k} + 352]",
-        "vfmadd231pd {c0}, {r0}, [{k} + 384]",
-        "vfmadd231pd {c1}, {r1}, [{k} + 384]",
-        "vfmadd231pd {b0}, {c0}, {t0}",
-        "vfmadd231pd {b1}, {c1}, {t1}",
-        // r4 (x); p07 = fma(p47, r4, p03) (a)
-        "vmulpd {x0}, {t0}, {t0}",
-        "vmulpd {x1}, {t1}, {t1}",
-        "vfmadd231pd {a0}, {b0}, {x0}",
-        "vfmadd231pd {a1}, {b1}, {x1}",
-        // p89 (b); p1011 (c); p811 = fma(p1011, r2, p89) (b)
-        "vmovapd {b0}, [{k} + 416]",
-        "vmovapd {b1}, [{k} + 416]",
-        "vfmadd231pd {b0}, {r0}, [{k} + 448]",
-        "vfmadd231pd {b1}, {r1}, [{k} + 448]",
-        "vmovapd {c0}, [{k} + 480]",
-        "vmovapd {c1}, [{k} + 480]",
-        "vfmadd231pd {c0}, {r0}, [{k} + 512]",
-        "vfmadd231pd {c1}, {r1}, [{k} + 512]",
-        "vfmadd231pd {b0}, {c0}, {t0}",
-        "vfmadd231pd {b1}, {c1}, {t1}",
-        // r8 (x); q = fma(p811, r8, p07) (a)
-        "vmulpd {x0}, {x0}, {x0}",
-        "vmulpd {x1}, {x1}, {x1}",
-        "vfmadd231pd {a0}, {b0}, {x0}",
-        "vfmadd231pd {a1}, {b1}, {x1}",
-        // a = fma(r2, q, r_lo)
-        "vfmadd213pd {a0}, {t0}, [{s} + 32]",
-        "vfmadd213pd {a1}, {t1}, [{s} + 96]",
-        // h = 1 + r (b); lo = (1 - h) + r (c); e = h + (lo + a); x = e * scale
-        "vaddpd {b0}, {r0}, [{k} + 128]",
-        "vaddpd {b1}, {r1}, [{k} + 128]",
-        "vmovapd {c0}, [{k} + 128]",
-        "vmovapd {c1}, [{k} + 128]",
-        "vsubpd {c0}, {c0}, {b0}",
-        "vsubpd {c1}, {c1}, {b1}",
-        "vaddpd {c0}, {c0}, {r0}",
-        "vaddpd {c1}, {c1}, {r1}",
-        "vaddpd {c0}, {c0}, {a0}",
-        "vaddpd {c1}, {c1}, {a1}",
-        "vaddpd {b0}, {b0}, {c0}",
-        "vaddpd {b1}, {b1}, {c1}",
-        "vpaddq {x0}, {b0}, [{s}]",
-        "vpaddq {x1}, {b1}, [{s} + 64]",
-        k = in(reg) EXP_CONSTS.0.as_ptr(),
-        s = in(reg) slot.as_mut_ptr(),
-        p0 = in(reg) p0,
-        p1 = in(reg) p1,
-        x0 = out(ymm_reg) x0,
-        x1 = out(ymm_reg) x1,
-        t0 = out(ymm_reg) _,
-        r0 = out(ymm_reg) _,
-        a0 = out(ymm_reg) _,
-        b0 = out(ymm_reg) _,
-        c0 = out(ymm_reg) _,
-        t1 = out(ymm_reg) _,
-        r1 = out(ymm_reg) _,
-        a1 = out(ymm_reg) _,
-        b1 = out(ymm_reg) _,
-        c1 = out(ymm_reg) _,
-        options(nostack, preserves_flags),
-    )
+            std::arch::asm!(
+                concat!($load, " {x0}, [{p0}]"),
+                concat!($load, " {x1}, [{p1}]"),
+                // t = fma(x, LOG2E, SHIFTER); kk = t - SHIFTER (in a)
+                "vmovapd {t0}, [{k} + 32]",
+                "vmovapd {t1}, [{k} + 32]",
+                "vfmadd231pd {t0}, {x0}, [{k}]",
+                "vfmadd231pd {t1}, {x1}, [{k}]",
+                "vsubpd {a0}, {t0}, [{k} + 32]",
+                "vsubpd {a1}, {t1}, [{k} + 32]",
+                // hi = fma(-kk, LN2_HI, x) (in x)
+                "vfnmadd231pd {x0}, {a0}, [{k} + 64]",
+                "vfnmadd231pd {x1}, {a1}, [{k} + 64]",
+                // k << 52 (the low bits of t hold k), to slot 0
+                "vpsllq {t0}, {t0}, 52",
+                "vpsllq {t1}, {t1}, 52",
+                "vmovapd [{s}], {t0}",
+                "vmovapd [{s} + 64], {t1}",
+                // r = fma(-kk, LN2_LO, hi)
+                "vmovapd {r0}, {x0}",
+                "vmovapd {r1}, {x1}",
+                "vfnmadd231pd {r0}, {a0}, [{k} + 96]",
+                "vfnmadd231pd {r1}, {a1}, [{k} + 96]",
+                // r_lo = fma(-kk, LN2_LO, hi - r), to slot 1
+                "vsubpd {x0}, {x0}, {r0}",
+                "vsubpd {x1}, {x1}, {r1}",
+                "vfnmadd231pd {x0}, {a0}, [{k} + 96]",
+                "vfnmadd231pd {x1}, {a1}, [{k} + 96]",
+                "vmovapd [{s} + 32], {x0}",
+                "vmovapd [{s} + 96], {x1}",
+                // r2 (t); p01 = fma(C1, r, C0) (a); p23 (b); p03 = fma(p23, r2, p01) (a)
+                "vmulpd {t0}, {r0}, {r0}",
+                "vmulpd {t1}, {r1}, {r1}",
+                "vmovapd {a0}, [{k} + 160]",
+                "vmovapd {a1}, [{k} + 160]",
+                "vfmadd231pd {a0}, {r0}, [{k} + 192]",
+                "vfmadd231pd {a1}, {r1}, [{k} + 192]",
+                "vmovapd {b0}, [{k} + 224]",
+                "vmovapd {b1}, [{k} + 224]",
+                "vfmadd231pd {b0}, {r0}, [{k} + 256]",
+                "vfmadd231pd {b1}, {r1}, [{k} + 256]",
+                "vfmadd231pd {a0}, {b0}, {t0}",
+                "vfmadd231pd {a1}, {b1}, {t1}",
+                // p45 (b); p67 (c); p47 = fma(p67, r2, p45) (b)
+                "vmovapd {b0}, [{k} + 288]",
+                "vmovapd {b1}, [{k} + 288]",
+                "vfmadd231pd {b0}, {r0}, [{k} + 320]",
+                "vfmadd231pd {b1}, {r1}, [{k} + 320]",
+                "vmovapd {c0}, [{k} + 352]",
+                "vmovapd {c1}, [{k} + 352]",
+                "vfmadd231pd {c0}, {r0}, [{k} + 384]",
+                "vfmadd231pd {c1}, {r1}, [{k} + 384]",
+                "vfmadd231pd {b0}, {c0}, {t0}",
+                "vfmadd231pd {b1}, {c1}, {t1}",
+                // r4 (x); p07 = fma(p47, r4, p03) (a)
+                "vmulpd {x0}, {t0}, {t0}",
+                "vmulpd {x1}, {t1}, {t1}",
+                "vfmadd231pd {a0}, {b0}, {x0}",
+                "vfmadd231pd {a1}, {b1}, {x1}",
+                // p89 (b); p1011 (c); p811 = fma(p1011, r2, p89) (b)
+                "vmovapd {b0}, [{k} + 416]",
+                "vmovapd {b1}, [{k} + 416]",
+                "vfmadd231pd {b0}, {r0}, [{k} + 448]",
+                "vfmadd231pd {b1}, {r1}, [{k} + 448]",
+                "vmovapd {c0}, [{k} + 480]",
+                "vmovapd {c1}, [{k} + 480]",
+                "vfmadd231pd {c0}, {r0}, [{k} + 512]",
+                "vfmadd231pd {c1}, {r1}, [{k} + 512]",
+                "vfmadd231pd {b0}, {c0}, {t0}",
+                "vfmadd231pd {b1}, {c1}, {t1}",
+                // r8 (x); q = fma(p811, r8, p07) (a)
+                "vmulpd {x0}, {x0}, {x0}",
+                "vmulpd {x1}, {x1}, {x1}",
+                "vfmadd231pd {a0}, {b0}, {x0}",
+                "vfmadd231pd {a1}, {b1}, {x1}",
+                // a = fma(r2, q, r_lo)
+                "vfmadd213pd {a0}, {t0}, [{s} + 32]",
+                "vfmadd213pd {a1}, {t1}, [{s} + 96]",
+                // h = 1 + r (b); lo = (1 - h) + r (c); e = h + (lo + a); x = e * scale
+                "vaddpd {b0}, {r0}, [{k} + 128]",
+                "vaddpd {b1}, {r1}, [{k} + 128]",
+                "vmovapd {c0}, [{k} + 128]",
+                "vmovapd {c1}, [{k} + 128]",
+                "vsubpd {c0}, {c0}, {b0}",
+                "vsubpd {c1}, {c1}, {b1}",
+                "vaddpd {c0}, {c0}, {r0}",
+                "vaddpd {c1}, {c1}, {r1}",
+                "vaddpd {c0}, {c0}, {a0}",
+                "vaddpd {c1}, {c1}, {a1}",
+                "vaddpd {b0}, {b0}, {c0}",
+                "vaddpd {b1}, {b1}, {c1}",
+                "vpaddq {x0}, {b0}, [{s}]",
+                "vpaddq {x1}, {b1}, [{s} + 64]",
+                k = in(reg) EXP_CONSTS.0.as_ptr(),
+                s = in(reg) slot.as_mut_ptr(),
+                p0 = in(reg) p0,
+                p1 = in(reg) p1,
+                x0 = out(ymm_reg) x0,
+                x1 = out(ymm_reg) x1,
+                t0 = out(ymm_reg) _,
+                r0 = out(ymm_reg) _,
+                a0 = out(ymm_reg) _,
+                b0 = out(ymm_reg) _,
+                c0 = out(ymm_reg) _,
+                t1 = out(ymm_reg) _,
+                r1 = out(ymm_reg) _,
+                a1 = out(ymm_reg) _,
+                b1 = out(ymm_reg) _,
+                c1 = out(ymm_reg) _,
+                options(nostack, preserves_flags),
+            )
         };
     }
     if T::F32 {
@@ -231,9 +232,6 @@ pub(super) unsafe fn tv_span_avx2<T: Load4>(k: &TvConsts, span: Span<T>) -> TvSt
     let span = span.fit(k.weights);
     let steps = span.valid.len() / 4;
     let (mut head, tail) = span.split_at(4 * steps);
-    const LINEAR: u8 = 0;
-    const ONES: u8 = 1;
-    const SKIP: u8 = 2;
     let (body, slow) = match (k.weights, head.adv) {
         (Weights::Linear, Advantage::Row(_)) => steps_avx2::<T, LINEAR, false>(k, &mut head),
         (Weights::Linear, Advantage::Token(_)) => steps_avx2::<T, LINEAR, true>(k, &mut head),
@@ -251,8 +249,13 @@ pub(super) unsafe fn tv_span_avx2<T: Load4>(k: &TvConsts, span: Span<T>) -> TvSt
     tv_span(k, head).merge(tail)
 }
 
+/// `Weights` as a const generic parameter of `steps_avx2` (an enum cannot be one).
+const LINEAR: u8 = 0;
+const ONES: u8 = 1;
+const SKIP: u8 = 2;
+
 /// The pass over a span whose length is a multiple of four, for one weight mode
-/// (`W`: 0 linear, 1 ones, 2 skip) and one kind of advantage; returns the counts and
+/// (`W`: `LINEAR`, `ONES` or `SKIP`) and one kind of advantage; returns the counts and
 /// whether a valid position held a bad value or an argument below TINY.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -326,7 +329,10 @@ unsafe fn steps_avx2<T: Load4, const W: u8, const TOKEN_ADV: bool>(
         );
         if TOKEN_ADV {
             let inf = _mm256_set1_pd(f64::INFINITY);
-            ok = _mm256_and_pd(ok, _mm256_cmp_pd::<_CMP_LT_OQ>(_mm256_andnot_pd(sign, a), inf));
+            ok = _mm256_and_pd(
+                ok,
+                _mm256_cmp_pd::<_CMP_LT_OQ>(_mm256_andnot_pd(sign, a), inf),
+            );
         }
         all_ok = _mm256_and_pd(all_ok, _mm256_or_pd(ok, inv));
         let d = _mm256_andnot_pd(sign, _mm256_sub_pd(ep, eq));
@@ -349,15 +355,15 @@ unsafe fn steps_avx2<T: Load4, const W: u8, const TOKEN_ADV: bool>(
             _mm256_castpd_si256(_mm256_andnot_pd(inv, _mm256_cmp_pd::<_CMP_GT_OQ>(d, high))),
         );
         match W {
-            0 => {
+            LINEAR => {
                 // position_weight: 1 - (1 - w_min) min(col / (T - 1), 1).
                 let ratio = _mm256_div_pd(col, hm1);
                 let w = _mm256_sub_pd(one, _mm256_mul_pd(omw, _mm256_min_pd(ratio, one)));
                 _mm256_storeu_pd(wp.add(c), _mm256_andnot_pd(inv, w));
                 col = _mm256_add_pd(col, four);
             }
-            1 => _mm256_storeu_pd(wp.add(c), _mm256_andnot_pd(inv, one)),
-            _ => {}
+            ONES => _mm256_storeu_pd(wp.add(c), _mm256_andnot_pd(inv, one)),
+            _ => debug_assert_eq!(W, SKIP),
         }
         c += 4;
     }
