@@ -129,13 +129,9 @@ def cppo_mask(
     )
     num_threads = check_num_threads(num_threads)
     backend = dispatch.check_backend(backend)
-    if backend == "native" and not return_info and cu_seqlens is None and per_row_advantages is None \
-            and divergence_array(divergence) is None:
-        # The commonest call (NumPy, C order, float32/float64, bool mask): the same
-        # native call without the general path's conversions, or None.
-        from ._backends import cpu
-
-        mask = cpu.fast_mask(log_probs, old_log_probs, advantages, response_mask, params, num_threads or 0)
+    if not return_info and cu_seqlens is None and per_row_advantages is None and divergence_array(divergence) is None:
+        mask = dispatch.fast_mask(log_probs, old_log_probs, advantages, response_mask, params,
+                                  num_threads=num_threads, backend=backend)
         if mask is not None:
             return mask
     prep = dispatch.prepare_mask_inputs(

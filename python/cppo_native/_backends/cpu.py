@@ -59,11 +59,17 @@ def compute(prep: Prepared, params: MaskParams, return_info: bool, num_threads: 
         num_threads=num_threads,
         row_offset=first_row,
     )
+    _raise_bad_value(bad, cu)
+    return mask, reason, threshold, gate, row_budget, np.asarray(counts, dtype=np.int64)
+
+
+def _raise_bad_value(bad, cu) -> None:
+    """The extension's first bad value ``(field, row, column, value)`` as the ValueError
+    naming it (with the flat index in the packed layout), or nothing for None."""
     if bad is not None:
         field, row, column, value = bad
         flat = int(cu[row]) + column if cu is not None else None
         raise bad_value_error(field, row, column, value, flat)
-    return mask, reason, threshold, gate, row_budget, np.asarray(counts, dtype=np.int64)
 
 
 # The fast path's dtypes (native byte order only: a byte-swapped dtype compares unequal).
@@ -107,8 +113,6 @@ def fast_mask(log_probs, old_log_probs, advantages, response_mask, params: MaskP
         log_probs, old_log_probs, advantages, per_row, response_mask, None, None, mask, None, None, None, None,
         params=params, num_threads=num_threads, row_offset=0,
     )
-    if bad is not None:
-        field, row, column, value = bad
-        raise bad_value_error(field, row, column, value)
+    _raise_bad_value(bad, None)
     return mask
 

@@ -34,6 +34,19 @@ def prepare_mask_inputs(log_probs, old_log_probs, advantages, response_mask, div
                    backend=check_backend(backend))
 
 
+def fast_mask(log_probs, old_log_probs, advantages, response_mask, params: MaskParams, *,
+              num_threads: Optional[int], backend: str) -> Any:
+    """The mask of the commonest call (NumPy, C order, float32/float64, bool mask: see
+    :func:`.cpu.fast_mask`) without :func:`prepare_mask_inputs`, or None for any other
+    call (then prepare and :func:`run_mask`). For the mask alone, without info, a packed
+    layout or a given divergence."""
+    if backend != "native":
+        return None
+    from . import cpu
+
+    return cpu.fast_mask(log_probs, old_log_probs, advantages, response_mask, params, num_threads or 0)
+
+
 def run_mask(prep: Prepared, params: MaskParams, *, return_info: bool, validate: bool,
              num_threads: Optional[int], want_gate: bool = True, backend: str = "native") -> tuple:
     """``(mask, reason, threshold, gate, row_budget, counts)`` in the caller's framework,
