@@ -1,7 +1,9 @@
 //! Dev micro-benchmark of the batch kernel (no Python): synthetic right-padded batches
 //! like `cppo_native.sample.make_rollout_batch` (lengths uniform in [L/4, L], Binary TV
 //! from log-probs, adaptive budget, per-row advantages, bool mask), timed at 1 and 2
-//! threads. `cargo run --release --example mask_bench [--features phase-timing] [-- f64] [info] [reps]`.
+//! threads. `cargo run --release --example mask_bench [--features phase-timing] [-- f64] [info] [pad] [reps]`
+//! (`pad`: every position is padding, which times the per-call work outside the rows'
+//! arithmetic: reading the response mask, writing the output mask, handing out rows).
 
 use std::time::Instant;
 
@@ -81,6 +83,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let f64_inputs = args.iter().any(|a| a == "f64");
     let info = args.iter().any(|a| a == "info");
+    let pad = args.iter().any(|a| a == "pad");
     let reps: usize = args
         .iter()
         .filter_map(|a| a.parse().ok())
@@ -88,7 +91,10 @@ fn main() {
         .unwrap_or(20);
     let p = params();
     for (b, l) in [(256, 8192), (64, 8192), (16, 16384)] {
-        let data = make(b, l, 1234);
+        let mut data = make(b, l, 1234);
+        if pad {
+            data.valid.fill(false);
+        }
         let shape = IxDyn(&[b, l]);
         let lp64 = ArrayD::from_shape_vec(shape.clone(), data.lp.clone()).unwrap();
         let lq64 = ArrayD::from_shape_vec(shape.clone(), data.lq.clone()).unwrap();
