@@ -8,7 +8,13 @@ float32 and float64 log-probs (advantages float32 per row, bool response mask). 
 PyTorch formula is `bench/baselines.py` (float64 inside, whatever the input dtype, as
 the spec requires). The memory floor (`_native.memory_floor`) reads every byte the mask
 reads (log-probs, old log-probs, advantages, response mask) once and writes one byte
-per token (the bool mask), on the same number of threads.
+per token (the bool mask), on the same number of threads. The compute control
+(`_native.fp_control`, not a target) is the opposite kind of work: independent fused
+multiply-adds in registers, ~1 ns a token at one thread, split over the same threads;
+its 1 -> 2 thread scaling (`control_scaling_1_to_2`) is what two threads of arithmetic
+could gain on this machine during the case. On a shared VM whose second vCPU can share
+a physical core, or its FP pipes, with another guest, it falls below 2x and the mask's
+scaling with it (docs/cpu.md, fourth session).
 
 All methods of a case, at both thread counts, are timed in interleaved rounds
 (`time_interleaved`): this shared VM's speed drifts by up to ~30% over seconds, and a
@@ -115,6 +121,11 @@ def runner(method, data, threads):
         valid = np.ascontiguousarray(data.response_mask).reshape(-1).view(np.uint8)
         out = np.empty_like(valid)  # the mask's bytes (allocated once: the floor writes, never allocates)
         return lambda: floor(read, valid, out, num_threads=threads or 0)
+    if method == "fp_control":  # arithmetic only: how well two threads of FMAs scale now
+        from cppo_native._core.native import native_module
+
+        control, tokens = native_module().fp_control, data.log_probs.size
+        return lambda: control(tokens, num_threads=threads or 0)
     raise ValueError(method)
 
 
@@ -229,7 +240,7 @@ def main():
     opts = ap.parse_args()
     cases = [(8, 256)] if opts.tiny else [(64, 2048), (4, 8192)] if opts.quick else CASES
     dtypes = opts.dtypes.split(",")
-    methods = ["cppo_native", "floor", "torch", "numpy"]
+    methods = ["cppo_native", "floor", "fp_control", "torch", "numpy"]
     if not opts.no_compile:
         methods.append("torch_compile")
     if opts.torch_backend:
@@ -261,7 +272,7 @@ def run_case(b, l, dtype, methods, opts):
     if opts.torch_backend:
         # The torch backend obeys the spec's tie rule; count any difference from native.
         case["mismatches_torch_backend_vs_native"] = int((ours != runner("cppo_native_torch", data, None)().numpy()).sum())
-    fast = ("cppo_native", "floor")
+    fast = ("cppo_native", "floor", "fp_control")
     slots = [(method, threads) for threads in (1, 2) for method in methods
              if not (method == "numpy" and threads == 2)]  # NumPy's elementwise ops are single-threaded
     timed = time_interleaved(
@@ -297,6 +308,7 @@ def run_case(b, l, dtype, methods, opts):
     case["speedup_vs_numpy_threads_1"] = m["numpy"]["threads_1"]["median_s"] / ours["threads_1"]["median_s"]
     case["scaling_1_to_2"] = ours["threads_1"]["median_s"] / ours["threads_2"]["median_s"]
     case["floor_scaling_1_to_2"] = m["floor"]["threads_1"]["median_s"] / m["floor"]["threads_2"]["median_s"]
+    case["control_scaling_1_to_2"] = m["fp_control"]["threads_1"]["median_s"] / m["fp_control"]["threads_2"]["median_s"]
     case["output_bytes"] = b * l  # the bool mask
     met = {}
     for threads in (1, 2):
@@ -316,7 +328,8 @@ def run_case(b, l, dtype, methods, opts):
           + (f", vs compile {case['speedup_vs_compile_threads_1']:.1f}x / {case['speedup_vs_compile_threads_2']:.1f}x"
              if "speedup_vs_compile_threads_1" in case else "")
           + f" (1 / 2 threads); over floor {case['over_floor_threads_1']:.1f}x / {case['over_floor_threads_2']:.1f}x; "
-          f"1->2 threads {case['scaling_1_to_2']:.2f}x (floor {case['floor_scaling_1_to_2']:.2f}x); "
+          f"1->2 threads {case['scaling_1_to_2']:.2f}x (floor {case['floor_scaling_1_to_2']:.2f}x, "
+          f"compute control {case['control_scaling_1_to_2']:.2f}x); "
           f"targets {'met' if all(met.values()) else 'MISSED: ' + ', '.join(k for k, v in met.items() if not v)}",
           flush=True)
     return case

@@ -19,3 +19,7 @@ for c in d["cases"]:
               f"{c[f'over_floor_threads_{t}']:.1f}x |")
 print()
 print("1 -> 2 threads: " + ", ".join(f"{c['batch']}x{c['length']} {c['dtype']} {c['scaling_1_to_2']:.2f}x" for c in d["cases"]))
+if all("control_scaling_1_to_2" in c for c in d["cases"]):
+    print()
+    print("The compute control (independent FMAs, no memory traffic) in the same run, 1 -> 2 threads: "
+          + ", ".join(f"{c['batch']}x{c['length']} {c['dtype']} {c['control_scaling_1_to_2']:.2f}x" for c in d["cases"]))

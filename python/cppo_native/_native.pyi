@@ -51,6 +51,7 @@ __all__ = [
     "decode_parquet_chunk",
     "codes",
     "memory_floor",
+    "fp_control",
     "simd_variant",
     "__version__",
 ]
@@ -73,6 +74,11 @@ def memory_floor(
     """Benchmark helper: one pass over the bytes the mask reads (``read``: contiguous
     1-D uint8 views of the inputs) and writes (``copy_from`` copied into ``copy_to``),
     on ``num_threads`` threads (0: all cores). Returns the OR of the words read."""
+
+def fp_control(tokens: int, *, num_threads: int) -> float:
+    """Benchmark helper (the compute control): ``tokens`` tokens' worth of independent
+    fused multiply-adds in registers (no memory traffic) on ``num_threads`` threads (0:
+    all cores). Returns a checksum, the same for any thread count."""
 
 def simd_variant() -> str:
     """The row kernel's instruction-set variant: "portable", "avx2" or "avx512"."""

@@ -1,4 +1,5 @@
-//! Benchmark helpers (`bench/cpu.py`): the memory floor and the row kernel's variant.
+//! Benchmark helpers (`bench/cpu.py`): the memory floor, the compute control and the row
+//! kernel's variant.
 
 use numpy::{PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::exceptions::PyValueError;
@@ -39,6 +40,16 @@ fn memory_floor(
     .map_err(crate::pool_error)
 }
 
+/// The benchmark's compute control (`cppo_core::floor::fp_control`): `tokens` tokens'
+/// worth of independent fused multiply-adds on `num_threads` threads (0: all cores),
+/// with the GIL released. Returns a checksum.
+#[pyfunction]
+#[pyo3(signature = (tokens, *, num_threads))]
+fn fp_control(py: Python<'_>, tokens: usize, num_threads: usize) -> PyResult<f64> {
+    py.detach(|| with_threads(num_threads, || cppo_core::floor::fp_control(tokens)))
+        .map_err(crate::pool_error)
+}
+
 /// The row kernel's instruction-set variant on this CPU: "portable", "avx2" or
 /// "avx512" (`CPPO_NATIVE_ISA` may choose a lower one).
 #[pyfunction]
@@ -49,6 +60,7 @@ fn simd_variant() -> &'static str {
 /// Adds the benchmark helpers to `cppo_native._native`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory_floor, m)?)?;
+    m.add_function(wrap_pyfunction!(fp_control, m)?)?;
     m.add_function(wrap_pyfunction!(simd_variant, m)?)?;
     Ok(())
 }
