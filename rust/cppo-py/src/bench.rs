@@ -50,6 +50,18 @@ fn fp_control(py: Python<'_>, tokens: usize, num_threads: usize) -> PyResult<f64
         .map_err(crate::pool_error)
 }
 
+/// Dev builds with the cargo feature `phase-timing` only: the row kernel's phase clock
+/// (`cppo_core::row::PHASE_NS`, nanoseconds summed over threads and calls), read and
+/// reset. Not in the wheel (and so not in the type stub).
+#[cfg(feature = "phase-timing")]
+#[pyfunction]
+fn phase_ns() -> Vec<u64> {
+    cppo_core::row::PHASE_NS
+        .iter()
+        .map(|a| a.swap(0, std::sync::atomic::Ordering::Relaxed))
+        .collect()
+}
+
 /// The row kernel's instruction-set variant on this CPU: "portable", "avx2" or
 /// "avx512" (`CPPO_NATIVE_ISA` may choose a lower one).
 #[pyfunction]
@@ -62,5 +74,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory_floor, m)?)?;
     m.add_function(wrap_pyfunction!(fp_control, m)?)?;
     m.add_function(wrap_pyfunction!(simd_variant, m)?)?;
+    #[cfg(feature = "phase-timing")]
+    m.add_function(wrap_pyfunction!(phase_ns, m)?)?;
     Ok(())
 }
