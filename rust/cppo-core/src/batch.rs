@@ -762,6 +762,12 @@ pub fn compute_batch_with(
 
     let (err, counts) = match par {
         Parallelism::Serial => {
+            // Groups of rows of similar length: a group's scan runs its rows as the
+            // lanes of one vector up to the shortest, then with fewer lanes busy (rows in
+            // their order, lengths uniform in [L/4, L]: ~73% of the lanes busy). Longest
+            // first, as the two-thread queue (stable: ties keep the row order; the
+            // results do not depend on the order).
+            jobs.sort_by_cached_key(|job| std::cmp::Reverse(row_cost(input, job.row)));
             let mut acc: Acc = (None, [0; 5]);
             let mut rows = jobs.into_iter().peekable();
             while rows.peek().is_some() {
