@@ -1,5 +1,5 @@
 """Dev tool (docs/cpu.md): the row kernel's phase clock at one and two threads inside a
-Python process, in slots like bench/cpu.py's (20 ms pause, 30 ms warm-up, 50 ms timed),
+Python process, in slots like bench/cpu.py's (its pause, warm-up and slot time),
 to see which phase grows when two threads scale badly. Needs an extension built with
 the phase clock:
 
@@ -35,13 +35,13 @@ def main(b: int, l: int, rounds: int) -> None:
     calls = {1: [], 2: []}
     for _ in range(rounds):
         for th in (1, 2):
-            time.sleep(0.02)
+            time.sleep(cpu.SETTLE_S)
             warm = time.perf_counter()
-            while time.perf_counter() - warm < 0.03:
+            while time.perf_counter() - warm < cpu.WARM_S:
                 ours[th]()
             nat.phase_ns()  # reset
             start = time.perf_counter()
-            while time.perf_counter() - start < 0.05:
+            while time.perf_counter() - start < cpu.SLOT_TIME:
                 t0 = time.perf_counter()
                 ours[th]()
                 calls[th].append(time.perf_counter() - t0)

@@ -759,15 +759,17 @@ pub fn compute_batch_with(
     for job in jobs.iter_mut() {
         job.split = split;
     }
+    // Longest rows first (stable: ties keep the row order; results do not depend on the
+    // order). Serially, so that a group's rows have similar lengths: its scan runs them
+    // as the lanes of one vector up to the shortest (rows in their order, lengths
+    // uniform in [L/4, L]: ~73% of the lanes busy). With few rows for the pool, so that
+    // the last rows to start are short and the threads finish together.
+    if par == Parallelism::Serial || split {
+        jobs.sort_by_cached_key(|job| std::cmp::Reverse(row_cost(input, job.row)));
+    }
 
     let (err, counts) = match par {
         Parallelism::Serial => {
-            // Groups of rows of similar length: a group's scan runs its rows as the
-            // lanes of one vector up to the shortest, then with fewer lanes busy (rows in
-            // their order, lengths uniform in [L/4, L]: ~73% of the lanes busy). Longest
-            // first, as the two-thread queue (stable: ties keep the row order; the
-            // results do not depend on the order).
-            jobs.sort_by_cached_key(|job| std::cmp::Reverse(row_cost(input, job.row)));
             let mut acc: Acc = (None, [0; 5]);
             let mut rows = jobs.into_iter().peekable();
             while rows.peek().is_some() {
@@ -781,14 +783,7 @@ pub fn compute_batch_with(
             }
             acc
         }
-        Parallelism::Pool => {
-            if split {
-                // Few rows: longest first, so the last rows to start are short and the
-                // threads finish together (stable sort: ties keep the row order).
-                jobs.sort_by_cached_key(|job| std::cmp::Reverse(row_cost(input, job.row)));
-            }
-            run_queue(params, input, jobs, threads)
-        }
+        Parallelism::Pool => run_queue(params, input, jobs, threads),
     };
     if longest_row(&layout) > KEEP_ROW_BUFFERS_UP_TO {
         match par {
