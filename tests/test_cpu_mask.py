@@ -586,3 +586,66 @@ def test_fast_path_bad_value_error_is_the_general_paths(dtype):
     for x, b in zip((lp, lq, adv, valid), before):
         np.testing.assert_array_equal(x, b)
     np.testing.assert_array_equal(cppo_mask(lp, lp, adv, valid, **KNOBS), np.ones((2, 5), dtype=bool))
+
+
+def test_fast_path_reads_non_writeable_and_strided_inputs_it_accepts():
+    from cppo_native._backends.cpu import fast_mask
+    from cppo_native._core.params import make_params
+
+    rng = np.random.default_rng(11)
+    lp = -rng.exponential(0.5, size=(4, 33))
+    lq = np.minimum(lp + rng.normal(0, 0.1, size=lp.shape), 0.0)
+    adv = rng.normal(size=8)[::2]  # strided advantages are accepted
+    valid = (rng.random((4, 66)) < 0.8)[:, ::2]  # so is a strided mask
+    want = cppo_mask_reference(lp, lq, adv, valid, **KNOBS).mask
+    for x in (lp, lq, adv, valid):
+        x.flags.writeable = False
+    got = fast_mask(lp, lq, adv, valid, make_params(**KNOBS), 0)
+    assert got is not None and got.flags.writeable and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+
+
+# `cppo_mask` keeps the checked knobs of recent calls by the ids of the values given
+# (`mask._CHECKED`): the same objects again skip the checks, anything else is checked.
+
+
+def test_checked_knobs_are_reused_only_for_the_same_objects():
+    from cppo_native import mask as mask_module
+
+    lp = np.full((2, 4), -0.5)
+    adv = np.ones(2)
+    args = (lp, lp, adv, None)
+    # An int is a valid flag; the float 1.0 is not, and equal values must not share an entry.
+    cppo_mask(*args, delta=0.15, delta_b=0.02, adaptive_budget=1)
+    for _ in range(2):
+        with pytest.raises(TypeError, match="adaptive_budget must be a bool"):
+            cppo_mask(*args, delta=0.15, delta_b=0.02, adaptive_budget=1.0)
+    # -0.0 and 0.0 are equal but stay apart: delta_b reaches the row budget with its sign.
+    for delta_b in (0.0, -0.0, 0.0, -0.0):
+        _, info = cppo_mask(*args, delta=0.15, delta_b=delta_b, return_info=True)
+        assert np.signbit(info.row_budget).tolist() == [np.signbit(delta_b)] * 2
+    # Bad values raise every time (a failed check is never kept).
+    for _ in range(2):
+        with pytest.raises(ValueError, match="delta must be > 0"):
+            cppo_mask(*args, delta=-1.0, delta_b=0.02)
+        with pytest.raises(ValueError, match="num_threads"):
+            cppo_mask(*args, delta=0.15, delta_b=0.02, num_threads=0)
+    assert len(mask_module._CHECKED) <= mask_module._CHECKED_SIZE
+
+
+def test_checked_knobs_never_keep_an_array_and_stay_bounded():
+    import gc
+    import weakref
+
+    from cppo_native import mask as mask_module
+
+    lp = np.full((2, 4), -0.5)
+    div = np.full((2, 4), 0.01)
+    ref = weakref.ref(div)
+    cppo_mask(lp, lp, np.ones(2), None, delta=0.15, delta_b=0.02, divergence=div)
+    del div
+    gc.collect()
+    assert ref() is None, "an array given as divergence was kept"
+    for i in range(3 * mask_module._CHECKED_SIZE):
+        cppo_mask(lp, lp, np.ones(2), None, delta=0.15 + i * 1e-3, delta_b=0.02)
+        assert len(mask_module._CHECKED) <= mask_module._CHECKED_SIZE

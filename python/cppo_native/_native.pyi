@@ -10,7 +10,7 @@ thread pool that cannot start (``num_threads`` threads, or one per core for 0) r
 RuntimeError naming ``num_threads``.
 """
 
-from typing import Dict, List, Optional, Protocol, Tuple
+from typing import Dict, List, Optional, Protocol, Tuple, final
 
 import numpy as np
 
@@ -45,6 +45,7 @@ class _MaskParams(Protocol):
 
 __all__ = [
     "cppo_mask_into",
+    "FastMask",
     "topk_divergence_into",
     "binary_divergence_into",
     "encode_parquet_pages",
@@ -106,6 +107,23 @@ def cppo_mask_into(
     ``row_offset`` (uint64): the index of the call's first row in the whole input; the
     shuffled ablation seeds row r with ``shuffle_seed ^ (row_offset + r + 1) *
     0xD1B54A32D192ED03`` (wrapping)."""
+
+@final
+class FastMask:
+    """The commonest call's mask with fixed parameters and thread count (0: all
+    cores): NumPy ``ndarray`` inputs (not subclasses, native byte order), C-contiguous
+    2-D float32/float64 log-probs of one dtype, float32/float64 advantages ``[B]`` or of
+    the log-probs' shape, a bool mask of their shape or None. Returns ``(mask, bad)``
+    (``bad`` as ``cppo_mask_into``'s), or None for any other inputs."""
+
+    def __new__(cls, params: _MaskParams, num_threads: int) -> FastMask: ...
+    def __call__(
+        self,
+        log_probs: np.ndarray,
+        old_log_probs: np.ndarray,
+        advantages: np.ndarray,
+        response_mask: Optional[np.ndarray],
+    ) -> Optional[Tuple[np.ndarray, Optional[Tuple[int, int, int, float]]]]: ...
 
 # Token divergences (rust/cppo-core/src/topk.rs; called by cppo_native.divergence). Per-position
 # inputs are 1-D [N], top-K inputs 2-D [N, K] (any strides; ids int64/int32); `out` is

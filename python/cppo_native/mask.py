@@ -53,6 +53,25 @@ def _host(x: Any) -> Any:
     return x
 
 
+# The checked knobs of recent calls, by the ids of the values given: a training loop
+# passes the same objects every step (a config's values, the defaults), and checking
+# twelve knobs again costs ~40 us once a large batch has left the caches cold (a small
+# call's Python part, docs/cpu.md). Each entry keeps its values alive, so that an id is
+# not reused while the entry exists; only plain immutable values (exact bool, int,
+# float, str, None) are kept, never an array given as ``divergence``.
+_CHECKED: dict = {}
+_CHECKED_SIZE = 64
+_PLAIN = frozenset((bool, int, float, str, type(None)))
+
+
+def _remember(key: tuple, knobs: tuple, params: Any, num_threads: Optional[int], backend: str) -> None:
+    if not _PLAIN.issuperset(map(type, knobs)):
+        return
+    if len(_CHECKED) >= _CHECKED_SIZE:
+        _CHECKED.clear()
+    _CHECKED[key] = (knobs, params, num_threads, backend)
+
+
 def cppo_mask(
     log_probs: Any,
     old_log_probs: Any,
@@ -121,14 +140,22 @@ def cppo_mask(
         ValueError/TypeError naming the offending (row, column) and value, or the
         shapes/dtypes/devices/parameters received. Inputs are never written.
     """
-    params = make_params(
-        delta=delta, delta_b=delta_b, w_min=w_min, horizon=horizon, adaptive_budget=adaptive_budget,
-        budget_quantile=budget_quantile, budget_scale=budget_scale, budget_ceiling=budget_ceiling,
-        position_weight=position_weight, shuffle_seed=shuffle_seed, prefix_budget=prefix_budget,
-        divergence=divergence,
-    )
-    num_threads = check_num_threads(num_threads)
-    backend = dispatch.check_backend(backend)
+    knobs = (delta, delta_b, w_min, horizon, adaptive_budget, budget_quantile, budget_scale, budget_ceiling,
+             position_weight, shuffle_seed, prefix_budget, divergence, num_threads, backend)
+    key = tuple(map(id, knobs))
+    hit = _CHECKED.get(key)
+    if hit is not None:
+        _, params, num_threads, backend = hit
+    else:
+        params = make_params(
+            delta=delta, delta_b=delta_b, w_min=w_min, horizon=horizon, adaptive_budget=adaptive_budget,
+            budget_quantile=budget_quantile, budget_scale=budget_scale, budget_ceiling=budget_ceiling,
+            position_weight=position_weight, shuffle_seed=shuffle_seed, prefix_budget=prefix_budget,
+            divergence=divergence,
+        )
+        num_threads = check_num_threads(num_threads)
+        backend = dispatch.check_backend(backend)
+        _remember(key, knobs, params, num_threads, backend)
     if not return_info and cu_seqlens is None and per_row_advantages is None and divergence_array(divergence) is None:
         mask = dispatch.fast_mask(log_probs, old_log_probs, advantages, response_mask, params,
                                   num_threads=num_threads, backend=backend)

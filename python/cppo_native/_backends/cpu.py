@@ -72,11 +72,6 @@ def _raise_bad_value(bad, cu) -> None:
         raise bad_value_error(field, row, column, value, flat)
 
 
-# The fast path's dtypes (native byte order only: a byte-swapped dtype compares unequal).
-_FAST_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-_BOOL = np.dtype(np.bool_)
-
-
 def fast_mask(log_probs, old_log_probs, advantages, response_mask, params: MaskParams, num_threads: int):
     """The mask of the commonest call, without the general path's conversions: C-order
     2-D float32/float64 NumPy log-probs (both of one dtype), a bool NumPy response mask
@@ -84,35 +79,34 @@ def fast_mask(log_probs, old_log_probs, advantages, response_mask, params: MaskP
     None for anything else, and the caller takes the general path
     (:func:`~cppo_native._backends.prepare.prepare`, then :func:`compute`), which accepts
     these same inputs, passes the extension the same arrays and raises every error.
-    Saves ~50 us a call on a 2-core VM (the whole Python part was ~75 us), which a
-    batch of 16 x 16384 at two threads (~0.7 ms) felt in its 1 -> 2 thread scaling."""
-    np_array = np.ndarray
-    if not (type(log_probs) is np_array and type(old_log_probs) is np_array and type(advantages) is np_array):
+
+    The checks run in the extension (``_native.FastMask``, one per parameters and thread
+    count, kept here): in Python they cost ~25 us a call once a large batch had left the
+    caches cold, which a batch of 16 x 16384 at two threads (~0.55 ms) felt in its
+    1 -> 2 thread scaling (docs/cpu.md)."""
+    result = masker(params, num_threads)(log_probs, old_log_probs, advantages, response_mask)
+    if result is None:
         return None
-    if response_mask is not None and (type(response_mask) is not np_array or response_mask.dtype != _BOOL):
-        return None
-    dt, shape = log_probs.dtype, log_probs.shape
-    if (
-        dt not in _FAST_FLOATS
-        or old_log_probs.dtype != dt
-        or len(shape) != 2
-        or old_log_probs.shape != shape
-        or (response_mask is not None and response_mask.shape != shape)
-        or advantages.dtype not in _FAST_FLOATS
-        or not (log_probs.flags.c_contiguous and old_log_probs.flags.c_contiguous)
-    ):
-        return None
-    if advantages.shape == (shape[0],):
-        per_row = True
-    elif advantages.shape == shape:
-        per_row = False
-    else:
-        return None
-    mask = np.empty(shape, dtype=np.bool_)
-    _counts, bad = native_module().cppo_mask_into(
-        log_probs, old_log_probs, advantages, per_row, response_mask, None, None, mask, None, None, None, None,
-        params=params, num_threads=num_threads, row_offset=0,
-    )
-    _raise_bad_value(bad, None)
+    mask, bad = result
+    if bad is not None:
+        _raise_bad_value(bad, None)
     return mask
 
+
+# FastMask objects by (id of the parameters, thread count); each entry keeps its
+# parameters alive, so that their id is not reused while the entry exists.
+_MASKERS: dict = {}
+_MASKERS_SIZE = 64
+
+
+def masker(params: MaskParams, num_threads: int):
+    """The extension's ``FastMask`` for these parameters and thread count (0: all cores)."""
+    key = (id(params), num_threads)
+    hit = _MASKERS.get(key)
+    if hit is not None:
+        return hit[1]
+    fast = native_module().FastMask(params, num_threads)
+    if len(_MASKERS) >= _MASKERS_SIZE:
+        _MASKERS.clear()
+    _MASKERS[key] = (params, fast)
+    return fast

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .._core.params import MaskParams
+from . import cpu
 from .arrays import Prepared, from_numpy, from_torch
 from .prepare import prepare
 
@@ -42,8 +43,6 @@ def fast_mask(log_probs, old_log_probs, advantages, response_mask, params: MaskP
     layout or a given divergence."""
     if backend != "native":
         return None
-    from . import cpu
-
     return cpu.fast_mask(log_probs, old_log_probs, advantages, response_mask, params, num_threads or 0)
 
 
@@ -58,8 +57,6 @@ def run_mask(prep: Prepared, params: MaskParams, *, return_info: bool, validate:
         out = torch_ops.compute(prep, params, return_info, validate)
         wrap: Any = from_torch
     elif prep.source.device == "cpu":
-        from . import cpu
-
         out = cpu.compute(prep, params, return_info, num_threads or 0, want_gate=want_gate)
         wrap = from_numpy
     else:
@@ -88,8 +85,6 @@ def run_mask_numpy(prep: Prepared, params: MaskParams, *, num_threads: Optional[
     """The CPU backend's NumPy outputs with info (for the Arrow layer, which writes only
     what it keeps); ``first_row``: the batch's first row in the input (seeds the
     shuffled ablation by the row's index in the input)."""
-    from . import cpu
-
     if prep.source.device != "cpu":  # pragma: no cover - the Arrow layer hands NumPy arrays
         raise TypeError("expected CPU arrays")
     return cpu.compute(prep, params, True, num_threads or 0, want_gate=want_gate, first_row=first_row)
