@@ -554,17 +554,32 @@ def test_fast_path_declines_other_inputs():
         "not C order": (np.asfortranarray(lp), np.asfortranarray(lq), adv, valid),
         "advantages [B, 1]": (lp, lq, adv[:, None], valid),
         "int advantages": (lp, lq, np.array([1, -1, 2]), valid),
-        "uint8 mask": (lp, lq, adv, valid.astype(np.uint8)),
-        "torch": tuple(torch.from_numpy(np.asarray(x)) for x in (lp, lq, adv, valid)),
+        "float16 mask": (lp, lq, adv, valid.astype(np.float16)),
+        "uint16 mask": (lp, lq, adv, valid.astype(np.uint16)),
+        "big-endian mask": (lp, lq, adv, valid.astype(">i4")),
+        "mask of another shape": (lp, lq, adv, np.ones((3, 16), dtype=bool)),
         "lists": (lp.tolist(), lq.tolist(), adv.tolist(), valid.tolist()),
         "a subclass": (lp.view(np.matrix), lq, adv, valid),
+        "torch bfloat16": (torch.from_numpy(lp).bfloat16(), torch.from_numpy(lq).bfloat16(),
+                           torch.from_numpy(adv), torch.from_numpy(valid)),
+        "torch not C order": (torch.from_numpy(np.asfortranarray(lp)), torch.from_numpy(np.asfortranarray(lq)),
+                              torch.from_numpy(adv), torch.from_numpy(valid)),
+        "torch and numpy": (torch.from_numpy(lp), lq, adv, valid),
+        "numpy and torch": (lp, torch.from_numpy(lq), adv, valid),
+        "a torch subclass": (torch.nn.Parameter(torch.from_numpy(lp), requires_grad=False), torch.from_numpy(lq),
+                             torch.from_numpy(adv), torch.from_numpy(valid)),
     }
     for name, args in variants.items():
         assert fast_mask(*args, params, 0) is None, name
+        if name == "mask of another shape":
+            with pytest.raises(ValueError, match="response_mask must have the shape of log_probs"):
+                cppo_mask(*args, **KNOBS)
+            continue
         got = cppo_mask(*args, **KNOBS)
         got = got.numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
-        if name == "float16":  # the reference on the rounded inputs
-            ref = cppo_mask_reference(*(np.asarray(a, np.float64) for a in args[:2]), adv, valid, **KNOBS).mask
+        if name in ("float16", "torch bfloat16"):  # the reference on the rounded inputs
+            rounded = [a.double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float64) for a in args[:2]]
+            ref = cppo_mask_reference(*rounded, adv, valid, **KNOBS).mask
             np.testing.assert_array_equal(got, ref, err_msg=name)
         elif name != "a subclass":
             np.testing.assert_array_equal(got, want, err_msg=name)
@@ -649,3 +664,63 @@ def test_checked_knobs_never_keep_an_array_and_stay_bounded():
     for i in range(3 * mask_module._CHECKED_SIZE):
         cppo_mask(lp, lp, np.ones(2), None, delta=0.15 + i * 1e-3, delta_b=0.02)
         assert len(mask_module._CHECKED) <= mask_module._CHECKED_SIZE
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+@pytest.mark.parametrize("mask_dtype", ["bool", "uint8", "int8", "int32", "int64", "float32", "float64", None])
+def test_fast_path_takes_every_mask_dtype_and_cpu_tensors(framework, mask_dtype):
+    """The fast path reads masks of the dtypes the kernel reads as they are (nonzero is
+    valid, NaN included, as on the general path) and CPU torch tensors, and gives the
+    general path's bits in the caller's framework."""
+    from cppo_native._backends.cpu import fast_mask
+    from cppo_native._core.params import make_params
+
+    rng = np.random.default_rng(7)
+    lp = -rng.exponential(0.5, size=(5, 29)).astype(np.float32)
+    lq = np.minimum(lp + rng.normal(0, 0.1, size=lp.shape), 0.0).astype(np.float32)
+    adv = rng.normal(size=5).astype(np.float32)
+    valid = None
+    if mask_dtype is not None:
+        flags = rng.random(lp.shape) < 0.8
+        flags[1] = False  # an empty row
+        valid = flags.astype(mask_dtype)
+        if mask_dtype.startswith("float"):
+            valid[flags] = rng.choice([1.0, 0.5, -2.0, np.nan], size=int(flags.sum()))
+            valid[~flags] = rng.choice([0.0, -0.0], size=int((~flags).sum()))
+        elif mask_dtype != "bool":
+            valid[flags] = rng.choice([1, 3, -1] if mask_dtype.startswith("int") else [1, 7, 255], size=int(flags.sum()))
+    knobs = dict(KNOBS, adaptive_budget=True)
+    want = _general_path(lp, lq, adv, valid, **knobs)
+    args = (lp, lq, adv, valid)
+    if framework == "torch":
+        args = tuple(None if x is None else torch.from_numpy(x) for x in args)
+        args = (args[0].clone().requires_grad_(),) + args[1:]  # a policy's log-probs carry grad
+    before = [None if x is None else (x.detach().numpy() if isinstance(x, torch.Tensor) else x).copy() for x in args]
+    got = fast_mask(*args, make_params(**knobs), 0)
+    assert got is not None, "these inputs are the fast path's"
+    if framework == "torch":
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.bool and got.device.type == "cpu"
+        got = got.numpy()
+    else:
+        assert isinstance(got, np.ndarray) and got.dtype == np.bool_
+    np.testing.assert_array_equal(got, want)
+    public = cppo_mask(*args, **knobs)
+    np.testing.assert_array_equal(public.numpy() if framework == "torch" else public, want)
+    for x, b in zip(args, before):
+        if x is not None:
+            np.testing.assert_array_equal(x.detach().numpy() if isinstance(x, torch.Tensor) else x, b)
+
+
+def test_fast_path_bad_value_error_for_tensors_is_the_general_paths():
+    lp = np.full((2, 5), -0.5, dtype=np.float32)
+    lq = lp.copy()
+    lq[1, 3] = np.inf
+    adv, valid = np.ones(2, dtype=np.float32), np.ones((2, 5), dtype=np.int64)
+    targs = tuple(torch.from_numpy(x) for x in (lp, lq, adv, valid))
+    with pytest.raises(ValueError) as fast:
+        cppo_mask(*targs, **KNOBS)
+    with pytest.raises(ValueError) as general:
+        _general_path(lp, lq, adv, valid, **KNOBS)
+    assert str(fast.value) == str(general.value)
+    assert "row 1, column 3" in str(fast.value)
+    assert torch.equal(cppo_mask(targs[0], targs[0], targs[2], targs[3], **KNOBS), torch.ones((2, 5), dtype=torch.bool))

@@ -113,8 +113,9 @@ class FastMask:
     """The commonest call's mask with fixed parameters and thread count (0: all
     cores): NumPy ``ndarray`` inputs (not subclasses, native byte order), C-contiguous
     2-D float32/float64 log-probs of one dtype, float32/float64 advantages ``[B]`` or of
-    the log-probs' shape, a bool mask of their shape or None. Returns ``(mask, bad)``
-    (``bad`` as ``cppo_mask_into``'s), or None for any other inputs."""
+    the log-probs' shape, a mask of their shape (bool, uint8, int8, int32, int64,
+    float32 or float64; nonzero is valid) or None. Returns ``(mask, bad)`` (``bad`` as
+    ``cppo_mask_into``'s), or None for any other inputs."""
 
     def __new__(cls, params: _MaskParams, num_threads: int) -> FastMask: ...
     def __call__(

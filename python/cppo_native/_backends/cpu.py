@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import sys
 
 import numpy as np
 
@@ -74,23 +75,52 @@ def _raise_bad_value(bad, cu) -> None:
 
 def fast_mask(log_probs, old_log_probs, advantages, response_mask, params: MaskParams, num_threads: int):
     """The mask of the commonest call, without the general path's conversions: C-order
-    2-D float32/float64 NumPy log-probs (both of one dtype), a bool NumPy response mask
-    (or None), NumPy float32/float64 advantages per row ``[B]`` or per token. Returns
-    None for anything else, and the caller takes the general path
-    (:func:`~cppo_native._backends.prepare.prepare`, then :func:`compute`), which accepts
-    these same inputs, passes the extension the same arrays and raises every error.
+    2-D float32/float64 log-probs (both of one dtype), float32/float64 advantages per
+    row ``[B]`` or per token, a response mask of a dtype the kernel reads as it is
+    (bool, uint8, int8, int32, int64, float32, float64; nonzero is valid) or None; all
+    NumPy arrays, or all CPU torch tensors (read through ``Tensor.numpy()``, the mask
+    returned as a tensor). Returns None for anything else, and the caller takes the
+    general path (:func:`~cppo_native._backends.prepare.prepare`, then
+    :func:`compute`), which accepts these same inputs, passes the extension the same
+    arrays and raises every error.
 
     The checks run in the extension (``_native.FastMask``, one per parameters and thread
     count, kept here): in Python they cost ~25 us a call once a large batch had left the
     caches cold, which a batch of 16 x 16384 at two threads (~0.55 ms) felt in its
     1 -> 2 thread scaling (docs/cpu.md)."""
-    result = masker(params, num_threads)(log_probs, old_log_probs, advantages, response_mask)
+    fast = masker(params, num_threads)
+    result = fast(log_probs, old_log_probs, advantages, response_mask)
+    if result is None:
+        torch = sys.modules.get("torch")
+        if torch is None or type(log_probs) is not torch.Tensor:
+            return None
+        return _fast_mask_torch(torch, fast, log_probs, old_log_probs, advantages, response_mask)
+    mask, bad = result
+    if bad is not None:
+        _raise_bad_value(bad, None)
+    return mask
+
+
+def _fast_mask_torch(torch, fast, log_probs, old_log_probs, advantages, response_mask):
+    """``fast_mask`` for torch tensors (``torch.Tensor`` itself, not subclasses): their
+    NumPy views, or None where there is none (a CUDA, meta or sparse tensor, bfloat16,
+    a tensor with the negative or conjugate bit), which the general path handles."""
+    tensor = torch.Tensor
+    if not (type(old_log_probs) is tensor and type(advantages) is tensor
+            and (response_mask is None or type(response_mask) is tensor)):
+        return None
+    try:
+        arrays = (log_probs.detach().numpy(), old_log_probs.detach().numpy(), advantages.detach().numpy(),
+                  None if response_mask is None else response_mask.detach().numpy())
+    except (TypeError, RuntimeError):
+        return None
+    result = fast(*arrays)
     if result is None:
         return None
     mask, bad = result
     if bad is not None:
         _raise_bad_value(bad, None)
-    return mask
+    return torch.from_numpy(mask)
 
 
 # FastMask objects by (id of the parameters, thread count); each entry keeps its

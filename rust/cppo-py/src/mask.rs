@@ -189,7 +189,9 @@ fn cppo_mask_into<'py>(
 /// advantages, response_mask)` checks in native code that the inputs are that call's
 /// (NumPy `ndarray`s, not subclasses, of native byte order: C-contiguous 2-D
 /// float32/float64 log-probs of one dtype and shape, float32/float64 advantages `[B]` or
-/// of the log-probs' shape, a bool mask of their shape or None), allocates the mask and
+/// of the log-probs' shape, a mask of their shape (bool, uint8, int8, int32, int64,
+/// float32 or float64: nonzero is valid, as on the general path) or None), allocates
+/// the mask and
 /// computes it; returns `(mask, bad)` (`bad` as `cppo_mask_into`'s), or None for any
 /// other inputs, which the general path takes. A call costs a few microseconds where
 /// the same checks in Python cost tens once a large batch has left the caches cold.
@@ -274,15 +276,12 @@ impl FastMask {
         let valid = match response_mask {
             None => None,
             Some(m) => {
-                if !exact_ndarray(m) {
+                if !exact_ndarray(m) || m.cast::<PyUntypedArray>()?.shape() != shape {
                     return Ok(None);
                 }
-                match m.cast::<PyArrayDyn<bool>>() {
-                    Ok(a) if a.shape() == shape => match a.try_readonly() {
-                        Ok(r) => Some(MaskArray::Bool(r)),
-                        Err(_) => return Ok(None),
-                    },
-                    _ => return Ok(None),
+                match MaskArray::extract(m) {
+                    Ok(a) => Some(a),
+                    Err(_) => return Ok(None),
                 }
             }
         };
