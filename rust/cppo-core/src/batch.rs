@@ -704,18 +704,64 @@ pub fn compute_batch(
 }
 
 /// The work of a row, for ordering jobs longest first: the length of its valid window
-/// where that is cheap to find (contiguous bool masks), else its length.
+/// where the row's mask is contiguous (any dtype), else its length.
 fn row_cost(input: &BatchInput, r: usize) -> usize {
     let layout = &input.layout;
-    if let Some(MaskView::Bool(v)) = &input.valid {
-        if let Some(s) = row_of(v, layout, r).to_slice() {
-            // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
-            let s = unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) };
-            return valid_window(s).len();
+    macro_rules! window {
+        ($v:expr, $key:expr) => {
+            if let Some(s) = row_of($v, layout, r).to_slice() {
+                return window_len(s, $key);
+            }
+        };
+    }
+    match &input.valid {
+        Some(MaskView::Bool(v)) => {
+            if let Some(s) = row_of(v, layout, r).to_slice() {
+                // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
+                let s = unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) };
+                return valid_window(s).len();
+            }
         }
+        // Keys that are 0 exactly where `MaskView::row_into` reads "not valid" (for
+        // floats: +-0.0; NaN is valid).
+        Some(MaskView::U8(v)) => window!(v, |x: u8| x),
+        Some(MaskView::I8(v)) => window!(v, |x: i8| x as u8),
+        Some(MaskView::I32(v)) => window!(v, |x: i32| x as u32),
+        Some(MaskView::I64(v)) => window!(v, |x: i64| x as u64),
+        Some(MaskView::F32(v)) => window!(v, |x: f32| x.to_bits() << 1),
+        Some(MaskView::F64(v)) => window!(v, |x: f64| x.to_bits() << 1),
+        None => {}
     }
     let (start, end) = layout.bounds(r);
     end - start
+}
+
+/// The length of the span from the first to the last element whose `key` is nonzero
+/// (0 if none), scanning from both ends in blocks (a row's padding is skipped quickly).
+fn window_len<T: Copy, K>(s: &[T], key: impl Fn(T) -> K) -> usize
+where
+    K: Copy + Default + PartialEq + std::ops::BitOr<Output = K>,
+{
+    const BLOCK: usize = 16;
+    let zero = K::default();
+    let any = |b: &[T]| b.iter().fold(zero, |acc, &x| acc | key(x)) != zero;
+    let mut start = 0;
+    while start + BLOCK <= s.len() && !any(&s[start..start + BLOCK]) {
+        start += BLOCK;
+    }
+    let Some(i) = s[start..].iter().position(|&x| key(x) != zero) else {
+        return 0;
+    };
+    let first = start + i;
+    let mut end = s.len();
+    while end >= first + BLOCK && !any(&s[end - BLOCK..end]) {
+        end -= BLOCK;
+    }
+    let last = s[first..end]
+        .iter()
+        .rposition(|&x| key(x) != zero)
+        .expect("s[first] is nonzero");
+    last + 1
 }
 
 type Acc = (Option<BadValue>, [u64; 5]);

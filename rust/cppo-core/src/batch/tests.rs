@@ -137,3 +137,91 @@ fn results_do_not_depend_on_threads_or_path() {
         }
     }
 }
+
+/// `row_cost` finds a row's valid window in every mask dtype, with the flags
+/// `MaskView::row_into` reads (floats: +-0.0 invalid, NaN valid).
+#[test]
+fn row_cost_is_the_valid_window_in_every_mask_dtype() {
+    let (rows, cols) = (6, 70);
+    // Rows: empty, one valid at each end, a hole in the middle, all valid, late start.
+    let spans: [&[usize]; 6] = [
+        &[],
+        &[0, 69],
+        &[3, 4, 40],
+        &[17],
+        &(0..70).collect::<Vec<_>>(),
+        &[50, 66],
+    ];
+    let mut flags = vec![0u8; rows * cols];
+    for (r, cols_valid) in spans.iter().enumerate() {
+        for &c in cols_valid.iter() {
+            flags[r * cols + c] = 1;
+        }
+    }
+    let shape = IxDyn(&[rows, cols]);
+    let f64s: Vec<f64> = flags
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| match (f, i % 3) {
+            (1, 0) => f64::NAN,
+            (1, 1) => -2.5,
+            (1, _) => 1.0,
+            (_, 0) => -0.0,
+            _ => 0.0,
+        })
+        .collect();
+    let bools =
+        ArrayD::from_shape_vec(shape.clone(), flags.iter().map(|&f| f != 0).collect()).unwrap();
+    let u8s =
+        ArrayD::from_shape_vec(shape.clone(), flags.iter().map(|&f| f * 200).collect()).unwrap();
+    let i8s =
+        ArrayD::from_shape_vec(shape.clone(), flags.iter().map(|&f| -(f as i8)).collect()).unwrap();
+    let i32s = ArrayD::from_shape_vec(
+        shape.clone(),
+        flags.iter().map(|&f| (f as i32) << 20).collect(),
+    )
+    .unwrap();
+    let i64s = ArrayD::from_shape_vec(
+        shape.clone(),
+        flags.iter().map(|&f| (f as i64) << 40).collect(),
+    )
+    .unwrap();
+    let f32s =
+        ArrayD::from_shape_vec(shape.clone(), f64s.iter().map(|&x| x as f32).collect()).unwrap();
+    let f64s = ArrayD::from_shape_vec(shape.clone(), f64s).unwrap();
+    let floats = ArrayD::<f64>::zeros(shape.clone());
+    let adv = ArrayD::<f64>::zeros(IxDyn(&[rows]));
+    let views = [
+        MaskView::Bool(bools.view()),
+        MaskView::U8(u8s.view()),
+        MaskView::I8(i8s.view()),
+        MaskView::I32(i32s.view()),
+        MaskView::I64(i64s.view()),
+        MaskView::F32(f32s.view()),
+        MaskView::F64(f64s.view()),
+    ];
+    for view in views {
+        let input = BatchInput {
+            layout: Layout::Padded { rows, cols },
+            log_probs: FloatView::F64(floats.view()),
+            old_log_probs: FloatView::F64(floats.view()),
+            advantages: FloatView::F64(adv.view()),
+            advantage_per_row: true,
+            valid: Some(view),
+            divergence: None,
+        };
+        for r in 0..rows {
+            let mut buf = Vec::new();
+            let got = row_cost(&input, r);
+            let flags = input
+                .valid
+                .as_ref()
+                .unwrap()
+                .row_flags(&input.layout, r, &mut buf);
+            assert_eq!(got, valid_window(flags).len(), "row {r}");
+            assert_eq!(got, [0, 70, 38, 1, 70, 17][r], "row {r}");
+        }
+    }
+    assert_eq!(window_len(&[0u64; 40], |x| x), 0);
+    assert_eq!(window_len(&[0u64, 0, 7], |x| x), 1);
+}
