@@ -568,11 +568,12 @@ def test_fast_path_declines_other_inputs():
         "numpy and torch": (lp, torch.from_numpy(lq), adv, valid),
         "a torch subclass": (torch.nn.Parameter(torch.from_numpy(lp), requires_grad=False), torch.from_numpy(lq),
                              torch.from_numpy(adv), torch.from_numpy(valid)),
+        "torch meta": tuple(torch.from_numpy(x).to("meta") for x in (lp, lq, adv, valid)),
     }
     for name, args in variants.items():
         assert fast_mask(*args, params, 0) is None, name
-        if name == "mask of another shape":
-            with pytest.raises(ValueError, match="response_mask must have the shape of log_probs"):
+        if name in ("mask of another shape", "torch meta"):
+            with pytest.raises(ValueError, match="must have the shape of log_probs|device meta is not supported"):
                 cppo_mask(*args, **KNOBS)
             continue
         got = cppo_mask(*args, **KNOBS)

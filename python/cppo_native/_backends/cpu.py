@@ -106,9 +106,9 @@ def _fast_mask_torch(torch, fast, log_probs, old_log_probs, advantages, response
     NumPy views, or None where there is none (a CUDA, meta or sparse tensor, bfloat16,
     a tensor with the negative or conjugate bit), which the general path handles."""
     tensor = torch.Tensor
-    if not (type(old_log_probs) is tensor and type(advantages) is tensor
-            and (response_mask is None or type(response_mask) is tensor)):
-        return None
+    if log_probs.is_cuda or not (type(old_log_probs) is tensor and type(advantages) is tensor
+                                 and (response_mask is None or type(response_mask) is tensor)):
+        return None  # CUDA: without raising and catching .numpy()'s error on every call
     try:
         arrays = (log_probs.detach().numpy(), old_log_probs.detach().numpy(), advantages.detach().numpy(),
                   None if response_mask is None else response_mask.detach().numpy())
