@@ -692,6 +692,9 @@ def test_fast_path_takes_every_mask_dtype_and_cpu_tensors(framework, mask_dtype)
             valid[flags] = rng.choice([1, 3, -1] if mask_dtype.startswith("int") else [1, 7, 255], size=int(flags.sum()))
     knobs = dict(KNOBS, adaptive_budget=True)
     want = _general_path(lp, lq, adv, valid, **knobs)
+    # The reference on the flags (nonzero valid, NaN included); fixed data, no near-ties.
+    flags_ref = None if valid is None else valid != 0
+    np.testing.assert_array_equal(want, cppo_mask_reference(lp, lq, adv, flags_ref, **knobs).mask)
     args = (lp, lq, adv, valid)
     if framework == "torch":
         args = tuple(None if x is None else torch.from_numpy(x) for x in args)
