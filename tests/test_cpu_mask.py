@@ -728,3 +728,65 @@ def test_fast_path_bad_value_error_for_tensors_is_the_general_paths():
     assert str(fast.value) == str(general.value)
     assert "row 1, column 3" in str(fast.value)
     assert torch.equal(cppo_mask(targs[0], targs[0], targs[2], targs[3], **KNOBS), torch.ones((2, 5), dtype=torch.bool))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), st.sampled_from(["uint8", "int8", "int32", "int64", "float32", "float64"]),
+       st.sampled_from([1, 2]), st.booleans())
+def test_every_mask_dtype_gives_the_bool_masks_results(case: Case, mask_dtype, threads, info):
+    """A mask of any dtype the kernel reads (its rows' windows found in that dtype, only
+    the window's flags converted) gives the results of the same mask as bool, on every
+    path: padded and packed, one and two threads, with and without info."""
+    if case.response_mask is None:
+        return
+    valid = case.response_mask != 0
+    other = valid.astype(mask_dtype)
+    if mask_dtype.startswith("float"):
+        other[valid] = np.where(np.arange(int(valid.sum())) % 3 == 0, np.nan, -2.0)  # NaN counts as valid
+        other[~valid] = -0.0
+    kw = dict(case.kwargs(), num_threads=threads)
+    args = (case.log_probs, case.old_log_probs, case.advantages)
+    try:
+        want = cppo_mask(*args, valid, **kw, return_info=info)
+    except ValueError as e:
+        with pytest.raises(ValueError) as got_err:
+            cppo_mask(*args, other, **kw, return_info=info)
+        assert str(got_err.value) == str(e)
+        return
+    got = cppo_mask(*args, other, **kw, return_info=info)
+    if info:
+        np.testing.assert_array_equal(got[0], want[0])
+        for name in ("reason", "threshold", "gate", "row_budget", "reason_counts"):
+            np.testing.assert_array_equal(getattr(got[1], name), getattr(want[1], name), err_msg=name)
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("rows, length", [(48, 1000), (3, 20000)])  # the two-thread queue; long rows split
+@pytest.mark.parametrize("mask_dtype", ["int8", "int64", "float32"])
+def test_every_mask_dtype_on_the_two_thread_paths(rows, length, mask_dtype):
+    """Batches above the inline size run on the two-thread queue (many rows) or split
+    their long rows' Binary TV pass (few rows): a non-bool mask's windows and flags
+    give the bool mask's results there too, with garbage at padding."""
+    rng = np.random.default_rng(rows)
+    lp = -rng.exponential(0.4, size=(rows, length))
+    lq = np.minimum(lp + rng.normal(0, 0.05, size=lp.shape), 0.0)
+    lens = rng.integers(0, length + 1, size=rows)
+    lens[0] = length
+    starts = rng.integers(0, 50, size=rows)
+    cols = np.arange(length)[None, :]
+    valid = (cols < lens[:, None]) & (cols >= starts[:, None])
+    valid[:, 700:705] = False  # holes
+    lp = np.where(valid, lp, np.nan)  # garbage where not valid
+    lq = np.where(valid, lq, 3.0)
+    adv = rng.normal(size=rows)
+    other = valid.astype(mask_dtype)
+    if mask_dtype == "float32":
+        other[valid] = np.nan
+    knobs = dict(KNOBS, adaptive_budget=True)
+    for threads in (1, 2):
+        want = cppo_mask(lp, lq, adv, valid, **knobs, num_threads=threads, return_info=True)
+        got = cppo_mask(lp, lq, adv, other, **knobs, num_threads=threads, return_info=True)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1].threshold, want[1].threshold)
+        np.testing.assert_array_equal(cppo_mask(lp, lq, adv, other, **knobs, num_threads=threads), want[0])

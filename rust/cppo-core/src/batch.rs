@@ -17,6 +17,9 @@ use crate::row::{
     RowOutput, RowSummary, Scratch, SPLIT_CHUNK,
 };
 pub use crate::views::{FloatView, MaskView};
+use flags::{cost_of, row_window};
+#[cfg(test)]
+use flags::{row_cost, window_range};
 
 /// Row structure: `[rows, cols]` padded, or 1-D packed with `offsets` (cu_seqlens,
 /// `offsets[0] == 0`, non-decreasing, last == total length; checked in Python).
@@ -92,45 +95,6 @@ impl FloatView<'_> {
     }
 }
 
-fn flags_into<T: Copy>(row: ArrayView1<T>, out: &mut Vec<u8>, f: impl Fn(T) -> bool) {
-    let out = sized(out, row.len());
-    match row.as_slice() {
-        Some(s) => out.iter_mut().zip(s).for_each(|(o, &x)| *o = f(x) as u8),
-        None => out
-            .iter_mut()
-            .zip(row.iter())
-            .for_each(|(o, &x)| *o = f(x) as u8),
-    }
-}
-
-impl MaskView<'_> {
-    /// Row `r`'s flags as bytes that are 0 or 1: borrowed in place when the row is a
-    /// contiguous bool array (bool is 0 or 1 by construction); otherwise converted
-    /// into `buf`.
-    fn row_flags<'v>(&'v self, layout: &Layout, r: usize, buf: &'v mut Vec<u8>) -> &'v [u8] {
-        if let MaskView::Bool(v) = self {
-            if let Some(s) = row_of(v, layout, r).to_slice() {
-                // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
-                return unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) };
-            }
-        }
-        self.row_into(layout, r, buf);
-        &buf[..layout.bounds(r).1 - layout.bounds(r).0]
-    }
-
-    fn row_into(&self, layout: &Layout, r: usize, out: &mut Vec<u8>) {
-        match self {
-            MaskView::Bool(v) => flags_into(row_of(v, layout, r), out, |x| x),
-            MaskView::U8(v) => flags_into(row_of(v, layout, r), out, |x| x != 0),
-            MaskView::I8(v) => flags_into(row_of(v, layout, r), out, |x| x != 0),
-            MaskView::I32(v) => flags_into(row_of(v, layout, r), out, |x| x != 0),
-            MaskView::I64(v) => flags_into(row_of(v, layout, r), out, |x| x != 0),
-            MaskView::F32(v) => flags_into(row_of(v, layout, r), out, |x| x != 0.0),
-            MaskView::F64(v) => flags_into(row_of(v, layout, r), out, |x| x != 0.0),
-        }
-    }
-}
-
 pub struct BatchInput<'a> {
     pub layout: Layout<'a>,
     pub log_probs: FloatView<'a>,
@@ -200,6 +164,9 @@ struct RowJob<'a> {
     row: usize,
     /// Split the row's Binary TV pass over the pool (few rows).
     split: bool,
+    /// The row's valid window when already found (`row_window`): then only its flags
+    /// are converted from a non-bool mask.
+    window: Option<Range<usize>>,
     out: RowOutput<'a>,
     budget: Option<&'a mut f64>,
 }
@@ -349,15 +316,18 @@ fn run_row_with(
         let layout = &input.layout;
         let r = job.row;
         let len = job.out.mask.len();
-        let valid = match &input.valid {
-            Some(v) => v.row_flags(layout, r, valid),
-            None => {
+        let (valid, window) = match (&input.valid, job.window.clone()) {
+            (Some(v), Some(w)) => (v.row_flags_in(layout, r, valid, w.clone()), w),
+            (Some(v), None) => {
+                let flags = v.row_flags(layout, r, valid);
+                (flags, valid_window(flags))
+            }
+            (None, _) => {
                 sized(valid, len).fill(1);
-                &valid[..len]
+                (&valid[..len], 0..len)
             }
         };
         // Only the span between the first and last valid position needs the floats.
-        let window = valid_window(valid);
         let n = window.len();
         let advantages = if input.advantage_per_row {
             Advantage::Row(input.advantages.scalar(r))
@@ -506,8 +476,13 @@ pub fn compute_batch_threads(
         // A row above 5/4 of a thread's share (few long rows) needs its Binary TV pass
         // split over the pool: then the pool runs the call (`compute_batch_with`
         // splits long rows when rows are few; the split never changes a result).
-        let costs: Vec<usize> = (0..input.layout.num_rows())
-            .map(|r| row_cost(input, r))
+        let windows: Vec<Option<Range<usize>>> = (0..input.layout.num_rows())
+            .map(|r| row_window(input, r))
+            .collect();
+        let costs: Vec<usize> = windows
+            .iter()
+            .enumerate()
+            .map(|(r, w)| cost_of(input, r, w))
             .collect();
         let total: usize = costs.iter().sum();
         let needs_split = costs
@@ -516,7 +491,7 @@ pub fn compute_batch_threads(
         if needs_split {
             pool.install(|| compute_batch_with(Parallelism::Pool, params, input, output))
         } else {
-            run_here_and_on(pool, params, input, output, &costs)
+            run_here_and_on(pool, params, input, output, &costs, windows)
         }
     })
 }
@@ -535,6 +510,7 @@ fn run_here_and_on(
     input: &BatchInput,
     output: BatchOutput,
     costs: &[usize],
+    windows: Vec<Option<Range<usize>>>,
 ) -> Result<[u64; 5], BadValue> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
@@ -542,7 +518,11 @@ fn run_here_and_on(
     let layout = input.layout;
     let mut jobs: Vec<(usize, RowJob)> = make_jobs(output, &layout)
         .into_iter()
-        .map(|j| (costs[j.row], j))
+        .zip(windows)
+        .map(|(mut j, w)| {
+            j.window = w;
+            (costs[j.row], j)
+        })
         .collect();
     // Longest first (stable: ties keep the row order).
     jobs.sort_by_key(|(cost, _)| std::cmp::Reverse(*cost));
@@ -681,6 +661,7 @@ fn make_jobs<'a>(output: BatchOutput<'a>, layout: &Layout) -> Vec<RowJob<'a>> {
             |(row, ((((mask, reason), threshold), gate), budget))| RowJob {
                 row,
                 split: false,
+                window: None,
                 out: RowOutput {
                     mask,
                     reason,
@@ -701,67 +682,6 @@ pub fn compute_batch(
     output: BatchOutput,
 ) -> Result<[u64; 5], BadValue> {
     compute_batch_with(Parallelism::Pool, params, input, output)
-}
-
-/// The work of a row, for ordering jobs longest first: the length of its valid window
-/// where the row's mask is contiguous (any dtype), else its length.
-fn row_cost(input: &BatchInput, r: usize) -> usize {
-    let layout = &input.layout;
-    macro_rules! window {
-        ($v:expr, $key:expr) => {
-            if let Some(s) = row_of($v, layout, r).to_slice() {
-                return window_len(s, $key);
-            }
-        };
-    }
-    match &input.valid {
-        Some(MaskView::Bool(v)) => {
-            if let Some(s) = row_of(v, layout, r).to_slice() {
-                // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
-                let s = unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) };
-                return valid_window(s).len();
-            }
-        }
-        // Keys that are 0 exactly where `MaskView::row_into` reads "not valid" (for
-        // floats: +-0.0; NaN is valid).
-        Some(MaskView::U8(v)) => window!(v, |x: u8| x),
-        Some(MaskView::I8(v)) => window!(v, |x: i8| x as u8),
-        Some(MaskView::I32(v)) => window!(v, |x: i32| x as u32),
-        Some(MaskView::I64(v)) => window!(v, |x: i64| x as u64),
-        Some(MaskView::F32(v)) => window!(v, |x: f32| x.to_bits() << 1),
-        Some(MaskView::F64(v)) => window!(v, |x: f64| x.to_bits() << 1),
-        None => {}
-    }
-    let (start, end) = layout.bounds(r);
-    end - start
-}
-
-/// The length of the span from the first to the last element whose `key` is nonzero
-/// (0 if none), scanning from both ends in blocks (a row's padding is skipped quickly).
-fn window_len<T: Copy, K>(s: &[T], key: impl Fn(T) -> K) -> usize
-where
-    K: Copy + Default + PartialEq + std::ops::BitOr<Output = K>,
-{
-    const BLOCK: usize = 16;
-    let zero = K::default();
-    let any = |b: &[T]| b.iter().fold(zero, |acc, &x| acc | key(x)) != zero;
-    let mut start = 0;
-    while start + BLOCK <= s.len() && !any(&s[start..start + BLOCK]) {
-        start += BLOCK;
-    }
-    let Some(i) = s[start..].iter().position(|&x| key(x) != zero) else {
-        return 0;
-    };
-    let first = start + i;
-    let mut end = s.len();
-    while end >= first + BLOCK && !any(&s[end - BLOCK..end]) {
-        end -= BLOCK;
-    }
-    let last = s[first..end]
-        .iter()
-        .rposition(|&x| key(x) != zero)
-        .expect("s[first] is nonzero");
-    last + 1
 }
 
 type Acc = (Option<BadValue>, [u64; 5]);
@@ -811,7 +731,10 @@ pub fn compute_batch_with(
     // uniform in [L/4, L]: ~73% of the lanes busy). With few rows for the pool, so that
     // the last rows to start are short and the threads finish together.
     if par == Parallelism::Serial || split {
-        jobs.sort_by_cached_key(|job| std::cmp::Reverse(row_cost(input, job.row)));
+        for job in jobs.iter_mut() {
+            job.window = row_window(input, job.row);
+        }
+        jobs.sort_by_cached_key(|job| std::cmp::Reverse(cost_of(input, job.row, &job.window)));
     }
 
     let (err, counts) = match par {
@@ -880,5 +803,6 @@ fn run_queue(params: &Params, input: &BatchInput, jobs: Vec<RowJob>, threads: us
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+mod flags;
 #[cfg(test)]
 mod tests;

@@ -213,15 +213,18 @@ fn row_cost_is_the_valid_window_in_every_mask_dtype() {
         for r in 0..rows {
             let mut buf = Vec::new();
             let got = row_cost(&input, r);
-            let flags = input
-                .valid
-                .as_ref()
-                .unwrap()
-                .row_flags(&input.layout, r, &mut buf);
-            assert_eq!(got, valid_window(flags).len(), "row {r}");
+            let mask = input.valid.as_ref().unwrap();
+            let flags = mask.row_flags(&input.layout, r, &mut buf).to_vec();
+            let window = row_window(&input, r).expect("a contiguous row");
+            assert_eq!(window, valid_window(&flags), "row {r}");
             assert_eq!(got, [0, 70, 38, 1, 70, 17][r], "row {r}");
+            // The window's flags alone, over a buffer of stale values.
+            let mut stale = vec![7u8; cols];
+            let part = mask.row_flags_in(&input.layout, r, &mut stale, window.clone());
+            assert_eq!(part.len(), cols);
+            assert_eq!(&part[window.clone()], &flags[window], "row {r}");
         }
     }
-    assert_eq!(window_len(&[0u64; 40], |x| x), 0);
-    assert_eq!(window_len(&[0u64, 0, 7], |x| x), 1);
+    assert_eq!(window_range(&[0u64; 40], |x| x), 0..0);
+    assert_eq!(window_range(&[0u64, 0, 7], |x| x), 2..3);
 }
