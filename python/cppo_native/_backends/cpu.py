@@ -89,38 +89,35 @@ def fast_mask(log_probs, old_log_probs, advantages, response_mask, params: MaskP
     caches cold, which a batch of 16 x 16384 at two threads (~0.55 ms) felt in its
     1 -> 2 thread scaling (docs/cpu.md)."""
     fast = masker(params, num_threads)
-    result = fast(log_probs, old_log_probs, advantages, response_mask)
+    result, wrap = fast(log_probs, old_log_probs, advantages, response_mask), None
     if result is None:
         torch = sys.modules.get("torch")
-        if torch is None or type(log_probs) is not torch.Tensor:
+        views = None if torch is None else _torch_views(torch, log_probs, old_log_probs, advantages, response_mask)
+        if views is None:
             return None
-        return _fast_mask_torch(torch, fast, log_probs, old_log_probs, advantages, response_mask)
+        result, wrap = fast(*views), torch.from_numpy
+        if result is None:
+            return None
     mask, bad = result
     if bad is not None:
         _raise_bad_value(bad, None)
-    return mask
+    return mask if wrap is None else wrap(mask)
 
 
-def _fast_mask_torch(torch, fast, log_probs, old_log_probs, advantages, response_mask):
-    """``fast_mask`` for torch tensors (``torch.Tensor`` itself, not subclasses): their
-    NumPy views, or None where there is none (a CUDA, meta or sparse tensor, bfloat16,
-    a tensor with the negative or conjugate bit), which the general path handles."""
+def _torch_views(torch, log_probs, old_log_probs, advantages, response_mask):
+    """NumPy views of four CPU torch tensors (``torch.Tensor`` itself, not subclasses),
+    or None where there are none (a CUDA, meta or sparse tensor, bfloat16, a tensor
+    with the negative or conjugate bit), which the general path handles."""
     tensor = torch.Tensor
-    if log_probs.is_cuda or not (type(old_log_probs) is tensor and type(advantages) is tensor
-                                 and (response_mask is None or type(response_mask) is tensor)):
+    if type(log_probs) is not tensor or log_probs.is_cuda or not (
+            type(old_log_probs) is tensor and type(advantages) is tensor
+            and (response_mask is None or type(response_mask) is tensor)):
         return None  # CUDA: without raising and catching .numpy()'s error on every call
     try:
-        arrays = (log_probs.detach().numpy(), old_log_probs.detach().numpy(), advantages.detach().numpy(),
-                  None if response_mask is None else response_mask.detach().numpy())
+        return (log_probs.detach().numpy(), old_log_probs.detach().numpy(), advantages.detach().numpy(),
+                None if response_mask is None else response_mask.detach().numpy())
     except (TypeError, RuntimeError):
         return None
-    result = fast(*arrays)
-    if result is None:
-        return None
-    mask, bad = result
-    if bad is not None:
-        _raise_bad_value(bad, None)
-    return torch.from_numpy(mask)
 
 
 # FastMask objects by (id of the parameters, thread count); each entry keeps its

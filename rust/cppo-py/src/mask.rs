@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 
 use cppo_core::batch::{compute_batch_threads, BatchInput, BatchOutput, Layout};
 use cppo_core::params::{Divergence, Params, PositionWeight};
+use cppo_core::row::BadValue;
 
 use crate::arrays::{FloatArray, MaskArray};
 
@@ -27,6 +28,10 @@ fn contiguous<'a, T: numpy::Element>(
 
 /// The first bad value as `(field, row, column, value)`.
 type BadValueTuple = (u8, usize, usize, f64);
+
+fn bad_tuple(bad: BadValue) -> BadValueTuple {
+    (bad.field as u8, bad.row, bad.column, bad.value)
+}
 
 /// The mask's parameters, read from `cppo_native._core.params.MaskParams` by attribute
 /// (validated there, once); codes as in `cppo_core::codes`.
@@ -177,10 +182,7 @@ fn cppo_mask_into<'py>(
         .map_err(crate::pool_error)?;
     Ok(match result {
         Ok(counts) => (counts, None),
-        Err(bad) => (
-            [0; 5],
-            Some((bad.field as u8, bad.row, bad.column, bad.value)),
-        ),
+        Err(bad) => ([0; 5], Some(bad_tuple(bad))),
     })
 }
 
@@ -311,10 +313,7 @@ impl FastMask {
             .detach(|| compute_batch_threads(threads, params, &input, output))
             .map_err(crate::pool_error)?;
         drop(mask_rw);
-        let bad = result
-            .err()
-            .map(|bad| (bad.field as u8, bad.row, bad.column, bad.value));
-        Ok(Some((mask, bad)))
+        Ok(Some((mask, result.err().map(bad_tuple))))
     }
 }
 

@@ -9,14 +9,80 @@ use super::{row_of, BatchInput, Layout};
 use crate::row::{sized, valid_window};
 use crate::views::MaskView;
 
-fn flags_into<T: Copy>(row: ArrayView1<T>, out: &mut Vec<u8>, f: impl Fn(T) -> bool) {
-    let out = sized(out, row.len());
+/// A response-mask element: valid where nonzero (floats: anything but +-0.0, NaN
+/// included). The one reading of every mask dtype, for flags and windows alike.
+pub(super) trait Flag: Copy {
+    fn valid(self) -> bool;
+}
+
+impl Flag for bool {
+    #[inline(always)]
+    fn valid(self) -> bool {
+        self
+    }
+}
+
+macro_rules! nonzero_flag {
+    ($($t:ty: $zero:expr),*) => {$(
+        impl Flag for $t {
+            #[inline(always)]
+            fn valid(self) -> bool {
+                self != $zero
+            }
+        }
+    )*};
+}
+nonzero_flag!(u8: 0, i8: 0, i32: 0, i64: 0, f32: 0.0, f64: 0.0);
+
+/// `body` with `$row`, row `r` of the mask as a typed `ArrayView1`, whatever its dtype.
+macro_rules! with_row {
+    ($mask:expr, $layout:expr, $r:expr, |$row:ident| $body:expr) => {
+        match $mask {
+            MaskView::Bool(v) => {
+                let $row = row_of(v, $layout, $r);
+                $body
+            }
+            MaskView::U8(v) => {
+                let $row = row_of(v, $layout, $r);
+                $body
+            }
+            MaskView::I8(v) => {
+                let $row = row_of(v, $layout, $r);
+                $body
+            }
+            MaskView::I32(v) => {
+                let $row = row_of(v, $layout, $r);
+                $body
+            }
+            MaskView::I64(v) => {
+                let $row = row_of(v, $layout, $r);
+                $body
+            }
+            MaskView::F32(v) => {
+                let $row = row_of(v, $layout, $r);
+                $body
+            }
+            MaskView::F64(v) => {
+                let $row = row_of(v, $layout, $r);
+                $body
+            }
+        }
+    };
+}
+
+/// The flags of `row[span]` into `out[span]`, `out` sized to the row; the rest of `out`
+/// is left as it was.
+fn flags_into<T: Flag>(row: ArrayView1<T>, out: &mut Vec<u8>, span: Range<usize>) {
+    let out = &mut sized(out, row.len())[span.clone()];
     match row.as_slice() {
-        Some(s) => out.iter_mut().zip(s).for_each(|(o, &x)| *o = f(x) as u8),
+        Some(s) => out
+            .iter_mut()
+            .zip(&s[span])
+            .for_each(|(o, &x)| *o = x.valid() as u8),
         None => out
             .iter_mut()
-            .zip(row.iter())
-            .for_each(|(o, &x)| *o = f(x) as u8),
+            .zip(row.iter().skip(span.start))
+            .for_each(|(o, &x)| *o = x.valid() as u8),
     }
 }
 
@@ -30,20 +96,14 @@ impl MaskView<'_> {
         r: usize,
         buf: &'v mut Vec<u8>,
     ) -> &'v [u8] {
-        if let MaskView::Bool(v) = self {
-            if let Some(s) = row_of(v, layout, r).to_slice() {
-                // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
-                return unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) };
-            }
-        }
-        self.row_into(layout, r, buf);
-        &buf[..layout.bounds(r).1 - layout.bounds(r).0]
+        let (start, end) = layout.bounds(r);
+        self.row_flags_in(layout, r, buf, 0..end - start)
     }
 
     /// Row `r`'s flags where only `window` (the row's valid window, from `row_window`)
-    /// is guaranteed: a contiguous non-bool row converts just that span into `buf`;
-    /// positions outside it are left as they were (no one reads them: the kernel reads
-    /// a row's flags inside its window only). Otherwise as `row_flags`.
+    /// is guaranteed: a contiguous bool row is borrowed whole; any other row converts
+    /// just that span into `buf`, positions outside it left as they were (no one reads
+    /// them: the kernel reads a row's flags inside its window only).
     pub(super) fn row_flags_in<'v>(
         &'v self,
         layout: &Layout,
@@ -51,69 +111,30 @@ impl MaskView<'_> {
         buf: &'v mut Vec<u8>,
         window: Range<usize>,
     ) -> &'v [u8] {
-        let len = layout.bounds(r).1 - layout.bounds(r).0;
-        macro_rules! span {
-            ($v:expr, $f:expr) => {
-                if let Some(s) = row_of($v, layout, r).to_slice() {
-                    let out = sized(buf, len);
-                    for (o, &x) in out[window.clone()].iter_mut().zip(&s[window]) {
-                        *o = $f(x) as u8;
-                    }
-                    return &buf[..len];
-                }
-            };
+        if let MaskView::Bool(v) = self {
+            if let Some(s) = row_of(v, layout, r).to_slice() {
+                // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
+                return unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) };
+            }
         }
-        match self {
-            MaskView::Bool(_) => {}
-            MaskView::U8(v) => span!(v, |x: u8| x != 0),
-            MaskView::I8(v) => span!(v, |x: i8| x != 0),
-            MaskView::I32(v) => span!(v, |x: i32| x != 0),
-            MaskView::I64(v) => span!(v, |x: i64| x != 0),
-            MaskView::F32(v) => span!(v, |x: f32| x != 0.0),
-            MaskView::F64(v) => span!(v, |x: f64| x != 0.0),
-        }
-        self.row_flags(layout, r, buf)
-    }
-
-    pub(super) fn row_into(&self, layout: &Layout, r: usize, out: &mut Vec<u8>) {
-        match self {
-            MaskView::Bool(v) => flags_into(row_of(v, layout, r), out, |x| x),
-            MaskView::U8(v) => flags_into(row_of(v, layout, r), out, |x| x != 0),
-            MaskView::I8(v) => flags_into(row_of(v, layout, r), out, |x| x != 0),
-            MaskView::I32(v) => flags_into(row_of(v, layout, r), out, |x| x != 0),
-            MaskView::I64(v) => flags_into(row_of(v, layout, r), out, |x| x != 0),
-            MaskView::F32(v) => flags_into(row_of(v, layout, r), out, |x| x != 0.0),
-            MaskView::F64(v) => flags_into(row_of(v, layout, r), out, |x| x != 0.0),
-        }
+        with_row!(self, layout, r, |row| flags_into(row, buf, window));
+        let (start, end) = layout.bounds(r);
+        &buf[..end - start]
     }
 }
 
 /// Row `r`'s valid window (first to last valid position; empty if none), found where
-/// the row's mask is contiguous (any dtype), with the flags `MaskView::row_into`
+/// the row's mask is contiguous (any dtype), with the flags `MaskView::row_flags`
 /// gives; None otherwise (no mask, or a strided row).
 pub(super) fn row_window(input: &BatchInput, r: usize) -> Option<Range<usize>> {
-    let layout = &input.layout;
-    macro_rules! window {
-        ($v:expr, $key:expr) => {
-            row_of($v, layout, r)
-                .to_slice()
-                .map(|s| window_range(s, $key))
-        };
-    }
-    match input.valid.as_ref()? {
-        MaskView::Bool(v) => row_of(v, layout, r).to_slice().map(|s| {
+    let (layout, mask) = (&input.layout, input.valid.as_ref()?);
+    if let MaskView::Bool(v) = mask {
+        return row_of(v, layout, r).to_slice().map(|s| {
             // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
             valid_window(unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) })
-        }),
-        // Keys that are 0 exactly where `MaskView::row_into` reads "not valid" (for
-        // floats: +-0.0; NaN is valid).
-        MaskView::U8(v) => window!(v, |x: u8| x),
-        MaskView::I8(v) => window!(v, |x: i8| x as u8),
-        MaskView::I32(v) => window!(v, |x: i32| x as u32),
-        MaskView::I64(v) => window!(v, |x: i64| x as u64),
-        MaskView::F32(v) => window!(v, |x: f32| x.to_bits() << 1),
-        MaskView::F64(v) => window!(v, |x: f64| x.to_bits() << 1),
+        });
     }
+    with_row!(mask, layout, r, |row| row.to_slice().map(window_range))
 }
 
 /// The work of a row, for ordering jobs longest first: the length of its valid window
@@ -133,20 +154,16 @@ pub(super) fn row_cost(input: &BatchInput, r: usize) -> usize {
     cost_of(input, r, &row_window(input, r))
 }
 
-/// The span from the first to the last element whose `key` is nonzero (0..0 if none),
-/// scanning from both ends in blocks (a row's padding is skipped quickly).
-pub(super) fn window_range<T: Copy, K>(s: &[T], key: impl Fn(T) -> K) -> Range<usize>
-where
-    K: Copy + Default + PartialEq + std::ops::BitOr<Output = K>,
-{
+/// The span from the first to the last valid element (0..0 if none), scanning from
+/// both ends in blocks (a row's padding is skipped quickly).
+pub(super) fn window_range<T: Flag>(s: &[T]) -> Range<usize> {
     const BLOCK: usize = 16;
-    let zero = K::default();
-    let any = |b: &[T]| b.iter().fold(zero, |acc, &x| acc | key(x)) != zero;
+    let any = |b: &[T]| b.iter().fold(false, |acc, &x| acc | x.valid());
     let mut start = 0;
     while start + BLOCK <= s.len() && !any(&s[start..start + BLOCK]) {
         start += BLOCK;
     }
-    let Some(i) = s[start..].iter().position(|&x| key(x) != zero) else {
+    let Some(i) = s[start..].iter().position(|&x| x.valid()) else {
         return 0..0;
     };
     let first = start + i;
@@ -156,7 +173,7 @@ where
     }
     let last = s[first..end]
         .iter()
-        .rposition(|&x| key(x) != zero)
-        .expect("s[first] is nonzero");
+        .rposition(|&x| x.valid())
+        .expect("s[first] is valid");
     first..first + last + 1
 }
