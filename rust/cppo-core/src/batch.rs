@@ -593,7 +593,8 @@ fn run_here_and_on(
         while running.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
             spins += 1;
-            if spins % 256 == 0 && start.elapsed() > std::time::Duration::from_micros(500) {
+            if spins.is_multiple_of(256) && start.elapsed() > std::time::Duration::from_micros(500)
+            {
                 break;
             }
         }
@@ -633,7 +634,7 @@ fn linger(pool: &rayon::ThreadPool, helpers: usize) {
             while CALLS.load(Ordering::Acquire) == call {
                 std::hint::spin_loop();
                 spins += 1;
-                if spins % 64 == 0 && start.elapsed() > LINGER {
+                if spins.is_multiple_of(64) && start.elapsed() > LINGER {
                     break;
                 }
             }

@@ -141,7 +141,7 @@ impl Bucket {
 pub fn rest_mass(logs: impl Iterator<Item = (f64, f64)> + Clone) -> f64 {
     let mut best: Option<(usize, f64)> = None;
     for (i, (l, _)) in logs.clone().enumerate() {
-        if best.map_or(true, |(_, m)| l > m) {
+        if best.is_none_or(|(_, m)| l > m) {
             best = Some((i, l));
         }
     }

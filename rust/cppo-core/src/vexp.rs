@@ -1,92 +1,125 @@
-//! A branch-free `exp` for the Binary TV hot loop: written so that the compiler
-//! vectorises it (AVX2, AVX-512, NEON), and so that every build gives the same bits.
+//! The `exp` of the Binary TV hot loop: branch-free, written so that every variant of
+//! the loop (the portable build, AVX2+FMA, AVX-512) returns the same bits.
 //!
 //! The spec (Numerics) allows `exp` from any implementation accurate to 1 ulp. This one
 //! uses only IEEE-754 additions, multiplications and fused multiply-adds (`mul_add`,
-//! correctly rounded by definition) in a fixed order, with no table and no
-//! data-dependent branch, so the portable build, the AVX2+FMA build and the AVX-512
-//! build of a loop that calls it return bit-identical results. (On an x86-64 CPU
-//! without FMA, i.e. before 2013, the portable build's `mul_add` is libm's `fma`: the
-//! same bits, but about 15x slower than the vector builds.) Its error, measured against
-//! a double-double reference on 4 million arguments in the tests, is below 0.70 ulp for
-//! normal results and 0.76 ulp for subnormal ones (`tests::error_below_one_ulp`).
+//! correctly rounded by definition) in a fixed order, and a 16-entry table, with no
+//! data-dependent branch. The vector passes (`row/tv_avx2.rs`) do the same operations
+//! lane by lane and read the same table (AVX2: one load a lane; AVX-512: two register
+//! permutes), so the results are bit-identical. (On an x86-64 CPU without FMA, i.e.
+//! before 2013, the portable build's `mul_add` is libm's `fma`: the same bits, but many
+//! times slower than the vector builds.) Its error, measured against a double-double
+//! reference on 4 million arguments in the tests, is below 0.56 ulp for normal results
+//! and 0.75 ulp for subnormal ones (`tests::error_below_one_ulp`); 0.5% of arguments
+//! differ from glibc's `exp` by 1 ulp.
 //!
-//! Method: x = k ln2 + r + r_lo with k = round(x / ln2) and |r| <= ln2/2 (Cody-Waite,
-//! the rounding error of r carried in r_lo); exp(r) = 1 + r + r^2 q(r) with 1 + r split
-//! exactly and q the Taylor polynomial of degree 11 (terms to r^13/13!; the truncation
-//! is below 2^-57 relative) evaluated by Estrin's scheme (a dependency chain of 5
-//! operations instead of Horner's 11: the vector loops are latency-bound); the scale
-//! 2^k is built from the exponent bits. Arguments below `TINY` (results below
-//! 2^-1021, subnormal or zero) need a two-step scale: `exp_tiny`.
+//! Method: x = (16 e + j) ln2/16 + r with m = 16 e + j = round(16 x / ln2), j in 0..16
+//! and |r| <= ln2/32 (about). 16 x / ln2 is rounded by adding 1.5 * 2^52, which leaves m
+//! in the low bits; m ln2_hi/16 is exact and x - m ln2_hi/16 too (ln2_hi/16 has 38
+//! significant bits), so r rounds once, and its error is below 2^-58 relative to the
+//! result. exp(r) - 1 = r + r^2 q(r), q the Taylor polynomial of degree 5 (terms to
+//! r^7/7!; the truncation is below 2^-59 relative), by Estrin's scheme. 2^(j/16) is a
+//! table entry T_hi + T_lo (T_lo the rounding error of T_hi), and
+//! exp(x) = 2^e (T_hi + (T_hi (exp(r) - 1) + T_lo)): one rounding at the result's scale
+//! (the last addition) plus errors below 0.06 ulp. The scale 2^e goes into the exponent
+//! bits. Arguments below `TINY` (results below 2^-1022, subnormal or zero) need a
+//! two-step scale: `exp_tiny`.
+//!
+//! Before this table form, the reduction was to |r| <= ln2/2 with a degree-13 Taylor
+//! polynomial and r's rounding error carried (0.69 ulp): twice the fused multiply-adds.
 
-/// The fast form is exact-range for x >= TINY (2^k stays a normal number).
+/// The fast form is exact-range for x >= TINY (the result stays a normal number).
 pub const TINY: f64 = -708.0;
 
-pub(crate) const LOG2E: f64 = std::f64::consts::LOG2_E;
-pub(crate) const LN2_HI: f64 = 0.693147180559663; // 0x3fe62e42fefa3000
-pub(crate) const LN2_LO: f64 = 2.8235290563031577e-13;
+/// 16 / ln2.
+pub(crate) const INV_LN2_16: f64 = 23.083120654223414;
+/// ln2/16 split: 38 significant bits (m * LN2_16_HI is exact for |m| < 2^15) and the rest.
+pub(crate) const LN2_16_HI: f64 = 0.04332169878489367; // 0x1.62e42fefa0000p-5
+pub(crate) const LN2_16_LO: f64 = 1.0291218489310676e-13;
 /// 1.5 * 2^52: adding it rounds to an integer, held in the low mantissa bits.
 pub(crate) const SHIFTER: f64 = 6755399441055744.0;
-pub(crate) const C: [f64; 12] = [
+/// q(r)'s coefficients: 1/2!, ..., 1/7! (rounded).
+pub(crate) const Q: [f64; 6] = [
     0.5,
     0.16666666666666666,
     0.041666666666666664,
     0.008333333333333333,
     0.001388888888888889,
     0.0001984126984126984,
-    2.48015873015873e-05,
-    2.7557319223985893e-06,
-    2.755731922398589e-07,
-    2.505210838544172e-08,
-    2.08767569878681e-09,
-    1.6059043836821613e-10,
+];
+/// 2^(j/16) = T_HI[j] + T_LO[j] (to ~2^-106), computed with 200-bit arithmetic.
+pub(crate) static T_HI: [f64; 16] = [
+    1.0,
+    1.0442737824274138,
+    1.0905077326652577,
+    1.1387886347566916,
+    1.189207115002721,
+    1.241857812073484,
+    1.2968395546510096,
+    1.3542555469368927,
+    std::f64::consts::SQRT_2,
+    1.4768261459394993,
+    1.5422108254079407,
+    1.6104903319492543,
+    1.681792830507429,
+    1.7562521603732995,
+    1.8340080864093424,
+    1.9152065613971474,
+];
+pub(crate) static T_LO: [f64; 16] = [
+    0.0,
+    8.551889705537965e-17,
+    -3.046782079812471e-17,
+    8.912812676025408e-17,
+    3.982015231465646e-17,
+    4.658027591836937e-17,
+    2.5382502794888315e-17,
+    7.70094837980299e-17,
+    -9.667293313452913e-17,
+    -3.483994556892796e-17,
+    7.949834809697621e-17,
+    2.4707192569797888e-17,
+    8.199010020581497e-17,
+    2.960140695448873e-17,
+    3.283107224245627e-17,
+    -1.0619946056195963e-16,
 ];
 
-/// exp(r + r_lo) for |r| <= ln2/2 (about), r_lo a correction below ulp(r).
-/// 1 + r is split exactly (Fast2Sum, |r| < 1) so that only the final addition rounds
-/// at the result's scale.
+/// (bits of t: m = 16 e + j in the low bits, two's complement; r).
 #[inline(always)]
-fn exp_reduced(r: f64, r_lo: f64) -> f64 {
-    // Estrin's scheme: a dependency chain of 5 operations instead of Horner's 11.
-    let r2 = r * r;
-    let r4 = r2 * r2;
-    let r8 = r4 * r4;
-    let p01 = C[1].mul_add(r, C[0]);
-    let p23 = C[3].mul_add(r, C[2]);
-    let p45 = C[5].mul_add(r, C[4]);
-    let p67 = C[7].mul_add(r, C[6]);
-    let p89 = C[9].mul_add(r, C[8]);
-    let p1011 = C[11].mul_add(r, C[10]);
-    let p03 = p23.mul_add(r2, p01);
-    let p47 = p67.mul_add(r2, p45);
-    let p811 = p1011.mul_add(r2, p89);
-    let p07 = p47.mul_add(r4, p03);
-    let q = p811.mul_add(r8, p07);
-    let hi = 1.0 + r;
-    let lo = (1.0 - hi) + r; // exact
-    hi + (lo + r2.mul_add(q, r_lo))
+fn reduce(x: f64) -> (u64, f64) {
+    let t = x.mul_add(INV_LN2_16, SHIFTER);
+    let m = t - SHIFTER;
+    let hi = (-m).mul_add(LN2_16_HI, x); // exact
+    let r = (-m).mul_add(LN2_16_LO, hi);
+    (t.to_bits(), r)
 }
 
-/// (k as f64, bits whose low 12 bits are k mod 4096, r, r_lo) with
-/// x = k ln2 + r + r_lo (k ln2_hi and x - k ln2_hi are exact).
+/// T_hi + (T_hi (exp(r) - 1) + T_lo), in [2^(-1/32), 2^(31/32)] (about).
 #[inline(always)]
-fn reduce(x: f64) -> (f64, u64, f64, f64) {
-    let t = x.mul_add(LOG2E, SHIFTER);
-    let k = t - SHIFTER;
-    let hi = (-k).mul_add(LN2_HI, x); // exact
-    let r = (-k).mul_add(LN2_LO, hi);
-    let r_lo = (-k).mul_add(LN2_LO, hi - r);
-    (k, t.to_bits(), r, r_lo)
+fn unscaled(r: f64, t_hi: f64, t_lo: f64) -> f64 {
+    // Estrin's scheme: r^2 q(r) in a chain of 4 operations.
+    let r2 = r * r;
+    let p01 = Q[1].mul_add(r, Q[0]);
+    let p23 = Q[3].mul_add(r, Q[2]);
+    let p45 = Q[5].mul_add(r, Q[4]);
+    let p03 = p23.mul_add(r2, p01);
+    let r4 = r2 * r2;
+    let q = p45.mul_add(r4, p03);
+    let em1 = r2.mul_add(q, r);
+    t_hi + t_hi.mul_add(em1, t_lo)
 }
 
 /// exp(x) for TINY <= x <= 709 (finite). Outside that range the result is meaningless
 /// but computing it is harmless (no trap, no UB): callers discard it.
 #[inline(always)]
 pub fn exp_fast(x: f64) -> f64 {
-    let (_, t_bits, r, r_lo) = reduce(x);
-    // The low bits of t hold k (two's complement): (k + 1023) << 52 is 2^k.
-    let scale = f64::from_bits(t_bits.wrapping_add(1023) << 52);
-    exp_reduced(r, r_lo) * scale
+    let (t_bits, r) = reduce(x);
+    let j = (t_bits & 15) as usize;
+    let y = unscaled(r, T_HI[j], T_LO[j]);
+    // Bits 4.. of t hold e (two's complement): adding e << 52 to y's bits scales it by
+    // 2^e, exactly while the result is a normal number.
+    f64::from_bits(y.to_bits().wrapping_add((t_bits >> 4) << 52))
 }
 
 /// exp(x) for any x <= 709 (NaN for NaN): the same arithmetic as `exp_fast`, with the
@@ -94,12 +127,16 @@ pub fn exp_fast(x: f64) -> f64 {
 #[inline(always)]
 pub fn exp_tiny(x: f64) -> f64 {
     let x = if x < -746.0 { -746.0 } else { x };
-    let (k, _, r, r_lo) = reduce(x);
-    let k1 = ((k * 0.5 + SHIFTER) - SHIFTER).min(0.0);
-    let k2 = k - k1;
-    let s1 = f64::from_bits(((k1 + SHIFTER).to_bits().wrapping_add(1023)) << 52);
-    let s2 = f64::from_bits(((k2 + SHIFTER).to_bits().wrapping_add(1023)) << 52);
-    exp_reduced(r, r_lo) * s1 * s2
+    let (t_bits, r) = reduce(x);
+    let j = (t_bits & 15) as usize;
+    let y = unscaled(r, T_HI[j], T_LO[j]);
+    let m = f64::from_bits(t_bits) - SHIFTER;
+    let e = (m - j as f64) * 0.0625; // exact
+    let e1 = ((e * 0.5 + SHIFTER) - SHIFTER).min(0.0);
+    let e2 = e - e1;
+    let s1 = f64::from_bits(((e1 + SHIFTER).to_bits().wrapping_add(1023)) << 52);
+    let s2 = f64::from_bits(((e2 + SHIFTER).to_bits().wrapping_add(1023)) << 52);
+    y * s1 * s2
 }
 
 /// exp(x) for any finite x <= 709 (scalar entry point; the hot loops call `exp_fast`
@@ -207,9 +244,9 @@ mod tests {
             -1e4,
             -1e300,
         ];
-        // Around the reduction's boundaries (k ln2/2 for many k).
-        for k in -2150..4 {
-            let b = k as f64 * std::f64::consts::LN_2 / 2.0;
+        // Around the reduction's boundaries (k ln2/32 for every k in range).
+        for k in -34_450..64 {
+            let b = k as f64 * std::f64::consts::LN_2 / 32.0;
             for d in [-2e-16, -1e-16, 0.0, 1e-16, 2e-16] {
                 out.push(b + d * b.abs().max(1.0));
             }
@@ -224,6 +261,30 @@ mod tests {
             out.push(-u * scale);
         }
         out
+    }
+
+    #[test]
+    fn table_is_two_to_the_j_sixteenths() {
+        // (T_hi + T_lo)^16 = 2^j to ~2^-100 relative, and T_hi is 2^(j/16) rounded.
+        for j in 0..16 {
+            let t = Dd(T_HI[j], T_LO[j]);
+            let mut p = t;
+            for _ in 0..4 {
+                p = mul(p, p);
+            }
+            let want = 2f64.powi(j as i32);
+            let err = ((p.0 - want) + p.1).abs() / want;
+            assert!(err < 1e-29, "j = {j}: (T_hi + T_lo)^16 off by {err:e}");
+            assert!(
+                T_LO[j].abs() <= 0.5 * (T_HI[j] * f64::EPSILON),
+                "j = {j}: T_lo too big"
+            );
+        }
+        // The reduction constants: ln2/16 to ~2^-100, LN2_16_HI with 38 significant bits.
+        let c = add(Dd(LN2_16_HI, 0.0), Dd(LN2_16_LO, 0.0));
+        let want = mul(LN2_DD, Dd(0.0625, 0.0));
+        assert!(((c.0 - want.0) + (c.1 - want.1)).abs() < 2e-29); // LO rounded: 2^-96
+        assert_eq!(LN2_16_HI.to_bits() & ((1 << 15) - 1), 0);
     }
 
     #[test]

@@ -589,10 +589,19 @@ fn tv_pass_variants_agree() {
                 -scale * u
             }
         };
-        let lp: Vec<f64> = (0..n).map(|_| value(3.0)).collect();
+        // Some cases over the whole exponent range of the fast path (every table entry
+        // and scale of `vexp`).
+        let scale = if case % 4 == 1 { 236.0 } else { 1.0 };
+        let lp: Vec<f64> = (0..n).map(|_| value(3.0 * scale)).collect();
         // Some tokens with lp = lq, and zero advantages: a (p - q) = 0 (kept toward mu).
         let lq: Vec<f64> = (0..n)
-            .map(|i| if i % 11 == 3 { lp[i] } else { value(2.0) })
+            .map(|i| {
+                if i % 11 == 3 {
+                    lp[i]
+                } else {
+                    value(2.0 * scale)
+                }
+            })
             .collect();
         let adv: Vec<f64> = (0..n)
             .map(|i| match i % 17 {

@@ -194,20 +194,20 @@ pub(super) fn tv_span<T: Widen>(k: &TvConsts, span: Span<T>) -> TvStats {
     }
 }
 
-/// `tv_span` for the variant `isa` (inlined into a variant's code): with AVX2 and
-/// float32 or float64 log-probs, the AVX2 version (`tv_avx2`: assembly `exp`,
-/// intrinsics around it; the same bits);
+/// `tv_span` for the variant `isa` (inlined into a variant's code): with AVX2 or
+/// AVX-512 and float32 or float64 log-probs, the intrinsics version (`tv_avx2`; the
+/// same bits, the table of `vexp` read by loads or by permutes);
 /// otherwise the generic loop compiled for the variant.
 #[inline(always)]
 pub(super) fn tv_span_for<T: Widen>(isa: Isa, k: &TvConsts, span: Span<T>) -> TvStats {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && isa.supported() {
+    if matches!(isa, Isa::Avx2 | Isa::Avx512) && isa.supported() {
         use std::any::TypeId;
         macro_rules! avx2_as {
             ($t:ty) => {
                 if TypeId::of::<T>() == TypeId::of::<$t>() {
                     // SAFETY: T is $t (same type id), so the slices reinterpret exactly;
-                    // the CPU has AVX2 and FMA (checked above).
+                    // the CPU has the variant's features (checked above).
                     unsafe {
                         let cast =
                             |s: &[T]| std::slice::from_raw_parts(s.as_ptr() as *const $t, s.len());
@@ -221,7 +221,11 @@ pub(super) fn tv_span_for<T: Widen>(isa: Isa, k: &TvConsts, span: Span<T>) -> Tv
                             toward: span.toward,
                             weight: span.weight,
                         };
-                        return super::tv_avx2::tv_span_avx2(k, span);
+                        return if isa == Isa::Avx512 {
+                            super::tv_avx2::tv_span_avx512(k, span)
+                        } else {
+                            super::tv_avx2::tv_span_avx2(k, span)
+                        };
                     }
                 }
             };

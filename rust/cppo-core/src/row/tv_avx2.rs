@@ -24,7 +24,6 @@
 #![cfg(target_arch = "x86_64")]
 
 use std::arch::x86_64::*;
-use std::mem::MaybeUninit;
 
 use super::tv::{tv_span, Span, TvConsts, TvStats, Weights};
 use super::{Advantage, Widen};
@@ -34,15 +33,12 @@ use crate::vexp;
 
 /// Loads four log-probs as float64.
 pub(super) trait Load4: Widen {
-    /// float32 (else float64).
-    const F32: bool;
     /// # Safety
     /// `p` points at four readable elements; AVX2 is available.
     unsafe fn load4(p: *const Self) -> __m256d;
 }
 
 impl Load4 for f64 {
-    const F32: bool = false;
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn load4(p: *const f64) -> __m256d {
@@ -51,7 +47,6 @@ impl Load4 for f64 {
 }
 
 impl Load4 for f32 {
-    const F32: bool = true;
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn load4(p: *const f32) -> __m256d {
@@ -59,168 +54,79 @@ impl Load4 for f32 {
     }
 }
 
-/// `exp_pair`'s constants, each in four lanes (read as memory operands). Byte offsets:
-/// 0 LOG2E, 32 SHIFTER, 64 LN2_HI, 96 LN2_LO, 128 1.0, 160 + 32 i the
-/// polynomial's C[i].
-#[repr(C, align(32))]
-struct ExpConsts([[f64; 4]; 17]);
+/// How a variant reads the table of 2^(j/16) (`vexp::T_HI`, `vexp::T_LO`) for four
+/// lanes, j the low four bits of each lane of `t`.
+pub(super) trait Table {
+    /// # Safety
+    /// The CPU has the variant's features (AVX2 and FMA; AVX-512 for `Permutes`).
+    unsafe fn read(t: __m256i) -> (__m256d, __m256d);
+}
 
-static EXP_CONSTS: ExpConsts = {
-    let head = [vexp::LOG2E, vexp::SHIFTER, vexp::LN2_HI, vexp::LN2_LO, 1.0];
-    let mut t = [[0.0; 4]; 17];
-    let mut i = 0;
-    while i < 17 {
-        t[i] = [if i < 5 { head[i] } else { vexp::C[i - 5] }; 4];
-        i += 1;
+/// AVX2: one load a lane. (`vgatherqpd` was slower on the AMD EPYC (Zen 4) this was
+/// measured on.)
+pub(super) struct Loads;
+
+impl Table for Loads {
+    #[inline(always)]
+    unsafe fn read(t: __m256i) -> (__m256d, __m256d) {
+        let mut j = [0u64; 4];
+        _mm256_storeu_si256(j.as_mut_ptr() as *mut __m256i, t);
+        let j = j.map(|j| (j & 15) as usize);
+        let (hi, lo) = (&vexp::T_HI, &vexp::T_LO);
+        (
+            _mm256_setr_pd(hi[j[0]], hi[j[1]], hi[j[2]], hi[j[3]]),
+            _mm256_setr_pd(lo[j[0]], lo[j[1]], lo[j[2]], lo[j[3]]),
+        )
     }
-    ExpConsts(t)
-};
+}
 
-/// `vexp::exp_fast` of the four log-probs at `p0` and of the four at `p1`, widened to
-/// float64: the same operations in the same order, lane by lane (`vexp::reduce`,
-/// `vexp::exp_reduced`), the two evaluations interleaved instruction by instruction.
-/// Twelve vector registers, no spill: every constant is a memory operand, and the two
-/// values of each evaluation that wait longest (k << 52 and r_lo) go to a stack slot and
-/// come back as memory operands. The log-probs are loaded here: the caller reloads them
-/// after, rather than have them kept in registers across the block.
-///
-/// One difference in form: the scale 2^k is applied by adding k << 52 to the bits of
-/// exp(r) (in [0.70, 1.42]) instead of multiplying by 2^k. For x >= `vexp::TINY` the
-/// product is a normal number, so the two are the same bits (the pass takes the slow
-/// path below TINY).
+/// AVX-512: each table is two zmm registers, read with one two-register permute (which
+/// takes the low four bits of each index).
+pub(super) struct Permutes;
+
+impl Table for Permutes {
+    #[inline(always)]
+    unsafe fn read(t: __m256i) -> (__m256d, __m256d) {
+        let (hi, lo) = (vexp::T_HI.as_ptr(), vexp::T_LO.as_ptr());
+        let j = _mm512_castsi256_si512(t);
+        let read = |p: *const f64| {
+            _mm512_castpd512_pd256(_mm512_permutex2var_pd(
+                _mm512_loadu_pd(p),
+                j,
+                _mm512_loadu_pd(p.add(8)),
+            ))
+        };
+        (read(hi), read(lo))
+    }
+}
+
+/// `vexp::exp_fast` of four lanes: the same operations in the same order, lane by
+/// lane (`vexp::reduce`, `vexp::unscaled`, the scale added to the exponent bits).
 ///
 /// # Safety
-/// `p0` and `p1` each point at four readable elements; AVX2 and FMA are available.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_pair<T: Load4>(p0: *const T, p1: *const T) -> (__m256d, __m256d) {
-    let mut slot = MaybeUninit::<[__m256d; 4]>::uninit();
-    let (x0, x1): (__m256d, __m256d);
-    // SAFETY (the block below): it reads four elements at p0 and at p1 (the caller's
-    // contract), EXP_CONSTS (32-byte aligned, 544 bytes) and `slot` (32-byte aligned, 128
-    // bytes), which it writes before reading; it touches no other memory, no stack and
-    // no flags, and every vector register it writes is an operand.
-    macro_rules! exp_asm {
-        ($load:literal) => {
-            std::arch::asm!(
-                concat!($load, " {x0}, [{p0}]"),
-                concat!($load, " {x1}, [{p1}]"),
-                // t = fma(x, LOG2E, SHIFTER); kk = t - SHIFTER (in a)
-                "vmovapd {t0}, [{k} + 32]",
-                "vmovapd {t1}, [{k} + 32]",
-                "vfmadd231pd {t0}, {x0}, [{k}]",
-                "vfmadd231pd {t1}, {x1}, [{k}]",
-                "vsubpd {a0}, {t0}, [{k} + 32]",
-                "vsubpd {a1}, {t1}, [{k} + 32]",
-                // hi = fma(-kk, LN2_HI, x) (in x)
-                "vfnmadd231pd {x0}, {a0}, [{k} + 64]",
-                "vfnmadd231pd {x1}, {a1}, [{k} + 64]",
-                // k << 52 (the low bits of t hold k), to slot 0
-                "vpsllq {t0}, {t0}, 52",
-                "vpsllq {t1}, {t1}, 52",
-                "vmovapd [{s}], {t0}",
-                "vmovapd [{s} + 64], {t1}",
-                // r = fma(-kk, LN2_LO, hi)
-                "vmovapd {r0}, {x0}",
-                "vmovapd {r1}, {x1}",
-                "vfnmadd231pd {r0}, {a0}, [{k} + 96]",
-                "vfnmadd231pd {r1}, {a1}, [{k} + 96]",
-                // r_lo = fma(-kk, LN2_LO, hi - r), to slot 1
-                "vsubpd {x0}, {x0}, {r0}",
-                "vsubpd {x1}, {x1}, {r1}",
-                "vfnmadd231pd {x0}, {a0}, [{k} + 96]",
-                "vfnmadd231pd {x1}, {a1}, [{k} + 96]",
-                "vmovapd [{s} + 32], {x0}",
-                "vmovapd [{s} + 96], {x1}",
-                // r2 (t); p01 = fma(C1, r, C0) (a); p23 (b); p03 = fma(p23, r2, p01) (a)
-                "vmulpd {t0}, {r0}, {r0}",
-                "vmulpd {t1}, {r1}, {r1}",
-                "vmovapd {a0}, [{k} + 160]",
-                "vmovapd {a1}, [{k} + 160]",
-                "vfmadd231pd {a0}, {r0}, [{k} + 192]",
-                "vfmadd231pd {a1}, {r1}, [{k} + 192]",
-                "vmovapd {b0}, [{k} + 224]",
-                "vmovapd {b1}, [{k} + 224]",
-                "vfmadd231pd {b0}, {r0}, [{k} + 256]",
-                "vfmadd231pd {b1}, {r1}, [{k} + 256]",
-                "vfmadd231pd {a0}, {b0}, {t0}",
-                "vfmadd231pd {a1}, {b1}, {t1}",
-                // p45 (b); p67 (c); p47 = fma(p67, r2, p45) (b)
-                "vmovapd {b0}, [{k} + 288]",
-                "vmovapd {b1}, [{k} + 288]",
-                "vfmadd231pd {b0}, {r0}, [{k} + 320]",
-                "vfmadd231pd {b1}, {r1}, [{k} + 320]",
-                "vmovapd {c0}, [{k} + 352]",
-                "vmovapd {c1}, [{k} + 352]",
-                "vfmadd231pd {c0}, {r0}, [{k} + 384]",
-                "vfmadd231pd {c1}, {r1}, [{k} + 384]",
-                "vfmadd231pd {b0}, {c0}, {t0}",
-                "vfmadd231pd {b1}, {c1}, {t1}",
-                // r4 (x); p07 = fma(p47, r4, p03) (a)
-                "vmulpd {x0}, {t0}, {t0}",
-                "vmulpd {x1}, {t1}, {t1}",
-                "vfmadd231pd {a0}, {b0}, {x0}",
-                "vfmadd231pd {a1}, {b1}, {x1}",
-                // p89 (b); p1011 (c); p811 = fma(p1011, r2, p89) (b)
-                "vmovapd {b0}, [{k} + 416]",
-                "vmovapd {b1}, [{k} + 416]",
-                "vfmadd231pd {b0}, {r0}, [{k} + 448]",
-                "vfmadd231pd {b1}, {r1}, [{k} + 448]",
-                "vmovapd {c0}, [{k} + 480]",
-                "vmovapd {c1}, [{k} + 480]",
-                "vfmadd231pd {c0}, {r0}, [{k} + 512]",
-                "vfmadd231pd {c1}, {r1}, [{k} + 512]",
-                "vfmadd231pd {b0}, {c0}, {t0}",
-                "vfmadd231pd {b1}, {c1}, {t1}",
-                // r8 (x); q = fma(p811, r8, p07) (a)
-                "vmulpd {x0}, {x0}, {x0}",
-                "vmulpd {x1}, {x1}, {x1}",
-                "vfmadd231pd {a0}, {b0}, {x0}",
-                "vfmadd231pd {a1}, {b1}, {x1}",
-                // a = fma(r2, q, r_lo)
-                "vfmadd213pd {a0}, {t0}, [{s} + 32]",
-                "vfmadd213pd {a1}, {t1}, [{s} + 96]",
-                // h = 1 + r (b); lo = (1 - h) + r (c); e = h + (lo + a); x = e * scale
-                "vaddpd {b0}, {r0}, [{k} + 128]",
-                "vaddpd {b1}, {r1}, [{k} + 128]",
-                "vmovapd {c0}, [{k} + 128]",
-                "vmovapd {c1}, [{k} + 128]",
-                "vsubpd {c0}, {c0}, {b0}",
-                "vsubpd {c1}, {c1}, {b1}",
-                "vaddpd {c0}, {c0}, {r0}",
-                "vaddpd {c1}, {c1}, {r1}",
-                "vaddpd {c0}, {c0}, {a0}",
-                "vaddpd {c1}, {c1}, {a1}",
-                "vaddpd {b0}, {b0}, {c0}",
-                "vaddpd {b1}, {b1}, {c1}",
-                "vpaddq {x0}, {b0}, [{s}]",
-                "vpaddq {x1}, {b1}, [{s} + 64]",
-                k = in(reg) EXP_CONSTS.0.as_ptr(),
-                s = in(reg) slot.as_mut_ptr(),
-                p0 = in(reg) p0,
-                p1 = in(reg) p1,
-                x0 = out(ymm_reg) x0,
-                x1 = out(ymm_reg) x1,
-                t0 = out(ymm_reg) _,
-                r0 = out(ymm_reg) _,
-                a0 = out(ymm_reg) _,
-                b0 = out(ymm_reg) _,
-                c0 = out(ymm_reg) _,
-                t1 = out(ymm_reg) _,
-                r1 = out(ymm_reg) _,
-                a1 = out(ymm_reg) _,
-                b1 = out(ymm_reg) _,
-                c1 = out(ymm_reg) _,
-                options(nostack, preserves_flags),
-            )
-        };
-    }
-    if T::F32 {
-        exp_asm!("vcvtps2pd")
-    } else {
-        exp_asm!("vmovupd")
-    }
-    (x0, x1)
+/// AVX2 and FMA are available (and `Tab`'s features).
+#[inline(always)]
+unsafe fn exp4<Tab: Table>(x: __m256d) -> __m256d {
+    let c = _mm256_set1_pd;
+    let shifter = c(vexp::SHIFTER);
+    let t = _mm256_fmadd_pd(x, c(vexp::INV_LN2_16), shifter);
+    let m = _mm256_sub_pd(t, shifter);
+    let hi = _mm256_fnmadd_pd(m, c(vexp::LN2_16_HI), x);
+    let r = _mm256_fnmadd_pd(m, c(vexp::LN2_16_LO), hi);
+    let t = _mm256_castpd_si256(t);
+    let (t_hi, t_lo) = Tab::read(t);
+    let q = &vexp::Q;
+    let r2 = _mm256_mul_pd(r, r);
+    let p01 = _mm256_fmadd_pd(c(q[1]), r, c(q[0]));
+    let p23 = _mm256_fmadd_pd(c(q[3]), r, c(q[2]));
+    let p45 = _mm256_fmadd_pd(c(q[5]), r, c(q[4]));
+    let p03 = _mm256_fmadd_pd(p23, r2, p01);
+    let r4 = _mm256_mul_pd(r2, r2);
+    let q = _mm256_fmadd_pd(p45, r4, p03);
+    let em1 = _mm256_fmadd_pd(r2, q, r);
+    let y = _mm256_add_pd(t_hi, _mm256_fmadd_pd(t_hi, em1, t_lo));
+    let scale = _mm256_slli_epi64::<52>(_mm256_srli_epi64::<4>(t));
+    _mm256_castsi256_pd(_mm256_add_epi64(_mm256_castpd_si256(y), scale))
 }
 
 /// The pass over one span; `tv::tv_span`'s contract.
@@ -229,16 +135,31 @@ unsafe fn exp_pair<T: Load4>(p0: *const T, p1: *const T) -> (__m256d, __m256d) {
 /// AVX2 and FMA are available.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn tv_span_avx2<T: Load4>(k: &TvConsts, span: Span<T>) -> TvStats {
+    span_with::<T, Loads>(k, span)
+}
+
+/// The same pass for the AVX-512 variant: four lanes as with AVX2, the table read by
+/// permutes.
+///
+/// # Safety
+/// AVX2, FMA, AVX-512 F, DQ, BW and VL are available.
+#[target_feature(enable = "avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")]
+pub(super) unsafe fn tv_span_avx512<T: Load4>(k: &TvConsts, span: Span<T>) -> TvStats {
+    span_with::<T, Permutes>(k, span)
+}
+
+#[inline(always)]
+unsafe fn span_with<T: Load4, Tab: Table>(k: &TvConsts, span: Span<T>) -> TvStats {
     let span = span.fit(k.weights);
     let steps = span.valid.len() / 4;
     let (mut head, tail) = span.split_at(4 * steps);
     let (body, slow) = match (k.weights, head.adv) {
-        (Weights::Linear, Advantage::Row(_)) => steps_avx2::<T, LINEAR, false>(k, &mut head),
-        (Weights::Linear, Advantage::Token(_)) => steps_avx2::<T, LINEAR, true>(k, &mut head),
-        (Weights::Ones, Advantage::Row(_)) => steps_avx2::<T, ONES, false>(k, &mut head),
-        (Weights::Ones, Advantage::Token(_)) => steps_avx2::<T, ONES, true>(k, &mut head),
-        (Weights::Skip, Advantage::Row(_)) => steps_avx2::<T, SKIP, false>(k, &mut head),
-        (Weights::Skip, Advantage::Token(_)) => steps_avx2::<T, SKIP, true>(k, &mut head),
+        (Weights::Linear, Advantage::Row(_)) => steps4::<T, Tab, LINEAR, false>(k, &mut head),
+        (Weights::Linear, Advantage::Token(_)) => steps4::<T, Tab, LINEAR, true>(k, &mut head),
+        (Weights::Ones, Advantage::Row(_)) => steps4::<T, Tab, ONES, false>(k, &mut head),
+        (Weights::Ones, Advantage::Token(_)) => steps4::<T, Tab, ONES, true>(k, &mut head),
+        (Weights::Skip, Advantage::Row(_)) => steps4::<T, Tab, SKIP, false>(k, &mut head),
+        (Weights::Skip, Advantage::Token(_)) => steps4::<T, Tab, SKIP, true>(k, &mut head),
     };
     let tail = tv_span(k, tail);
     if !slow {
@@ -249,7 +170,7 @@ pub(super) unsafe fn tv_span_avx2<T: Load4>(k: &TvConsts, span: Span<T>) -> TvSt
     tv_span(k, head).merge(tail)
 }
 
-/// `Weights` as a const generic parameter of `steps_avx2` (an enum cannot be one).
+/// `Weights` as a const generic parameter of `steps4` (an enum cannot be one).
 const LINEAR: u8 = 0;
 const ONES: u8 = 1;
 const SKIP: u8 = 2;
@@ -257,9 +178,8 @@ const SKIP: u8 = 2;
 /// The pass over a span whose length is a multiple of four, for one weight mode
 /// (`W`: `LINEAR`, `ONES` or `SKIP`) and one kind of advantage; returns the counts and
 /// whether a valid position held a bad value or an argument below TINY.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn steps_avx2<T: Load4, const W: u8, const TOKEN_ADV: bool>(
+#[inline(always)]
+unsafe fn steps4<T: Load4, Tab: Table, const W: u8, const TOKEN_ADV: bool>(
     k: &TvConsts,
     span: &mut Span<T>,
 ) -> (TvStats, bool) {
@@ -303,8 +223,8 @@ unsafe fn steps_avx2<T: Load4, const W: u8, const TOKEN_ADV: bool>(
     let wp = span.weight.as_mut_ptr();
     let mut c = 0;
     while c < n {
-        let (ep, eq) = exp_pair(lpp.add(c), lqp.add(c));
         let (p, q) = (T::load4(lpp.add(c)), T::load4(lqp.add(c)));
+        let (ep, eq) = (exp4::<Tab>(p), exp4::<Tab>(q));
         // inv: all ones where valid[c] == 0.
         let flags = (vp.add(c) as *const i32).read_unaligned();
         let inv = _mm256_castsi256_pd(_mm256_cmpeq_epi64(
