@@ -845,6 +845,7 @@ mod tv;
 #[cfg(feature = "phase-timing")]
 pub use tv::bench_tv_pass;
 mod tv_avx2;
+mod tv_avx512;
 
 pub use pair::{scan_mask_group, scan_mask_one, scan_mask_pair, PendingScan};
 

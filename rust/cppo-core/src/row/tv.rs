@@ -195,8 +195,8 @@ pub(super) fn tv_span<T: Widen>(k: &TvConsts, span: Span<T>) -> TvStats {
 }
 
 /// `tv_span` for the variant `isa` (inlined into a variant's code): with AVX2 or
-/// AVX-512 and float32 or float64 log-probs, the intrinsics version (`tv_avx2`; the
-/// same bits, the table of `vexp` read by loads or by permutes);
+/// AVX-512 and float32 or float64 log-probs, the intrinsics version (`tv_avx2`,
+/// `tv_avx512`; the same bits);
 /// otherwise the generic loop compiled for the variant.
 #[inline(always)]
 pub(super) fn tv_span_for<T: Widen>(isa: Isa, k: &TvConsts, span: Span<T>) -> TvStats {
@@ -222,7 +222,7 @@ pub(super) fn tv_span_for<T: Widen>(isa: Isa, k: &TvConsts, span: Span<T>) -> Tv
                             weight: span.weight,
                         };
                         return if isa == Isa::Avx512 {
-                            super::tv_avx2::tv_span_avx512(k, span)
+                            super::tv_avx512::tv_span_avx512(k, span)
                         } else {
                             super::tv_avx2::tv_span_avx2(k, span)
                         };

@@ -54,59 +54,30 @@ impl Load4 for f32 {
     }
 }
 
-/// How a variant reads the table of 2^(j/16) (`vexp::T_HI`, `vexp::T_LO`) for four
-/// lanes, j the low four bits of each lane of `t`.
-pub(super) trait Table {
-    /// # Safety
-    /// The CPU has the variant's features (AVX2 and FMA; AVX-512 for `Permutes`).
-    unsafe fn read(t: __m256i) -> (__m256d, __m256d);
-}
-
-/// AVX2: one load a lane. (`vgatherqpd` was slower on the AMD EPYC (Zen 4) this was
-/// measured on.)
-pub(super) struct Loads;
-
-impl Table for Loads {
-    #[inline(always)]
-    unsafe fn read(t: __m256i) -> (__m256d, __m256d) {
-        let mut j = [0u64; 4];
-        _mm256_storeu_si256(j.as_mut_ptr() as *mut __m256i, t);
-        let j = j.map(|j| (j & 15) as usize);
-        let (hi, lo) = (&vexp::T_HI, &vexp::T_LO);
-        (
-            _mm256_setr_pd(hi[j[0]], hi[j[1]], hi[j[2]], hi[j[3]]),
-            _mm256_setr_pd(lo[j[0]], lo[j[1]], lo[j[2]], lo[j[3]]),
-        )
-    }
-}
-
-/// AVX-512: each table is two zmm registers, read with one two-register permute (which
-/// takes the low four bits of each index).
-pub(super) struct Permutes;
-
-impl Table for Permutes {
-    #[inline(always)]
-    unsafe fn read(t: __m256i) -> (__m256d, __m256d) {
-        let (hi, lo) = (vexp::T_HI.as_ptr(), vexp::T_LO.as_ptr());
-        let j = _mm512_castsi256_si512(t);
-        let read = |p: *const f64| {
-            _mm512_castpd512_pd256(_mm512_permutex2var_pd(
-                _mm512_loadu_pd(p),
-                j,
-                _mm512_loadu_pd(p.add(8)),
-            ))
-        };
-        (read(hi), read(lo))
-    }
+/// `vexp`'s table at the low four bits of each lane of `t`: one load a lane.
+/// (`vgatherqpd` was slower on the AMD EPYC (Zen 4) this was measured on.)
+///
+/// # Safety
+/// AVX2 is available.
+#[inline(always)]
+unsafe fn table4(t: __m256i) -> (__m256d, __m256d) {
+    let mut j = [0u64; 4];
+    _mm256_storeu_si256(j.as_mut_ptr() as *mut __m256i, t);
+    let j = j.map(|j| (j & 15) as usize);
+    let (hi, lo) = (&vexp::T_HI, &vexp::T_LO);
+    (
+        _mm256_setr_pd(hi[j[0]], hi[j[1]], hi[j[2]], hi[j[3]]),
+        _mm256_setr_pd(lo[j[0]], lo[j[1]], lo[j[2]], lo[j[3]]),
+    )
 }
 
 /// `vexp::exp_fast` of four lanes: the same operations in the same order, lane by
 /// lane (`vexp::reduce`, `vexp::unscaled`, the scale added to the exponent bits).
 ///
 /// # Safety
-/// AVX2 and FMA are available (and `Tab`'s features).
+/// AVX2 and FMA are available.
 #[inline(always)]
-unsafe fn exp4<Tab: Table>(x: __m256d) -> __m256d {
+unsafe fn exp4(x: __m256d) -> __m256d {
     let c = _mm256_set1_pd;
     let shifter = c(vexp::SHIFTER);
     let t = _mm256_fmadd_pd(x, c(vexp::INV_LN2_16), shifter);
@@ -114,7 +85,7 @@ unsafe fn exp4<Tab: Table>(x: __m256d) -> __m256d {
     let hi = _mm256_fnmadd_pd(m, c(vexp::LN2_16_HI), x);
     let r = _mm256_fnmadd_pd(m, c(vexp::LN2_16_LO), hi);
     let t = _mm256_castpd_si256(t);
-    let (t_hi, t_lo) = Tab::read(t);
+    let (t_hi, t_lo) = table4(t);
     let q = &vexp::Q;
     let r2 = _mm256_mul_pd(r, r);
     let p01 = _mm256_fmadd_pd(c(q[1]), r, c(q[0]));
@@ -135,31 +106,16 @@ unsafe fn exp4<Tab: Table>(x: __m256d) -> __m256d {
 /// AVX2 and FMA are available.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn tv_span_avx2<T: Load4>(k: &TvConsts, span: Span<T>) -> TvStats {
-    span_with::<T, Loads>(k, span)
-}
-
-/// The same pass for the AVX-512 variant: four lanes as with AVX2, the table read by
-/// permutes.
-///
-/// # Safety
-/// AVX2, FMA, AVX-512 F, DQ, BW and VL are available.
-#[target_feature(enable = "avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")]
-pub(super) unsafe fn tv_span_avx512<T: Load4>(k: &TvConsts, span: Span<T>) -> TvStats {
-    span_with::<T, Permutes>(k, span)
-}
-
-#[inline(always)]
-unsafe fn span_with<T: Load4, Tab: Table>(k: &TvConsts, span: Span<T>) -> TvStats {
     let span = span.fit(k.weights);
     let steps = span.valid.len() / 4;
     let (mut head, tail) = span.split_at(4 * steps);
     let (body, slow) = match (k.weights, head.adv) {
-        (Weights::Linear, Advantage::Row(_)) => steps4::<T, Tab, LINEAR, false>(k, &mut head),
-        (Weights::Linear, Advantage::Token(_)) => steps4::<T, Tab, LINEAR, true>(k, &mut head),
-        (Weights::Ones, Advantage::Row(_)) => steps4::<T, Tab, ONES, false>(k, &mut head),
-        (Weights::Ones, Advantage::Token(_)) => steps4::<T, Tab, ONES, true>(k, &mut head),
-        (Weights::Skip, Advantage::Row(_)) => steps4::<T, Tab, SKIP, false>(k, &mut head),
-        (Weights::Skip, Advantage::Token(_)) => steps4::<T, Tab, SKIP, true>(k, &mut head),
+        (Weights::Linear, Advantage::Row(_)) => steps4::<T, LINEAR, false>(k, &mut head),
+        (Weights::Linear, Advantage::Token(_)) => steps4::<T, LINEAR, true>(k, &mut head),
+        (Weights::Ones, Advantage::Row(_)) => steps4::<T, ONES, false>(k, &mut head),
+        (Weights::Ones, Advantage::Token(_)) => steps4::<T, ONES, true>(k, &mut head),
+        (Weights::Skip, Advantage::Row(_)) => steps4::<T, SKIP, false>(k, &mut head),
+        (Weights::Skip, Advantage::Token(_)) => steps4::<T, SKIP, true>(k, &mut head),
     };
     let tail = tv_span(k, tail);
     if !slow {
@@ -179,7 +135,7 @@ const SKIP: u8 = 2;
 /// (`W`: `LINEAR`, `ONES` or `SKIP`) and one kind of advantage; returns the counts and
 /// whether a valid position held a bad value or an argument below TINY.
 #[inline(always)]
-unsafe fn steps4<T: Load4, Tab: Table, const W: u8, const TOKEN_ADV: bool>(
+unsafe fn steps4<T: Load4, const W: u8, const TOKEN_ADV: bool>(
     k: &TvConsts,
     span: &mut Span<T>,
 ) -> (TvStats, bool) {
@@ -224,7 +180,7 @@ unsafe fn steps4<T: Load4, Tab: Table, const W: u8, const TOKEN_ADV: bool>(
     let mut c = 0;
     while c < n {
         let (p, q) = (T::load4(lpp.add(c)), T::load4(lqp.add(c)));
-        let (ep, eq) = (exp4::<Tab>(p), exp4::<Tab>(q));
+        let (ep, eq) = (exp4(p), exp4(q));
         // inv: all ones where valid[c] == 0.
         let flags = (vp.add(c) as *const i32).read_unaligned();
         let inv = _mm256_castsi256_pd(_mm256_cmpeq_epi64(
