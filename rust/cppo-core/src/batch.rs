@@ -471,7 +471,12 @@ pub fn compute_batch_threads(
     crate::pool::with_pool(threads, |pool| {
         let threads = pool.current_num_threads();
         if here || threads == 1 {
-            return compute_batch_with(Parallelism::Serial, params, input, output);
+            return Ok(compute_batch_with(
+                Parallelism::Serial,
+                params,
+                input,
+                output,
+            ));
         }
         // A row above 5/4 of a thread's share (few long rows) needs its Binary TV pass
         // split over the pool: then the pool runs the call (`compute_batch_with`
@@ -489,16 +494,22 @@ pub fn compute_batch_threads(
             .iter()
             .any(|&c| c >= 2 * SPLIT_CHUNK && 4 * threads * c > 5 * total);
         if needs_split {
-            pool.install(|| compute_batch_with(Parallelism::Pool, params, input, output))
+            Ok(pool.install(|| compute_batch_with(Parallelism::Pool, params, input, output)))
         } else {
-            run_here_and_on(pool, params, input, output, &costs, windows)
+            // The caller is one of the `threads` workers: the helpers come from a pool
+            // of `threads - 1`, so that no idle pool thread spins for work beside them
+            // (rayon's idle threads yield in a loop before they sleep: on a 2-core
+            // machine a third runnable thread preempted the two workers ~20 times in a
+            // 2.3 ms call).
+            crate::pool::with_pool(threads - 1, |helpers| {
+                run_here_and_on(helpers, params, input, output, &costs, windows)
+            })
         }
-    })
+    })?
 }
 
-/// The rows of a batch on `pool` with the calling thread as one of its workers:
-/// `threads - 1` pool threads and the caller take jobs from one queue, longest rows
-/// first. Handing a call to a pool and sleeping until it is done costs two thread
+/// The rows of a batch on the calling thread and every thread of `pool` (the
+/// helpers): they take jobs from one queue, longest rows first. Handing a call to a pool and sleeping until it is done costs two thread
 /// wake-ups (tens of microseconds each in a VM) in series with the work; here the
 /// caller starts at once, the pool threads join as they wake, and the caller waits
 /// for the last of them spinning (bounded) rather than asleep.
@@ -514,7 +525,7 @@ fn run_here_and_on(
 ) -> Result<[u64; 5], BadValue> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
-    let threads = pool.current_num_threads();
+    let threads = pool.current_num_threads() + 1;
     let layout = input.layout;
     let mut jobs: Vec<(usize, RowJob)> = make_jobs(output, &layout)
         .into_iter()
