@@ -537,9 +537,22 @@ fn run_here_and_on(
         .collect();
     // Longest first (stable: ties keep the row order).
     jobs.sort_by_key(|(cost, _)| std::cmp::Reverse(*cost));
+    // Each worker (0: the caller, 1..: the helpers) gets its own list, the rows dealt
+    // longest first to the worker with the least work so far, so that the lists end
+    // within a short row of one another.
+    let helpers = (threads - 1).min(jobs.len().saturating_sub(1));
+    let workers = helpers + 1;
+    let mut lists: Vec<Vec<usize>> = vec![Vec::new(); workers];
+    let mut load = vec![0usize; workers];
+    for (i, (cost, _)) in jobs.iter().enumerate() {
+        let w = (0..workers).min_by_key(|&w| load[w]).unwrap_or(0);
+        lists[w].push(i);
+        load[w] += (*cost).max(1);
+    }
     let slots: Vec<Mutex<Option<RowJob>>> =
         jobs.into_iter().map(|(_, j)| Mutex::new(Some(j))).collect();
-    let next = AtomicUsize::new(0);
+    // A list's (head, tail): its owner takes rows from the head, others from the tail.
+    let ends: Vec<Mutex<(usize, usize)>> = lists.iter().map(|l| Mutex::new((0, l.len()))).collect();
     let running = AtomicUsize::new(0);
     let sum = Mutex::new((None, [0u64; 5]));
     let take = |i: usize| {
@@ -555,37 +568,60 @@ fn run_here_and_on(
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *t = merge(*t, acc);
     };
-    // Rows `GROUP` at a time (neighbours in the order: similar lengths), their scans
-    // interleaved (`run_group`), while at least one `GROUP` per thread is left; then
-    // one at a time, so that the last (shortest) rows balance the threads.
-    let step = || loop {
-        let i = next.load(Ordering::Relaxed);
-        if i >= slots.len() {
-            return None;
-        }
-        let k = if slots.len() - i >= GROUP * threads {
-            GROUP
-        } else {
-            1
-        };
-        if next
-            .compare_exchange_weak(i, i + k, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
-            return Some(match k {
-                1 => run_job(params, input, take(i)),
-                _ => run_group(params, input, (i..i + k).map(take).collect()),
-            });
-        }
+    let lock = |w: usize| {
+        ends[w]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     };
-    let helpers = (threads - 1).min(slots.len().saturating_sub(1));
+    // A worker takes `GROUP` rows from the head of its list (neighbours in the order:
+    // similar lengths), their scans interleaved (`run_group`), while at least two
+    // groups are left; then two, then one at a time. With its list empty, it takes
+    // single rows from the tail of another's (the shortest rows left). Rows' costs are
+    // only estimates (the adaptive budget's selection costs more in some rows than in
+    // others): on 16 x 16384 the two lists' groups alone ended ~40 us apart, with the
+    // last rows single and stealable ~5 us.
+    let step = |me: usize| -> Option<Acc> {
+        {
+            let mut e = lock(me);
+            let (head, tail) = *e;
+            if head < tail {
+                let left = tail - head;
+                let k = if left >= 2 * GROUP {
+                    GROUP
+                } else if left >= 4 {
+                    2
+                } else {
+                    1
+                };
+                e.0 = head + k;
+                drop(e);
+                let rows = &lists[me][head..head + k];
+                return Some(match k {
+                    1 => run_job(params, input, take(rows[0])),
+                    _ => run_group(params, input, rows.iter().map(|&i| take(i)).collect()),
+                });
+            }
+        }
+        (1..workers).find_map(|off| {
+            let other = (me + off) % workers;
+            let mut e = lock(other);
+            let (head, tail) = *e;
+            (head < tail).then(|| {
+                e.1 = tail - 1;
+                drop(e);
+                run_job(params, input, take(lists[other][tail - 1]))
+            })
+        })
+    };
+    let step = &step;
     running.store(helpers, Ordering::SeqCst);
     CALLS.fetch_add(1, Ordering::Release); // ends the helpers' linger (below)
     pool.in_place_scope(|s| {
-        for _ in 0..helpers {
-            s.spawn(|_| {
+        for h in 0..helpers {
+            let (running, add) = (&running, &add);
+            s.spawn(move |_| {
                 let mut acc: Acc = (None, [0; 5]);
-                while let Some(r) = step() {
+                while let Some(r) = step(h + 1) {
                     acc = merge(acc, r);
                 }
                 add(acc);
@@ -593,7 +629,7 @@ fn run_here_and_on(
             });
         }
         let mut acc: Acc = (None, [0; 5]);
-        while let Some(r) = step() {
+        while let Some(r) = step(0) {
             acc = merge(acc, r);
         }
         add(acc);
