@@ -158,7 +158,7 @@ def time_interleaved(fns, fast, rounds, slot_time, warm_time=WARM_S):
         for slot, fn in fns.items():
             torch.set_num_threads(slot[1])
             # Let the previous method's threads go idle (OpenMP workers spin for a while
-            # after a parallel region; ours linger 0.1 ms), then one untimed call.
+            # after a parallel region; ours linger 0.5 ms), then one untimed call.
             time.sleep(SETTLE_S)
             warm = time.perf_counter()
             fn()

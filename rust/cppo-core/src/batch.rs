@@ -663,14 +663,18 @@ fn run_here_and_on(
 /// Calls of `run_here_and_on` so far (the helpers' linger watches it).
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// How long a helper stays awake after a call, waiting for the next one.
-pub const LINGER: std::time::Duration = std::time::Duration::from_micros(100);
+/// How long a helper stays awake after a call, waiting for the next one. 100 us was
+/// too short: between two calls on a 256 x 8192 batch the caller spends ~100 us outside
+/// the kernel (the wrapper, freeing the previous 2 MB mask with its caches cold), and
+/// every call then waited 85-110 us for its helper to wake (1.3-1.7 us at 500 us).
+pub const LINGER: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// Keeps `helpers` pool threads awake (spinning) for up to `LINGER` after a call, or
 /// until the next call starts: a sleeping thread takes tens of microseconds to wake
 /// in a VM, which a loop of calls (a training step, a benchmark) would pay every call.
-/// The same policy as OpenMP runtimes' spin-wait (libgomp spins ~300k cycles); it
-/// costs at most `LINGER` of a core per call, and never delays the caller.
+/// The same policy as OpenMP runtimes' spin-wait (libgomp spins ~300k cycles, Intel's
+/// runtime 200 ms); it costs at most `LINGER` of a core per call, and never delays the
+/// caller.
 fn linger(pool: &rayon::ThreadPool, helpers: usize) {
     use std::sync::atomic::Ordering;
     let call = CALLS.load(Ordering::Acquire);
