@@ -224,22 +224,28 @@ fn run_row(params: &Params, input: &BatchInput, job: RowJob) -> Result<RowSummar
 /// Rows a thread prepares before finishing their mask-only scans together (`run_group`).
 pub(crate) const GROUP: usize = 4;
 
-/// Two to `GROUP` rows on this thread. Mask-only rows leave their scans pending and
-/// finish them together (`row::scan_mask_group`: the rows' prefix-sum chains overlap);
-/// the bits are those of `run_row`.
-fn run_group(params: &Params, input: &BatchInput, jobs: Vec<RowJob>) -> Acc {
-    debug_assert!((2..=GROUP).contains(&jobs.len()));
-    let mut jobs = jobs;
+/// Up to `GROUP` rows on this thread, taken one at a time from `next` as the last one's
+/// Binary TV pass ends (another thread may take the rest meanwhile: see
+/// `run_here_and_on`). Mask-only rows leave their scans pending and finish them
+/// together (`row::scan_mask_group`: the rows' prefix-sum chains overlap); the bits are
+/// those of `run_row`.
+fn run_group<'a>(
+    params: &Params,
+    input: &BatchInput,
+    mut next: impl FnMut() -> Option<RowJob<'a>>,
+) -> Acc {
     let mut first = BUFFERS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
     let mut rest = GROUP_BUFFERS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
     let mut bufs: Vec<&mut RowBuffers> =
         std::iter::once(&mut first).chain(rest.iter_mut()).collect();
+    let mut jobs = Vec::with_capacity(GROUP);
+    let mut results = Vec::with_capacity(GROUP);
+    for b in bufs.iter_mut() {
+        let Some(mut job) = next() else { break };
+        results.push(run_row_with(params, input, &mut job, b, true));
+        jobs.push(job);
+    }
     bufs.truncate(jobs.len());
-    let results: Vec<_> = jobs
-        .iter_mut()
-        .zip(bufs.iter_mut())
-        .map(|(job, b)| run_row_with(params, input, job, b, true))
-        .collect();
     {
         let pending: Vec<_> = jobs
             .iter_mut()
@@ -537,17 +543,17 @@ fn run_here_and_on(
         .collect();
     // Longest first (stable: ties keep the row order).
     jobs.sort_by_key(|(cost, _)| std::cmp::Reverse(*cost));
-    // Each worker (0: the caller, 1..: the helpers) gets its own list, the rows dealt
-    // longest first to the worker with the least work so far, so that the lists end
-    // within a short row of one another.
+    // Each worker (0: the caller, 1..: the helpers) gets its own list: the rows in
+    // groups of `GROUP` neighbours (similar lengths, as the serial path groups them),
+    // each group dealt, longest first, to the worker with the least work so far.
     let helpers = (threads - 1).min(jobs.len().saturating_sub(1));
     let workers = helpers + 1;
     let mut lists: Vec<Vec<usize>> = vec![Vec::new(); workers];
     let mut load = vec![0usize; workers];
-    for (i, (cost, _)) in jobs.iter().enumerate() {
+    for (g, group) in jobs.chunks(GROUP).enumerate() {
         let w = (0..workers).min_by_key(|&w| load[w]).unwrap_or(0);
-        lists[w].push(i);
-        load[w] += (*cost).max(1);
+        lists[w].extend(g * GROUP..g * GROUP + group.len());
+        load[w] += group.iter().map(|(cost, _)| (*cost).max(1)).sum::<usize>();
     }
     let slots: Vec<Mutex<Option<RowJob>>> =
         jobs.into_iter().map(|(_, j)| Mutex::new(Some(j))).collect();
@@ -573,34 +579,27 @@ fn run_here_and_on(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     };
-    // A worker takes `GROUP` rows from the head of its list (neighbours in the order:
-    // similar lengths), their scans interleaved (`run_group`), while at least two
-    // groups are left; then two, then one at a time. With its list empty, it takes
-    // single rows from the tail of another's (the shortest rows left). Rows' costs are
-    // only estimates (the adaptive budget's selection costs more in some rows than in
-    // others): on 16 x 16384 the two lists' groups alone ended ~40 us apart, with the
-    // last rows single and stealable ~5 us.
+    // A worker takes rows from the head of its list, up to `GROUP` at a time, their
+    // scans interleaved (`run_group`), one row at a time as each row's Binary TV pass
+    // ends; with its list empty, it takes single rows from the tail of another's (the
+    // shortest rows left). Rows' costs are only estimates (the adaptive budget's
+    // selection costs more in some rows than in others), and a helper may start late:
+    // 16 x 16384 at two threads, against one shared queue handing out groups of four
+    // while a group per thread was left (alternating calls in one process, medians):
+    // 330-339 -> 283-304 us.
     let step = |me: usize| -> Option<Acc> {
-        {
+        let mut own = || {
             let mut e = lock(me);
             let (head, tail) = *e;
-            if head < tail {
-                let left = tail - head;
-                let k = if left >= 2 * GROUP {
-                    GROUP
-                } else if left >= 4 {
-                    2
-                } else {
-                    1
-                };
-                e.0 = head + k;
+            (head < tail).then(|| {
+                e.0 = head + 1;
                 drop(e);
-                let rows = &lists[me][head..head + k];
-                return Some(match k {
-                    1 => run_job(params, input, take(rows[0])),
-                    _ => run_group(params, input, rows.iter().map(|&i| take(i)).collect()),
-                });
-            }
+                take(lists[me][head])
+            })
+        };
+        if let Some(first) = own() {
+            let mut first = Some(first);
+            return Some(run_group(params, input, || first.take().or_else(&mut own)));
         }
         (1..workers).find_map(|off| {
             let other = (me + off) % workers;
@@ -794,13 +793,7 @@ pub fn compute_batch_with(
             let mut acc: Acc = (None, [0; 5]);
             let mut rows = jobs.into_iter().peekable();
             while rows.peek().is_some() {
-                let group: Vec<RowJob> = rows.by_ref().take(GROUP).collect();
-                let r = if group.len() == 1 {
-                    run_job(params, input, group.into_iter().next().unwrap())
-                } else {
-                    run_group(params, input, group)
-                };
-                acc = merge(acc, r);
+                acc = merge(acc, run_group(params, input, || rows.next()));
             }
             acc
         }
