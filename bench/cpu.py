@@ -204,11 +204,14 @@ SIMD_FLAGS = ("sse2", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512
 def machine():
     cpu = platform.processor()
     flags = []
+    ident = {}  # x86 family / model / stepping: tells a VM's "AMD EPYC" generations apart
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key = line.split(":", 1)[0].strip()
             if key in ("model name", "Model name") and cpu == platform.processor():
                 cpu = line.split(":", 1)[1].strip()
+            if key in ("cpu family", "model", "stepping") and key not in ident:
+                ident[key] = line.split(":", 1)[1].strip()
             if key in ("flags", "Features") and not flags:
                 present = set(line.split(":", 1)[1].split())
                 flags = [f for f in SIMD_FLAGS if f in present]
@@ -218,6 +221,7 @@ def machine():
 
     return {
         "cpu": cpu,
+        "cpu_family_model_stepping": [ident.get(k) for k in ("cpu family", "model", "stepping")],
         "simd_flags": flags,
         "cppo_native_simd_variant": native_module().simd_variant(),
         "logical_cores": os.cpu_count(),

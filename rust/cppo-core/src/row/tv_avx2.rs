@@ -1,15 +1,15 @@
-//! The Binary TV pass (`tv::tv_span`) for AVX2+FMA, for float32 and float64 log-probs:
-//! its `exp` in hand-allocated assembly, the rest in intrinsics.
+//! The Binary TV pass (`tv::tv_span`) for AVX2+FMA, for float32 and float64 log-probs,
+//! in intrinsics.
 //!
-//! Why assembly: LLVM's register allocation of interleaved `exp` evaluations for AVX2
-//! (16 vector registers, no broadcast memory operands) spent about 45% of the loop's
-//! instructions on spills, reloads and register copies (~47 instructions a token,
-//! callgrind), whatever the source's order. `exp_pair` below evaluates two vectors in
-//! twelve registers with no spill; the loop around it is specialised for the weight mode
-//! and the kind of advantage (no branch inside), keeps its counters in registers and
-//! advances a column vector instead of converting the column each step: ~33
-//! instructions a token, and the pass ~25% faster on an AMD EPYC (Zen 3)
-//! (`examples/tv_bench.rs`; docs/cpu.md).
+//! The loop is specialised for the weight mode and the kind of advantage (no branch
+//! inside), keeps its counters in registers and advances a column vector instead of
+//! converting the column each step. Until the sixth session its `exp` (the degree-13
+//! form) was hand-allocated assembly: LLVM spilled about 45% of the loop's instructions
+//! with 16 vector registers. `vexp`'s table form needs half the registers and is plain
+//! intrinsics here (`exp4`), the table read by one load a lane; on the AMD EPYC (Zen 4)
+//! it was measured on, with `CPPO_NATIVE_ISA=avx2`, the pass took 2.82-3.0 ns a token
+//! against 2.72-2.82 with the assembly (docs/cpu.md). CPUs with AVX-512 run
+//! `tv_avx512` instead.
 //!
 //! Same bits as the generic pass: every floating-point value is the same IEEE-754
 //! operations in the same order (`vexp::exp_fast` lane by lane, the weights' division,
