@@ -194,6 +194,47 @@ pub(super) fn tv_span<T: Widen>(k: &TvConsts, span: Span<T>) -> TvStats {
     }
 }
 
+/// `Weights` as a const generic parameter of the vector passes' step loops (an enum
+/// cannot be one).
+#[cfg(target_arch = "x86_64")]
+pub(super) const LINEAR: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+pub(super) const ONES: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+pub(super) const SKIP: u8 = 2;
+
+/// The body of a vector pass over one span (`tv_avx2`, `tv_avx512`; `tv_span`'s
+/// contract): the span's first multiple of `$width` positions by
+/// `$steps::<T, W, TOKEN_ADV>(k, &mut head) -> (TvStats, slow)`, specialised for the
+/// weight mode and the kind of advantage, the rest by the generic pass; where `slow`
+/// (a bad value or an argument below TINY at a valid position, rare), the generic pass
+/// re-runs the body and says which it was (same outputs, same counts).
+#[cfg(target_arch = "x86_64")]
+macro_rules! vector_pass {
+    ($k:expr, $span:expr, $width:expr, $steps:ident) => {{
+        use super::tv::{tv_span, Weights, LINEAR, ONES, SKIP};
+        let (k, span) = ($k, $span.fit($k.weights));
+        let steps = span.valid.len() / $width;
+        let (mut head, tail) = span.split_at($width * steps);
+        let (body, slow) = match (k.weights, head.adv) {
+            (Weights::Linear, Advantage::Row(_)) => $steps::<T, LINEAR, false>(k, &mut head),
+            (Weights::Linear, Advantage::Token(_)) => $steps::<T, LINEAR, true>(k, &mut head),
+            (Weights::Ones, Advantage::Row(_)) => $steps::<T, ONES, false>(k, &mut head),
+            (Weights::Ones, Advantage::Token(_)) => $steps::<T, ONES, true>(k, &mut head),
+            (Weights::Skip, Advantage::Row(_)) => $steps::<T, SKIP, false>(k, &mut head),
+            (Weights::Skip, Advantage::Token(_)) => $steps::<T, SKIP, true>(k, &mut head),
+        };
+        let tail = tv_span(k, tail);
+        if slow {
+            tv_span(k, head).merge(tail)
+        } else {
+            body.merge(tail)
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(super) use vector_pass;
+
 /// `tv_span` for the variant `isa` (inlined into a variant's code): with AVX2 or
 /// AVX-512 and float32 or float64 log-probs, the intrinsics version (`tv_avx2`,
 /// `tv_avx512`; the same bits);

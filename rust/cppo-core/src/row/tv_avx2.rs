@@ -25,7 +25,7 @@
 
 use std::arch::x86_64::*;
 
-use super::tv::{tv_span, Span, TvConsts, TvStats, Weights};
+use super::tv::{vector_pass, Span, TvConsts, TvStats, LINEAR, ONES, SKIP};
 use super::{Advantage, Widen};
 use crate::budget::WindowCounts;
 use crate::divergence::LOG_PROB_TOLERANCE;
@@ -106,30 +106,8 @@ unsafe fn exp4(x: __m256d) -> __m256d {
 /// AVX2 and FMA are available.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn tv_span_avx2<T: Load4>(k: &TvConsts, span: Span<T>) -> TvStats {
-    let span = span.fit(k.weights);
-    let steps = span.valid.len() / 4;
-    let (mut head, tail) = span.split_at(4 * steps);
-    let (body, slow) = match (k.weights, head.adv) {
-        (Weights::Linear, Advantage::Row(_)) => steps4::<T, LINEAR, false>(k, &mut head),
-        (Weights::Linear, Advantage::Token(_)) => steps4::<T, LINEAR, true>(k, &mut head),
-        (Weights::Ones, Advantage::Row(_)) => steps4::<T, ONES, false>(k, &mut head),
-        (Weights::Ones, Advantage::Token(_)) => steps4::<T, ONES, true>(k, &mut head),
-        (Weights::Skip, Advantage::Row(_)) => steps4::<T, SKIP, false>(k, &mut head),
-        (Weights::Skip, Advantage::Token(_)) => steps4::<T, SKIP, true>(k, &mut head),
-    };
-    let tail = tv_span(k, tail);
-    if !slow {
-        return body.merge(tail);
-    }
-    // Rare: re-run the generic pass over the body, which says whether a value was bad
-    // or only below TINY (same outputs, same counts).
-    tv_span(k, head).merge(tail)
+    vector_pass!(k, span, 4, steps4)
 }
-
-/// `Weights` as a const generic parameter of `steps4` (an enum cannot be one).
-const LINEAR: u8 = 0;
-const ONES: u8 = 1;
-const SKIP: u8 = 2;
 
 /// The pass over a span whose length is a multiple of four, for one weight mode
 /// (`W`: `LINEAR`, `ONES` or `SKIP`) and one kind of advantage; returns the counts and

@@ -21,7 +21,7 @@
 
 use std::arch::x86_64::*;
 
-use super::tv::{tv_span, Span, TvConsts, TvStats, Weights};
+use super::tv::{vector_pass, Span, TvConsts, TvStats, LINEAR, ONES, SKIP};
 use super::{Advantage, Widen};
 use crate::budget::WindowCounts;
 use crate::divergence::LOG_PROB_TOLERANCE;
@@ -92,30 +92,8 @@ unsafe fn exp8(x: __m512d, tab: Table) -> __m512d {
 /// AVX2, FMA, AVX-512 F, DQ, BW and VL are available.
 #[target_feature(enable = "avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")]
 pub(super) unsafe fn tv_span_avx512<T: Load8>(k: &TvConsts, span: Span<T>) -> TvStats {
-    let span = span.fit(k.weights);
-    let steps = span.valid.len() / 8;
-    let (mut head, tail) = span.split_at(8 * steps);
-    let (body, slow) = match (k.weights, head.adv) {
-        (Weights::Linear, Advantage::Row(_)) => steps8::<T, LINEAR, false>(k, &mut head),
-        (Weights::Linear, Advantage::Token(_)) => steps8::<T, LINEAR, true>(k, &mut head),
-        (Weights::Ones, Advantage::Row(_)) => steps8::<T, ONES, false>(k, &mut head),
-        (Weights::Ones, Advantage::Token(_)) => steps8::<T, ONES, true>(k, &mut head),
-        (Weights::Skip, Advantage::Row(_)) => steps8::<T, SKIP, false>(k, &mut head),
-        (Weights::Skip, Advantage::Token(_)) => steps8::<T, SKIP, true>(k, &mut head),
-    };
-    let tail = tv_span(k, tail);
-    if !slow {
-        return body.merge(tail);
-    }
-    // Rare: re-run the generic pass over the body, which says whether a value was bad
-    // or only below TINY (same outputs, same counts).
-    tv_span(k, head).merge(tail)
+    vector_pass!(k, span, 8, steps8)
 }
-
-/// `Weights` as a const generic parameter of `steps8` (an enum cannot be one).
-const LINEAR: u8 = 0;
-const ONES: u8 = 1;
-const SKIP: u8 = 2;
 
 /// The pass over a span whose length is a multiple of eight, for one weight mode
 /// (`W`: `LINEAR`, `ONES` or `SKIP`) and one kind of advantage; returns the counts and
