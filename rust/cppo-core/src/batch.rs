@@ -17,7 +17,7 @@ use crate::row::{
     RowOutput, RowSummary, Scratch, SPLIT_CHUNK,
 };
 pub use crate::views::{FloatView, MaskView};
-use flags::{cost_of, row_window};
+use flags::{bool_row, cost_of, row_window};
 #[cfg(test)]
 use flags::{row_cost, window_range};
 
@@ -284,13 +284,12 @@ fn pending_scan<'v>(
     let (budget, w, r) = pending?;
     let len = job.out.mask.len();
     let RowBuffers { valid, scratch, .. } = buf;
-    let in_place = match &input.valid {
-        Some(MaskView::Bool(v)) => row_of(v, &input.layout, r).to_slice(),
-        _ => None,
-    };
-    let valid: &[u8] = match in_place {
-        // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
-        Some(s) => unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) },
+    let valid: &[u8] = match input
+        .valid
+        .as_ref()
+        .and_then(|m| bool_row(m, &input.layout, r))
+    {
+        Some(s) => s,
         None => &valid[..len],
     };
     Some(crate::row::PendingScan {
@@ -515,10 +514,11 @@ pub fn compute_batch_threads(
 }
 
 /// The rows of a batch on the calling thread and every thread of `pool` (the
-/// helpers): they take jobs from one queue, longest rows first. Handing a call to a pool and sleeping until it is done costs two thread
-/// wake-ups (tens of microseconds each in a VM) in series with the work; here the
-/// caller starts at once, the pool threads join as they wake, and the caller waits
-/// for the last of them spinning (bounded) rather than asleep.
+/// helpers), each working through its own list of rows and then taking the last rows
+/// of the others' (below). Handing a call to a pool and sleeping until it is done costs
+/// two thread wake-ups (tens of microseconds each in a VM) in series with the work;
+/// here the caller starts at once, the pool threads join as they wake, and the caller
+/// waits for the last of them spinning (bounded) rather than asleep.
 ///
 /// No row is split here (the caller's thread is not in the pool).
 fn run_here_and_on(

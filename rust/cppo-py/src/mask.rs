@@ -193,8 +193,7 @@ fn cppo_mask_into<'py>(
 /// float32/float64 log-probs of one dtype and shape, float32/float64 advantages `[B]` or
 /// of the log-probs' shape, a mask of their shape (bool, uint8, int8, int32, int64,
 /// float32 or float64: nonzero is valid, as on the general path) or None), allocates
-/// the mask and
-/// computes it; returns `(mask, bad)` (`bad` as `cppo_mask_into`'s), or None for any
+/// the mask and computes it; returns `(mask, bad)` (`bad` as `cppo_mask_into`'s), or None for any
 /// other inputs, which the general path takes. A call costs a few microseconds where
 /// the same checks in Python cost tens once a large batch has left the caches cold.
 #[pyclass(frozen, module = "cppo_native._native")]

@@ -111,11 +111,8 @@ impl MaskView<'_> {
         buf: &'v mut Vec<u8>,
         window: Range<usize>,
     ) -> &'v [u8] {
-        if let MaskView::Bool(v) = self {
-            if let Some(s) = row_of(v, layout, r).to_slice() {
-                // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
-                return unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) };
-            }
+        if let Some(s) = bool_row(self, layout, r) {
+            return s;
         }
         with_row!(self, layout, r, |row| flags_into(row, buf, window));
         let (start, end) = layout.bounds(r);
@@ -123,16 +120,24 @@ impl MaskView<'_> {
     }
 }
 
+/// Row `r` of a contiguous bool mask as bytes that are 0 or 1, borrowed in place; None
+/// for any other mask dtype or a strided row.
+pub(super) fn bool_row<'v>(mask: &'v MaskView, layout: &Layout, r: usize) -> Option<&'v [u8]> {
+    let MaskView::Bool(v) = mask else {
+        return None;
+    };
+    let s = row_of(v, layout, r).to_slice()?;
+    // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
+    Some(unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) })
+}
+
 /// Row `r`'s valid window (first to last valid position; empty if none), found where
 /// the row's mask is contiguous (any dtype), with the flags `MaskView::row_flags`
 /// gives; None otherwise (no mask, or a strided row).
 pub(super) fn row_window(input: &BatchInput, r: usize) -> Option<Range<usize>> {
     let (layout, mask) = (&input.layout, input.valid.as_ref()?);
-    if let MaskView::Bool(v) = mask {
-        return row_of(v, layout, r).to_slice().map(|s| {
-            // SAFETY: bool has the size and alignment of u8, and its values are 0 or 1.
-            valid_window(unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len()) })
-        });
+    if let Some(s) = bool_row(mask, layout, r) {
+        return Some(valid_window(s));
     }
     with_row!(mask, layout, r, |row| row.to_slice().map(window_range))
 }
